@@ -1,0 +1,96 @@
+"""NAR compression: the methods a binary cache may use, as streaming writers.
+
+zstd is the default (Nix reads it since 2.3.17) and uses zstd's own worker
+threads for large NARs; xz matches Nix's historical default; none stores the
+NAR as is.
+"""
+
+from __future__ import annotations
+
+import lzma
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from uploader._exceptions import ConfigError
+
+__all__ = ["METHODS", "Compressor", "extension", "open_compressor"]
+
+METHODS = ("zstd", "xz", "none")
+_EXTENSIONS = {"zstd": ".zst", "xz": ".xz", "none": ""}
+# zstd's default level, the one `nix copy` uses unless compression-level is set.
+DEFAULT_ZSTD_LEVEL = 3
+# Below this size zstd worker threads cost more than they save.
+_THREADED_ABOVE = 4 << 20
+
+
+class Compressor(Protocol):
+    """Compresses everything written to it into the file it was opened on."""
+
+    def write(self, data: bytes | memoryview) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class _Passthrough:
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+
+    def write(self, data: bytes | memoryview) -> object:
+        return self._out.write(data)
+
+    def close(self) -> None:
+        self._out.flush()
+
+
+class _Xz:
+    def __init__(self, out: BinaryIO, level: int | None) -> None:
+        self._out = out
+        self._lzma = lzma.LZMACompressor(preset=6 if level is None else level)
+
+    def write(self, data: bytes | memoryview) -> object:
+        return self._out.write(self._lzma.compress(data))
+
+    def close(self) -> None:
+        self._out.write(self._lzma.flush())
+        self._out.flush()
+
+
+def extension(method: str) -> str:
+    """The NAR file name suffix Nix uses for ``method``."""
+    check_method(method)
+    return _EXTENSIONS[method]
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(
+            f"unsupported compression {method!r}: choose one of {', '.join(METHODS)}"
+        )
+
+
+def open_compressor(
+    method: str,
+    out: BinaryIO,
+    *,
+    level: int | None = None,
+    size_hint: int = 0,
+    threads: int = 0,
+) -> Compressor:
+    """A writer compressing into ``out``; ``close()`` flushes but leaves ``out`` open.
+
+    ``threads`` > 0 lets zstd compress a large NAR (per ``size_hint``) on that
+    many worker threads, which run outside the GIL.
+    """
+    check_method(method)
+    if method == "none":
+        return _Passthrough(out)
+    if method == "xz":
+        return _Xz(out, level)
+    cctx = zstandard.ZstdCompressor(
+        level=DEFAULT_ZSTD_LEVEL if level is None else level,
+        threads=threads if size_hint > _THREADED_ABOVE else 0,
+        write_content_size=False,
+    )
+    writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)
+    return writer

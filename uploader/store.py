@@ -1,0 +1,184 @@
+"""What the local Nix knows: registered path info, closures, derivation outputs.
+
+Every query is one `nix` subprocess for many paths (chunked only to stay under
+the argv limit), never one process per path.  The store is reached the way the
+caller's environment says (``NIX_REMOTE``, the daemon socket for a non-root
+user), so the uploader needs no more than read access to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from uploader import nar
+from uploader._exceptions import InvalidPathError, StoreError
+from uploader.nixbase32 import format_hash, parse_hash
+from uploader.storepath import STORE_DIR, parse_store_path
+
+__all__ = ["NixStore", "PathInfo"]
+
+# Keeps each command line far below ARG_MAX even for long store path names.
+_CHUNK = 1000
+_NIX_FLAGS = ("--extra-experimental-features", "nix-command", "--offline")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """One valid store path as the Nix database registered it."""
+
+    path: str
+    nar_hash: str  # sha256:<nix32>
+    nar_size: int
+    references: tuple[str, ...]  # full store paths, sorted
+    deriver: str | None = None  # full .drv path
+    ca: str | None = None
+    sigs: tuple[str, ...] = ()
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _parse_info(raw: dict[str, Any]) -> PathInfo:
+    path = raw["path"]
+    try:
+        nar_hash = format_hash(parse_hash(raw["narHash"]))
+    except (KeyError, ValueError) as e:
+        raise StoreError(f"nix path-info gave no usable narHash for {path}: {e}") from e
+    deriver = raw.get("deriver") or None
+    if deriver and not deriver.startswith("/"):
+        deriver = f"{STORE_DIR}/{deriver}"
+    refs = [r if r.startswith("/") else f"{STORE_DIR}/{r}" for r in raw.get("references", [])]
+    return PathInfo(
+        path=path,
+        nar_hash=nar_hash,
+        nar_size=int(raw["narSize"]),
+        references=tuple(sorted(refs)),
+        deriver=deriver,
+        ca=raw.get("ca") or None,
+        sigs=tuple(raw.get("signatures") or raw.get("sigs") or ()),
+    )
+
+
+class NixStore:
+    """The local Nix store, asked through the `nix` and `nix-store` commands."""
+
+    def __init__(self, *, env: dict[str, str] | None = None, bin_dir: str | None = None) -> None:
+        self._env = env
+        self._nix = self._find("nix", bin_dir)
+        self._nix_store = self._find("nix-store", bin_dir)
+        self._show_verb: tuple[str, ...] | None = None
+
+    @staticmethod
+    def _find(name: str, bin_dir: str | None) -> str:
+        found = shutil.which(name, path=bin_dir) if bin_dir else shutil.which(name)
+        if found is None:
+            raise StoreError(f"{name} not found on PATH: install Nix or set PATH for the uploader")
+        return found
+
+    def _run(self, args: Sequence[str]) -> str:
+        try:
+            proc = subprocess.run(
+                args, env=self._env, capture_output=True, text=True, check=False
+            )
+        except OSError as e:
+            raise StoreError(f"running {args[0]}: {e}") from e
+        if proc.returncode != 0:
+            msg = proc.stderr.strip().splitlines()
+            detail = msg[-1] if msg else f"exit status {proc.returncode}"
+            raise StoreError(f"{os.path.basename(args[0])} {args[1]}: {detail}")
+        return proc.stdout
+
+    def invalid_paths(self, paths: Iterable[str]) -> set[str]:
+        """The subset of ``paths`` that is not valid in the store (GC'd, never built)."""
+        items = sorted(set(paths))
+        invalid: set[str] = set()
+        for chunk in _chunks(items):
+            out = self._run([self._nix_store, "--check-validity", "--print-invalid", *chunk])
+            invalid.update(out.split())
+        return invalid
+
+    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
+        """Registered info for ``paths`` (and, with ``closure``, everything they
+        reference, transitively).  Raises InvalidPathError for an invalid path."""
+        items = sorted({parse_store_path(p) for p in paths})
+        if not items:
+            return {}
+        invalid = self.invalid_paths(items)
+        if invalid:
+            first = sorted(invalid)[0]
+            raise InvalidPathError(
+                f"{first} is not valid in the local Nix store"
+                + (f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else "")
+                + ": it was never built here or has been garbage-collected",
+                store_path=first,
+            )
+        infos: dict[str, PathInfo] = {}
+        for chunk in _chunks(items):
+            args = [self._nix, "path-info", *_NIX_FLAGS, "--json", "--sigs"]
+            if closure:
+                args.append("--recursive")
+            data = json.loads(self._run([*args, *chunk]))
+            # Nix < 2.19 prints a list of objects; newer Nix an object keyed by path.
+            records = (
+                [{"path": p, **v} for p, v in data.items() if v is not None]
+                if isinstance(data, dict)
+                else data
+            )
+            for raw in records:
+                if raw.get("valid", True) is False:
+                    raise InvalidPathError(
+                        f"{raw['path']} is not valid in the local Nix store",
+                        store_path=raw["path"],
+                    )
+                info = _parse_info(raw)
+                infos[info.path] = info
+        return infos
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        """The NAR serialisation of a store path, read straight from disk."""
+        return nar.dump(path)
+
+    def derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
+        """Output paths of each derivation, read from the .drv files (for
+        entries whose hook saw an empty OUT_PATHS).  Floating content-addressed
+        outputs, which have no path before they are built, are resolved
+        through the database instead."""
+        items = sorted({parse_store_path(p) for p in drv_paths})
+        result: dict[str, list[str]] = {}
+        for chunk in _chunks(items):
+            data = self._show_derivation(chunk)
+            for drv, body in data.items():
+                outs = [o["path"] for o in body.get("outputs", {}).values() if o.get("path")]
+                if len(outs) < len(body.get("outputs", {})):
+                    outs = sorted(set(outs) | set(self._query_outputs(drv)))
+                result[drv if drv.startswith("/") else f"{STORE_DIR}/{drv}"] = sorted(outs)
+        return result
+
+    def _show_derivation(self, drvs: Sequence[str]) -> dict[str, Any]:
+        if self._show_verb is None:
+            try:
+                out = self._run([self._nix, "derivation", "show", *_NIX_FLAGS, *drvs])
+                self._show_verb = ("derivation", "show")
+            except StoreError:
+                # Nix before 2.15 only knows the older spelling.
+                out = self._run([self._nix, "show-derivation", *_NIX_FLAGS, *drvs])
+                self._show_verb = ("show-derivation",)
+        else:
+            out = self._run([self._nix, *self._show_verb, *_NIX_FLAGS, *drvs])
+        data: dict[str, Any] = json.loads(out)
+        # Nix ≥ 2.33 nests derivations under a top-level "derivations" key.
+        if "derivations" in data and isinstance(data["derivations"], dict):
+            inner: dict[str, Any] = data["derivations"]
+            return inner
+        return data
+
+    def _query_outputs(self, drv: str) -> list[str]:
+        return self._run([self._nix_store, "--query", "--outputs", drv]).split()

@@ -1,0 +1,49 @@
+"""Binary cache targets: where NARs and narinfos go.
+
+A target stores opaque objects by key (``nix-cache-info``, ``<hash>.narinfo``,
+``nar/<filehash>.nar.zst``).  Each ``put`` makes the object visible whole or
+not at all, which is what lets the engine order NAR before narinfo.  Targets
+are synchronous and thread-safe; the engine calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Protocol
+
+from uploader.targets.url import StoreUrl, parse_store_url
+
+__all__ = ["StoreUrl", "Target", "open_target", "parse_store_url"]
+
+
+class Target(Protocol):
+    """A binary cache, seen as a flat key/value store."""
+
+    url: StoreUrl
+
+    def exists(self, key: str) -> bool:
+        """Whether an object with this key is visible."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        ...
+
+    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+        """Store ``size`` bytes read from ``body`` (at its current position)."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Store a small object held in memory."""
+        ...
+
+
+def open_target(url: str | StoreUrl, *, max_connections: int = 16) -> Target:
+    """The target a store URL names (``s3://…`` or ``file://…``)."""
+    parsed = parse_store_url(url) if isinstance(url, str) else url
+    if parsed.scheme == "file":
+        from uploader.targets.file import FileTarget
+
+        return FileTarget(parsed)
+    from uploader.targets.s3 import S3Target
+
+    return S3Target(parsed, max_connections=max_connections)

@@ -1,0 +1,68 @@
+"""A binary cache in a local directory (``file:///DIR``).
+
+Objects are written to a temporary file in the destination directory and
+renamed into place, so a reader never sees a partial NAR or narinfo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+from uploader._exceptions import TargetError
+from uploader.targets.url import StoreUrl
+
+__all__ = ["FileTarget"]
+
+
+class FileTarget:
+    """A binary cache directory on the local file system."""
+
+    def __init__(self, url: StoreUrl) -> None:
+        self.url = url
+        self.root = url.path
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise TargetError(f"refusing object key {key!r} outside the cache directory")
+        return os.path.join(self.root, key)
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise TargetError(f"reading {self._path(key)}: {e}") from e
+
+    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+        self._write(key, lambda out: shutil.copyfileobj(body, out, 1 << 20))
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._write(key, lambda out: out.write(data))
+
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        dest = self._path(key)
+        directory = os.path.dirname(dest)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    fill(out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            raise TargetError(f"writing {dest}: {e}") from e

@@ -1,0 +1,152 @@
+"""A binary cache in an S3-compatible bucket (AWS, SeaweedFS, Garage, MinIO, R2).
+
+boto3 does the work: credentials from the usual chain (environment, profile,
+instance role), request-level retries in botocore's standard mode, and
+s3transfer's multipart upload with a bounded number of parts in memory.
+Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, BinaryIO
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from uploader._exceptions import ConfigError, TargetError, TransientTargetError
+from uploader.targets.url import StoreUrl
+
+__all__ = ["S3Target"]
+
+_MiB = 1 << 20
+# Parts of 16 MiB, 4 in flight: large NARs upload in parallel while at most
+# ~64 MiB of one NAR is in memory.  One multipart upload runs at a time; small
+# objects go in a single PUT alongside it.
+MULTIPART_THRESHOLD = 16 * _MiB
+MULTIPART_CHUNK = 16 * _MiB
+MULTIPART_CONCURRENCY = 4
+
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "OperationAborted",
+}
+
+
+def _describe(e: Exception, action: str, where: str) -> TargetError:
+    """Turn a botocore failure into our error, transient or not."""
+    if isinstance(e, botocore.exceptions.NoCredentialsError):
+        return TargetError(
+            f"{action} {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, a profile (…&profile=NAME) or an instance role"
+        )
+    if isinstance(e, botocore.exceptions.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip()
+        if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+            return TransientTargetError(msg)
+        if code == "NoSuchBucket":
+            return TargetError(f"{action} {where}: the bucket does not exist; create it first")
+        return TargetError(msg)
+    if isinstance(e, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
+        return TransientTargetError(f"{action} {where}: {e}")
+    return TargetError(f"{action} {where}: {e}")
+
+
+class S3Target:
+    """An S3 bucket addressed by a Nix store URL."""
+
+    def __init__(self, url: StoreUrl, *, max_connections: int = 16) -> None:
+        self.url = url
+        self.bucket = url.bucket
+        session = boto3.session.Session(profile_name=url.params.get("profile") or None)
+        endpoint = url.endpoint_url
+        config = Config(
+            region_name=url.params.get("region", "us-east-1"),
+            retries={"mode": "standard", "max_attempts": 4},
+            max_pool_connections=max_connections + MULTIPART_CONCURRENCY,
+            connect_timeout=10,
+            read_timeout=60,
+            s3={
+                # Self-hosted endpoints rarely have wildcard DNS for bucket names.
+                "addressing_style": url.params.get(
+                    "addressing-style", "path" if endpoint else "auto"
+                )
+            },
+        )
+        try:
+            self._client: Any = session.client("s3", endpoint_url=endpoint, config=config)
+        except (botocore.exceptions.BotoCoreError, ValueError) as e:
+            raise ConfigError(f"store URL {url}: {e}") from e
+        self._transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNK,
+            max_concurrency=MULTIPART_CONCURRENCY,
+            use_threads=True,
+        )
+        self._large = threading.BoundedSemaphore(1)
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # An unlistable bucket answers 403 for a missing key: treat both as absent.
+            if status in (403, 404):
+                return False
+            raise _describe(e, "checking", self._where(key)) from e
+        except Exception as e:
+            raise _describe(e, "checking", self._where(key)) from e
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            data: bytes = resp["Body"].read()
+            return data
+        except botocore.exceptions.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (403, 404):
+                return None
+            raise _describe(e, "reading", self._where(key)) from e
+        except Exception as e:
+            raise _describe(e, "reading", self._where(key)) from e
+
+    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+        if size < MULTIPART_THRESHOLD:
+            self.put_bytes(key, body.read(), content_type)
+            return
+        try:
+            with self._large:
+                self._client.upload_fileobj(
+                    body,
+                    self.bucket,
+                    key,
+                    ExtraArgs={"ContentType": content_type},
+                    Config=self._transfer,
+                )
+        except Exception as e:
+            raise _describe(e, "uploading", self._where(key)) from e
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+            )
+        except Exception as e:
+            raise _describe(e, "uploading", self._where(key)) from e

@@ -1,0 +1,128 @@
+"""Store URLs in Nix's own syntax.
+
+``s3://BUCKET?region=R&endpoint=http://HOST:PORT&profile=P&compression=zstd``
+(also the older ``endpoint=HOST:PORT&scheme=http``) and ``file:///DIR``.
+Parameters Nix knows but that change nothing here are accepted with a
+warning; anything else is an error, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from dataclasses import dataclass, field
+
+from uploader._exceptions import ConfigError
+from uploader.compression import check_method
+
+__all__ = ["StoreUrl", "parse_store_url"]
+
+log = logging.getLogger(__name__)
+
+_S3_PARAMS = {"region", "endpoint", "scheme", "profile", "addressing-style"}
+_COMMON_PARAMS = {"compression", "compression-level", "secret-key", "priority", "want-mass-query"}
+# Accepted for compatibility with URLs written for `nix copy`; they tune Nix's
+# own writer and have no counterpart here.
+_IGNORED_PARAMS = {
+    "parallel-compression",
+    "multipart-upload",
+    "multipart-chunk-size",
+    "multipart-threshold",
+    "buffer-size",
+    "write-nar-listing",
+    "write-debug-info",
+    "ls-compression",
+    "narinfo-compression",
+    "log-compression",
+    "trusted",
+    "index-debug-info",
+}
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """A parsed binary cache URL."""
+
+    scheme: str  # "s3" or "file"
+    bucket: str = ""  # s3 only
+    path: str = ""  # file only: the cache directory
+    params: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3 endpoint as a URL, from either of Nix's two spellings."""
+        endpoint = self.params.get("endpoint")
+        if not endpoint:
+            return None
+        if "://" in endpoint:
+            return endpoint
+        return f"{self.params.get('scheme', 'https')}://{endpoint}"
+
+    @property
+    def compression(self) -> str | None:
+        return self.params.get("compression")
+
+    def redacted(self) -> str:
+        """The URL for logs: without a secret-key parameter's path."""
+        if "secret-key" not in self.params:
+            return self.raw
+        shown = {k: ("…" if k == "secret-key" else v) for k, v in self.params.items()}
+        base = f"s3://{self.bucket}" if self.scheme == "s3" else f"file://{self.path}"
+        return base + "?" + "&".join(f"{k}={v}" for k, v in shown.items())
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def parse_store_url(url: str) -> StoreUrl:
+    """Parse and check a store URL; ConfigError says what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        if parts.query:
+            raise ConfigError(f"store URL {url!r}: cannot parse the query {parts.query!r}") from None
+        pairs = []
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:
+            raise ConfigError(f"store URL {url!r}: parameter {key!r} given twice")
+        params[key] = value
+    if parts.scheme == "s3":
+        bucket = parts.netloc
+        if len(bucket) < 3 or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"store URL {url!r}: expected s3://BUCKET?region=…&endpoint=… "
+                "(bucket names have at least 3 characters, no path)"
+            )
+        allowed = _S3_PARAMS | _COMMON_PARAMS
+        result = StoreUrl(scheme="s3", bucket=bucket, params=params, raw=url)
+    elif parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ConfigError(f"store URL {url!r}: expected file:///ABSOLUTE/DIR")
+        allowed = _COMMON_PARAMS
+        result = StoreUrl(scheme="file", path=parts.path.rstrip("/") or "/", params=params, raw=url)
+    else:
+        raise ConfigError(
+            f"store URL {url!r}: unsupported scheme {parts.scheme!r}; "
+            "use s3://BUCKET?… or file:///DIR"
+        )
+    for key in params:
+        if key in _IGNORED_PARAMS:
+            log.warning("store URL parameter %s has no effect on nix-cache-uploader", key)
+        elif key not in allowed:
+            raise ConfigError(
+                f"store URL {url!r}: unknown parameter {key!r} "
+                f"(known: {', '.join(sorted(allowed))})"
+            )
+    for key in ("endpoint", "region", "profile"):
+        if key in params and not params[key]:
+            raise ConfigError(f"store URL {url!r}: parameter {key!r} is empty")
+    if "scheme" in params and params["scheme"] not in ("http", "https"):
+        raise ConfigError(f"store URL {url!r}: scheme must be http or https")
+    if result.compression is not None:
+        check_method(result.compression)
+    if "compression-level" in params and not params["compression-level"].lstrip("-").isdigit():
+        raise ConfigError(f"store URL {url!r}: compression-level must be an integer")
+    return result
