@@ -64,9 +64,7 @@ def extension(method: str) -> str:
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ConfigError(
-            f"unsupported compression {method!r}: choose one of {', '.join(METHODS)}"
-        )
+        raise ConfigError(f"unsupported compression {method!r}: choose one of {', '.join(METHODS)}")
 
 
 def open_compressor(

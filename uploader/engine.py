@@ -167,7 +167,10 @@ class Engine:
             return
         if not await self._run(self.target.exists, "nix-cache-info"):
             await self._run(
-                self.target.put_bytes, "nix-cache-info", CACHE_INFO.encode(), "text/x-nix-cache-info"
+                self.target.put_bytes,
+                "nix-cache-info",
+                CACHE_INFO.encode(),
+                "text/x-nix-cache-info",
             )
             log.info("wrote nix-cache-info to %s", self.target.url)
         self._cache_info_checked = True
@@ -274,7 +277,10 @@ class Engine:
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:
         """Stream the NAR through sha256 and the compressor into a temp file,
         then compare with the database.  Runs in a worker thread."""
-        body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY, dir=self.tmp_dir)
+        # Closed by the caller once uploaded (or below, on failure).
+        body: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=_IN_MEMORY, dir=self.tmp_dir
+        )
         try:
             sink = _HashingWriter(body)
             compressor = open_compressor(

@@ -85,9 +85,7 @@ class NixStore:
 
     def _run(self, args: Sequence[str]) -> str:
         try:
-            proc = subprocess.run(
-                args, env=self._env, capture_output=True, text=True, check=False
-            )
+            proc = subprocess.run(args, env=self._env, capture_output=True, text=True, check=False)
         except OSError as e:
             raise StoreError(f"running {args[0]}: {e}") from e
         if proc.returncode != 0:

@@ -22,7 +22,11 @@ __all__ = [
 
 
 def build(
-    expr: str, *, attr: str | None = None, hook: str | None = None, env: dict[str, str] | None = None
+    expr: str,
+    *,
+    attr: str | None = None,
+    hook: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """Build a Nix expression through the daemon; return its output paths."""
     with tempfile.NamedTemporaryFile("w", suffix=".nix", delete=False) as f:
@@ -87,7 +91,11 @@ def multi_output_expr(salt: str | None = None) -> str:
   dep = derivation {{
     name = "dep-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
     PATH = "/usr/bin:/bin";
-    args = ["-c" "mkdir -p $out/bin; printf '#!/bin/sh\\necho hi\\n' > $out/bin/hi; chmod +x $out/bin/hi"];
+    args = ["-c" ''
+      mkdir -p $out/bin
+      printf '#!/bin/sh\\necho hi\\n' > $out/bin/hi
+      chmod +x $out/bin/hi
+    ''];
   }};
 in derivation {{
   name = "multi-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";

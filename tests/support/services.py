@@ -125,9 +125,7 @@ def start_nix_daemon() -> NixDaemon:
     env = dict(os.environ)
     env["NIX_CONF_DIR"] = conf_dir
     env.pop("NIX_REMOTE", None)
-    proc = subprocess.Popen(
-        [daemon], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([daemon], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while not _socket_alive(DAEMON_SOCKET):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -153,7 +151,8 @@ class SeaweedFS:
 
     def store_url(self, bucket: str, **params: str) -> str:
         query = "&".join(
-            [f"endpoint={self.endpoint}", "region=us-east-1"] + [f"{k}={v}" for k, v in params.items()]
+            [f"endpoint={self.endpoint}", "region=us-east-1"]
+            + [f"{k}={v}" for k, v in params.items()]
         )
         return f"s3://{bucket}?{query}"
 
@@ -208,7 +207,7 @@ class SeaweedFS:
                 client.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
                 if self.get(_READY_BUCKET, "probe") == b"ok":
                     return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"SeaweedFS not ready after {timeout}s; see {self.log_path}")

@@ -8,7 +8,7 @@ are synchronous and thread-safe; the engine calls them from worker threads.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Protocol
+from typing import IO, Protocol
 
 from uploader.targets.url import StoreUrl, parse_store_url
 
@@ -28,7 +28,7 @@ class Target(Protocol):
         """The object's bytes, or None when it does not exist."""
         ...
 
-    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+    def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         """Store ``size`` bytes read from ``body`` (at its current position)."""
         ...
 

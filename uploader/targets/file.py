@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from uploader._exceptions import TargetError
 from uploader.targets.url import StoreUrl
@@ -42,7 +42,7 @@ class FileTarget:
         except OSError as e:
             raise TargetError(f"reading {self._path(key)}: {e}") from e
 
-    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+    def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         self._write(key, lambda out: shutil.copyfileobj(body, out, 1 << 20))
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:

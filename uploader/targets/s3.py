@@ -9,7 +9,7 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 from __future__ import annotations
 
 import threading
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import boto3
 import botocore.exceptions
@@ -22,12 +22,14 @@ from uploader.targets.url import StoreUrl
 __all__ = ["S3Target"]
 
 _MiB = 1 << 20
-# Parts of 16 MiB, 4 in flight: large NARs upload in parallel while at most
-# ~64 MiB of one NAR is in memory.  One multipart upload runs at a time; small
-# objects go in a single PUT alongside it.
+# Parts of 8 MiB (more for NARs over ~70 GiB, to stay under S3's 10,000
+# parts), 4 in flight: a large NAR uploads in parallel while about 32 MiB of
+# it is in memory.  One multipart upload runs at a time; small objects go in
+# a single PUT alongside it.
 MULTIPART_THRESHOLD = 16 * _MiB
-MULTIPART_CHUNK = 16 * _MiB
+MULTIPART_CHUNK = 8 * _MiB
 MULTIPART_CONCURRENCY = 4
+_MAX_PARTS = 9000
 
 _TRANSIENT_CODES = {
     "InternalError",
@@ -65,6 +67,19 @@ def _describe(e: Exception, action: str, where: str) -> TargetError:
     return TargetError(f"{action} {where}: {e}")
 
 
+def _transfer_config(size: int) -> TransferConfig:
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=max(MULTIPART_CHUNK, -(-size // _MAX_PARTS)),
+        max_concurrency=MULTIPART_CONCURRENCY,
+        use_threads=True,
+    )
+    # s3transfer reads up to this many parts of a file object ahead into
+    # memory (10 by default); no more than are being sent is needed.
+    config.max_in_memory_upload_chunks = MULTIPART_CONCURRENCY
+    return config
+
+
 class S3Target:
     """An S3 bucket addressed by a Nix store URL."""
 
@@ -90,12 +105,6 @@ class S3Target:
             self._client: Any = session.client("s3", endpoint_url=endpoint, config=config)
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
-        self._transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=MULTIPART_CHUNK,
-            max_concurrency=MULTIPART_CONCURRENCY,
-            use_threads=True,
-        )
         self._large = threading.BoundedSemaphore(1)
 
     def _where(self, key: str) -> str:
@@ -127,7 +136,7 @@ class S3Target:
         except Exception as e:
             raise _describe(e, "reading", self._where(key)) from e
 
-    def put(self, key: str, body: BinaryIO, size: int, content_type: str) -> None:
+    def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
             self.put_bytes(key, body.read(), content_type)
             return
@@ -138,7 +147,7 @@ class S3Target:
                     self.bucket,
                     key,
                     ExtraArgs={"ContentType": content_type},
-                    Config=self._transfer,
+                    Config=_transfer_config(size),
                 )
         except Exception as e:
             raise _describe(e, "uploading", self._where(key)) from e

@@ -82,7 +82,9 @@ def parse_store_url(url: str) -> StoreUrl:
         pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         if parts.query:
-            raise ConfigError(f"store URL {url!r}: cannot parse the query {parts.query!r}") from None
+            raise ConfigError(
+                f"store URL {url!r}: cannot parse the query {parts.query!r}"
+            ) from None
         pairs = []
     params: dict[str, str] = {}
     for key, value in pairs:
