@@ -39,6 +39,7 @@ from uploader.targets import Target
 
 __all__ = [
     "CACHE_INFO",
+    "DependencyFailed",
     "Engine",
     "Progress",
     "PushResult",
@@ -123,7 +124,15 @@ class _HashingWriter:
 
 
 class DependencyFailed(UploaderError):
-    """A path was held back because one of its references failed."""
+    """A path was held back because one of its references failed (``cause``)."""
+
+    def __init__(self, message: str, *, store_path: str, cause: UploaderError) -> None:
+        super().__init__(message, store_path=store_path)
+        self.cause = cause
+
+
+async def _false() -> bool:
+    return False
 
 
 class Engine:
@@ -154,6 +163,10 @@ class Engine:
         self.is_upstream = is_upstream
         self._pool = ThreadPoolExecutor(max_workers=self.jobs + 16, thread_name_prefix="upload")
         self._cache_info_checked = False
+        self._slots = asyncio.Semaphore(self.jobs)
+        # Paths being uploaded right now, by any push_infos call, with their
+        # outcome (None, or the error) once known.
+        self._inflight: dict[str, asyncio.Future[UploaderError | None]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -177,73 +190,114 @@ class Engine:
 
     async def push(self, paths: Iterable[str], progress: Progress | None = None) -> PushResult:
         """Upload the closure of ``paths``; per-path failures land in the result."""
-        infos = await self._run(lambda: self.store.path_infos(list(paths), closure=True))
-        return await self.push_infos(infos, progress)
+        roots = sorted(set(paths))
+        infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
+        return await self.push_infos(roots, infos, progress)
 
     async def push_infos(
-        self, infos: Mapping[str, PathInfo], progress: Progress | None = None
+        self,
+        roots: Iterable[str],
+        infos: Mapping[str, PathInfo],
+        progress: Progress | None = None,
     ) -> PushResult:
-        """Upload the given (reference-closed) path infos that the cache lacks."""
+        """Upload what the cache lacks of the closure of ``roots`` (``infos``
+        must hold that closure).  Paths another call is uploading right now
+        are waited for, not uploaded twice."""
         result = PushResult()
         await self.ensure_cache_info()
-        missing = await self._filter_present(infos, result)
-        if progress:
-            progress.start(len(missing), sum(infos[p].nar_size for p in missing))
-        done: dict[str, asyncio.Future[bool]] = {}
+        missing = await self._plan(roots, infos, result)
         loop = asyncio.get_running_loop()
-        for p in missing:
-            done[p] = loop.create_future()
-        slots = asyncio.Semaphore(self.jobs)
+        mine = [p for p in missing if p not in self._inflight]
+        foreign = {p: self._inflight[p] for p in missing if p in self._inflight}
+        done = {p: self._inflight.setdefault(p, loop.create_future()) for p in missing}
+        if progress:
+            progress.start(len(mine), sum(infos[p].nar_size for p in mine))
         tasks = [
-            asyncio.create_task(self._upload_one(infos[p], done, slots, result, progress))
-            for p in _references_first(missing, infos)
+            asyncio.create_task(self._upload_one(infos[p], done, result, progress))
+            for p in _references_first(mine, infos)
         ]
         try:
             await asyncio.gather(*tasks)
+            for path, fut in foreign.items():
+                error = await asyncio.shield(fut)
+                if error is None:
+                    result.present.append(path)
+                else:
+                    result.failed[path] = error
         finally:
             for t in tasks:
                 t.cancel()
+            for p in mine:
+                if self._inflight.get(p) is done[p] and done[p].done():
+                    del self._inflight[p]
         return result
 
-    async def _filter_present(self, infos: Mapping[str, PathInfo], result: PushResult) -> list[str]:
-        """Paths whose narinfo the cache lacks (asking local memory first)."""
-        candidates = sorted(infos)
+    async def _plan(
+        self, roots: Iterable[str], infos: Mapping[str, PathInfo], result: PushResult
+    ) -> list[str]:
+        """Walk the closure from the roots, level by level, and stop at paths
+        the cache (or an upstream cache) has: a cache that holds a path holds
+        its closure, so nothing below it needs a request."""
+        missing: list[str] = []
+        seen: set[str] = set()
+        frontier = sorted(set(roots))
+        while frontier:
+            seen.update(frontier)
+            absent = await self._absent(frontier, result)
+            missing.extend(absent)
+            frontier = sorted({r for p in absent for r in infos[p].references} - seen)
+        return missing
+
+    async def _absent(self, candidates: list[str], result: PushResult) -> list[str]:
+        """Those of ``candidates`` that neither the cache nor an upstream has."""
         if self.known is not None:
             known = self.known.known(hash_part(p) for p in candidates)
             result.present.extend(p for p in candidates if hash_part(p) in known)
             candidates = [p for p in candidates if hash_part(p) not in known]
-        if self.is_upstream is not None and candidates:
-            upstream = await self._run(self.is_upstream, candidates)
-            result.skipped_upstream.extend(sorted(upstream))
-            candidates = [p for p in candidates if p not in upstream]
+        candidates = [p for p in candidates if p not in self._inflight] + [
+            p for p in candidates if p in self._inflight
+        ]
         exists = await asyncio.gather(
-            *(self._run(self.target.exists, narinfo_key(p)) for p in candidates)
+            *(
+                self._run(self.target.exists, narinfo_key(p))
+                if p not in self._inflight
+                else _false()
+                for p in candidates
+            )
         )
         present = [p for p, e in zip(candidates, exists, strict=True) if e]
         result.present.extend(present)
         if self.known is not None and present:
             self.known.remember(hash_part(p) for p in present)
-        return [p for p, e in zip(candidates, exists, strict=True) if not e]
+        absent = [p for p, e in zip(candidates, exists, strict=True) if not e]
+        if self.is_upstream is not None and absent:
+            upstream = await self._run(self.is_upstream, absent)
+            result.skipped_upstream.extend(sorted(upstream))
+            absent = [p for p in absent if p not in upstream]
+        return absent
 
     async def _upload_one(
         self,
         info: PathInfo,
-        done: dict[str, asyncio.Future[bool]],
-        slots: asyncio.Semaphore,
+        done: Mapping[str, asyncio.Future[UploaderError | None]],
         result: PushResult,
         progress: Progress | None,
     ) -> None:
         path = info.path
         try:
-            async with slots:
+            async with self._slots:
                 url, prepared = await self._upload_nar(info)
             # Slot released first: a path waiting on its references must not
             # hold a place its references need.
             for ref in info.references:
-                if ref != path and ref in done and not await done[ref]:
-                    raise DependencyFailed(
-                        f"{path} not uploaded: its reference {ref} failed", store_path=path
-                    )
+                if ref != path and ref in done:
+                    error = await asyncio.shield(done[ref])
+                    if error is not None:
+                        raise DependencyFailed(
+                            f"{path} not uploaded: its reference {ref} failed: {error}",
+                            store_path=path,
+                            cause=error,
+                        )
             await self._run(self._put_narinfo, info, url, prepared)
         except UploaderError as e:
             if e.store_path is None:
@@ -251,17 +305,17 @@ class Engine:
             result.failed[path] = e
             if not isinstance(e, DependencyFailed):
                 log.error("%s", e)
-            done[path].set_result(False)
+            done[path].set_result(e)
             return
-        except BaseException:
-            done[path].set_result(False)
+        except BaseException as e:
+            done[path].set_result(UploaderError(f"{path}: interrupted ({e!r})", store_path=path))
             raise
         result.uploaded.append(path)
         result.nar_bytes += info.nar_size
         result.file_bytes += prepared.file_size
         if self.known is not None:
             self.known.remember([hash_part(path)])
-        done[path].set_result(True)
+        done[path].set_result(None)
         if progress:
             progress.advance(info, True)
 

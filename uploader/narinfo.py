@@ -24,8 +24,18 @@ __all__ = ["NarInfo", "fingerprint"]
 _UNKNOWN_DERIVER = "unknown-deriver"
 # Keys whose repetition would make the file ambiguous; Sig may repeat.
 _SINGLE_KEYS = frozenset(
-    ["StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash", "NarSize"]
-    + ["References", "Deriver", "CA"]
+    {
+        "StorePath",
+        "URL",
+        "Compression",
+        "FileHash",
+        "FileSize",
+        "NarHash",
+        "NarSize",
+        "References",
+        "Deriver",
+        "CA",
+    }
 )
 
 

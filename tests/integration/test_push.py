@@ -93,7 +93,7 @@ def test_second_push_transfers_nothing(
     before = _objects(seaweedfs, bucket)
     again = run_cli(*args, multi["out"], multi["lib"])
     assert "uploaded 0 paths" in again.stderr
-    assert "3 already in the cache" in again.stderr
+    assert "2 already in the cache" in again.stderr  # the walk stops at present roots
     assert _objects(seaweedfs, bucket) == before
 
 
