@@ -69,7 +69,16 @@ class TargetError(UploaderError):
 
 
 class TransientTargetError(TargetError):
-    """The binary cache failed in a way that is worth retrying later."""
+    """The binary cache failed in a way that is worth retrying later.
+
+    ``retry_after`` is the server's Retry-After, in seconds, when it sent one.
+    """
+
+    def __init__(
+        self, message: str, *, store_path: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, store_path=store_path)
+        self.retry_after = retry_after
 
 
 class SpoolError(UploaderError):

@@ -7,28 +7,39 @@ exits with one of the named codes below.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from uploader import __version__
-from uploader._exceptions import UploaderError
+from uploader._exceptions import ConfigError, UploaderError
 from uploader.compression import METHODS
+from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Settings, load_settings
+from uploader.daemon import Daemon
 from uploader.engine import Engine, PushResult
+from uploader.gcroots import GcRoots
 from uploader.progress import TerminalProgress, human_bytes
 from uploader.signing import SecretKey, generate, write_public_key, write_secret_key
+from uploader.spool import DEFAULT_SPOOL, Spool
+from uploader.state import KnownCache, read_status
 from uploader.store import NixStore
 from uploader.storepath import to_store_path
 from uploader.targets import open_target, parse_store_url
+from uploader.upstream import Upstreams
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
 
 log = logging.getLogger("nix-cache-uploader")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,6 +79,36 @@ def main() -> None:
     the background as an unprivileged user holding the signing key; `push`
     uploads given paths right away.  See `nix-cache-uploader COMMAND --help`.
     """
+
+
+def make_engine(
+    store_url: str,
+    key: SecretKey,
+    *,
+    compression: str | None,
+    compression_level: int | None,
+    jobs: int,
+    tmp_dir: str | None = None,
+    known: KnownCache | None = None,
+    upstreams: Upstreams | None = None,
+    store: NixStore | None = None,
+) -> Engine:
+    """The engine for a store URL; flags win over the URL's own parameters."""
+    url = parse_store_url(store_url)
+    level = compression_level
+    if level is None and "compression-level" in url.params:
+        level = int(url.params["compression-level"])
+    return Engine(
+        store or NixStore(),
+        open_target(url, max_connections=jobs * 2),
+        key,
+        compression=compression or url.compression or "zstd",
+        compression_level=level,
+        jobs=jobs,
+        tmp_dir=tmp_dir,
+        known=known,
+        is_upstream=upstreams.served if upstreams else None,
+    )
 
 
 @main.command()
@@ -136,23 +177,17 @@ def push(
     """
     setup_logging(-1 if quiet else verbose)
     try:
-        url = parse_store_url(store_url)
-        key = SecretKey.load(secret_key_file)
         roots = [to_store_path(p) for p in paths]
-        method = compression or url.compression or "zstd"
-        level = compression_level
-        if level is None and "compression-level" in url.params:
-            level = int(url.params["compression-level"])
-        engine = Engine(
-            NixStore(),
-            open_target(url, max_connections=jobs * 2),
-            key,
-            compression=method,
-            compression_level=level,
+        engine = make_engine(
+            store_url,
+            SecretKey.load(secret_key_file),
+            compression=compression,
+            compression_level=compression_level,
             jobs=jobs,
         )
     except UploaderError as e:
         fail(str(e))
+    method = engine.compression
     progress = TerminalProgress() if sys.stderr.isatty() and not quiet else None
     try:
         result = asyncio.run(engine.push(roots, progress))
@@ -182,3 +217,263 @@ def _report(result: PushResult, method: str, quiet: bool) -> None:
     if result.failed:
         line += f", {len(result.failed)} failed"
     click.echo(line, err=True)
+
+
+def queue_options(fn: F) -> F:
+    """--config, --spool and --state-dir: where the queue commands look."""
+    fn = click.option(
+        "--state-dir", default=None, help=f"Daemon state directory [default: {DEFAULT_STATE_DIR}]."
+    )(fn)
+    fn = click.option("--spool", default=None, help=f"Spool directory [default: {DEFAULT_SPOOL}].")(
+        fn
+    )
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help=f"TOML config file [default: {DEFAULT_CONFIG} if present].",
+    )(fn)
+
+
+@main.command()
+@queue_options
+@click.option("--to", "store_url", metavar="STORE_URL", help="Binary cache URL (as for push).")
+@click.option("--secret-key-file", help="Signing key file (mode 0600, owned by this user).")
+@click.option("--compression", type=click.Choice(METHODS), default=None, help="NAR compression.")
+@click.option("--compression-level", type=int, default=None, help="Level for zstd or xz.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Paths at once [4].")
+@click.option(
+    "--upstream", multiple=True, metavar="URL",
+    help="Cache whose paths are not uploaded again (repeatable), e.g. https://cache.nixos.org.",
+)  # fmt: skip
+@click.option(
+    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME",
+    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
+)  # fmt: skip
+@click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
+@verbosity
+def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> None:
+    """Upload every build the post-build-hook queues, until stopped.
+
+    Watches the spool (inotify, plus a scan at start-up), uploads each entry's
+    closure, and removes the entry once all of it is in the cache.  Failures
+    of the cache are retried with backoff, forever; malformed entries and
+    paths that cannot be uploaded go to the spool's quarantine/ with a reason.
+    SIGTERM finishes in-flight uploads first; a second SIGINT stops at once.
+    Run it as a dedicated unprivileged user in the spool's group.
+    """
+    setup_logging(-1 if quiet else verbose + 1)
+    overrides = {k.replace("_", "-"): v for k, v in flags.items()}
+    overrides["to"] = overrides.pop("store-url")
+    overrides["upstream-keys"] = overrides.pop("upstream-keys")
+    try:
+        settings = load_settings(config_file, overrides)
+        settings.require("to", "secret_key_file")
+        if os.geteuid() == 0:
+            log.warning(
+                "running as root: run the uploader as its own unprivileged user so that "
+                "the signing key is out of reach of everything else"
+            )
+        key = SecretKey.load(str(settings.secret_key_file))
+        daemon = _make_daemon(settings, key)
+    except UploaderError as e:
+        fail(str(e))
+    try:
+        asyncio.run(daemon.run())
+    except UploaderError as e:
+        fail(str(e))
+    finally:
+        daemon.engine.close()
+
+
+def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
+    spool = Spool(settings.spool)
+    if not os.path.isdir(spool.path) or not os.access(spool.path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"spool {spool.path} is missing or not writable by this user: create it with "
+            "`install -d -m 2770 -o root -g GROUP` where GROUP is this user's group"
+        )
+    try:
+        os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"state directory {settings.state_dir}: {e.strerror}") from None
+    assert settings.to is not None
+    known = KnownCache(
+        os.path.join(settings.state_dir, "state.sqlite"),
+        parse_store_url(settings.to).redacted(),
+        ttl=settings.known_ttl,
+    )
+    upstreams = Upstreams(settings.upstream, settings.upstream_keys, memory=known)
+    store = NixStore()
+    engine = make_engine(
+        settings.to,
+        key,
+        store=store,
+        compression=settings.compression,
+        compression_level=settings.compression_level,
+        jobs=settings.jobs,
+        tmp_dir=settings.tmp_dir,
+        known=known,
+        upstreams=upstreams if upstreams else None,
+    )
+    roots = GcRoots(settings.gc_roots_dir)
+    return Daemon(settings, store=store, engine=engine, spool=spool, roots=roots)
+
+
+def _queue_settings(config_file: str | None, spool: str | None, state_dir: str | None) -> Settings:
+    try:
+        return load_settings(config_file, {"spool": spool, "state-dir": state_dir})
+    except UploaderError as e:
+        fail(str(e))
+        raise AssertionError("unreachable") from e
+
+
+def _spool_pending(settings: Settings) -> list[str] | None:
+    """Entries in the spool, or None when this user may not look."""
+    try:
+        return Spool(settings.spool).pending()
+    except OSError:
+        return None
+
+
+@main.command()
+@queue_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(
+    config_file: str | None, spool: str | None, state_dir: str | None, as_json: bool
+) -> None:
+    """Show the queue: depth, in flight, retrying, quarantined, last errors."""
+    settings = _queue_settings(config_file, spool, state_dir)
+    report = read_status(settings.state_dir) or {}
+    pending = _spool_pending(settings)
+    if pending is not None:
+        report["pending"] = len(pending)
+    try:
+        report["quarantined"] = [
+            {"entry": n, "reason": r} for n, r in Spool(settings.spool).quarantined()
+        ]
+    except OSError:
+        report.setdefault("quarantined", None)
+    report["daemon"] = _daemon_state(report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    _print_status(report)
+
+
+def _daemon_state(report: dict[str, Any]) -> str:
+    if "updated_at" not in report:
+        return "unknown"
+    if not report.get("running"):
+        return "stopped"
+    age = time.time() - float(report["updated_at"])
+    return "running" if age < _STALE_AFTER else "not responding"
+
+
+_STALE_AFTER = 15.0
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    daemon = r["daemon"]
+    if daemon == "unknown":
+        click.echo("daemon:      no status file (never started, or another --state-dir)")
+    else:
+        ago = time.time() - float(r["updated_at"])
+        click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
+        click.echo(f"target:      {r.get('target')}")
+    oldest = r.get("oldest_pending_age")
+    line = f"queue:       {r.get('pending', '?')} pending, {r.get('in_flight', 0)} in flight"
+    if oldest is not None and r.get("pending"):
+        line += f", oldest {oldest:.0f}s"
+    click.echo(line)
+    retrying = r.get("retrying") or []
+    click.echo(f"retrying:    {len(retrying)}")
+    for item in retrying:
+        click.echo(
+            f"  {item['entry']}: attempt {item['attempts']}, next in "
+            f"{item['next_try_in']:.0f}s: {item['error']}"
+        )
+    quarantined = r.get("quarantined")
+    if quarantined is None:
+        click.echo("quarantined: (spool not readable by this user)")
+    else:
+        click.echo(f"quarantined: {len(quarantined)}")
+        for item in quarantined:
+            click.echo(f"  {item['entry']}: {item['reason']}")
+    if "uploaded_paths" in r:
+        click.echo(
+            f"uploaded:    {r['uploaded_paths']} paths, "
+            f"{human_bytes(r.get('uploaded_bytes', 0))} since start"
+        )
+    errors = r.get("last_errors") or []
+    if errors:
+        click.echo("last errors:")
+        for item in errors[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(item["time"]))
+            click.echo(f"  {when} {item.get('subject') or ''}: {item['error']}")
+
+
+@main.command()
+@queue_options
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=None, help="Give up after S seconds."
+)
+def wait(
+    config_file: str | None, spool: str | None, state_dir: str | None, timeout: float | None
+) -> None:
+    """Block until the spool is drained (for the end of a CI job).
+
+    Exits 0 once every queued entry is uploaded (or quarantined), 3 on
+    timeout.  Users who cannot read the spool are answered from the daemon's
+    status file.
+    """
+    settings = _queue_settings(config_file, spool, state_dir)
+    start = time.time()
+    warned = False
+    while True:
+        report = read_status(settings.state_dir)
+        pending = _spool_pending(settings)
+        if pending is not None:
+            left = len(pending)
+        elif report and float(report["updated_at"]) > start:
+            left = int(report["pending"]) + int(report["in_flight"])
+        else:
+            left = -1  # not known yet
+        if left == 0:
+            click.echo("spool drained", err=True)
+            return
+        state = _daemon_state(report or {})
+        if state != "running" and not warned and time.time() - start > 2:
+            click.echo(f"warning: the uploader daemon is {state}; waiting anyway", err=True)
+            warned = True
+        if timeout is not None and time.time() - start >= timeout:
+            what = f"{left} entries still queued" if left > 0 else "queue state unknown"
+            fail(f"timed out after {timeout:g}s: {what}; see `nix-cache-uploader status`",
+                 EXIT_TIMEOUT)  # fmt: skip
+        time.sleep(0.25)
+
+
+@main.command()
+@queue_options
+def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> None:
+    """Requeue quarantined entries and retry waiting ones now.
+
+    Quarantined entries move back into the spool; the daemon also skips the
+    backoff of entries waiting after a failure.
+    """
+    settings = _queue_settings(config_file, spool, state_dir)
+    try:
+        moved = Spool(settings.spool).requeue()
+    except OSError as e:
+        fail(f"cannot requeue in {settings.spool}: {e.strerror}; run as root or the uploader")
+    click.echo(f"requeued {moved} quarantined entries")
+    report = read_status(settings.state_dir)
+    if report and _daemon_state(report) == "running":
+        try:
+            os.kill(int(report["pid"]), signal.SIGUSR1)
+            click.echo(f"asked the daemon (pid {report['pid']}) to retry waiting entries now")
+        except ProcessLookupError:
+            click.echo("the daemon is not running; entries wait for its next start")
+        except PermissionError:
+            click.echo("not allowed to signal the daemon; waiting entries keep their backoff")

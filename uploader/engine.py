@@ -149,7 +149,7 @@ class Engine:
         jobs: int = 4,
         tmp_dir: str | None = None,
         known: KnownPaths | None = None,
-        is_upstream: Callable[[list[str]], set[str]] | None = None,
+        is_upstream: Callable[[list[PathInfo]], set[str]] | None = None,
     ) -> None:
         extension(compression)  # validates the method early
         self.store = store
@@ -243,12 +243,14 @@ class Engine:
         frontier = sorted(set(roots))
         while frontier:
             seen.update(frontier)
-            absent = await self._absent(frontier, result)
+            absent = await self._absent(frontier, infos, result)
             missing.extend(absent)
             frontier = sorted({r for p in absent for r in infos[p].references} - seen)
         return missing
 
-    async def _absent(self, candidates: list[str], result: PushResult) -> list[str]:
+    async def _absent(
+        self, candidates: list[str], infos: Mapping[str, PathInfo], result: PushResult
+    ) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
         if self.known is not None:
             known = self.known.known(hash_part(p) for p in candidates)
@@ -271,7 +273,7 @@ class Engine:
             self.known.remember(hash_part(p) for p in present)
         absent = [p for p, e in zip(candidates, exists, strict=True) if not e]
         if self.is_upstream is not None and absent:
-            upstream = await self._run(self.is_upstream, absent)
+            upstream = await self._run(self.is_upstream, [infos[p] for p in absent])
             result.skipped_upstream.extend(sorted(upstream))
             absent = [p for p in absent if p not in upstream]
         return absent

@@ -45,6 +45,14 @@ _TRANSIENT_CODES = {
 }
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header given in seconds (dates are ignored)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
 def _describe(e: Exception, action: str, where: str) -> TargetError:
     """Turn a botocore failure into our error, transient or not."""
     if isinstance(e, botocore.exceptions.NoCredentialsError):
@@ -58,7 +66,8 @@ def _describe(e: Exception, action: str, where: str) -> TargetError:
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         msg = f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip()
         if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
-            return TransientTargetError(msg)
+            headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            return TransientTargetError(msg, retry_after=_retry_after(headers.get("retry-after")))
         if code == "NoSuchBucket":
             return TargetError(f"{action} {where}: the bucket does not exist; create it first")
         return TargetError(msg)

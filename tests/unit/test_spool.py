@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+import grp
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from uploader._exceptions import ConfigError, SpoolError
+from uploader.spool import (
+    DEFAULT_SPOOL,
+    FORMAT_HEADER,
+    MAX_ENTRY_SIZE,
+    Entry,
+    Spool,
+    init_spool,
+    parse_entry,
+)
+
+HASH = "gxs9hr309n6jrgv3dzmbklh6rcf9iw7v"
+DRV = f"/nix/store/{HASH}-hello-2.12.1.drv"
+OUT = f"/nix/store/{HASH}-hello-2.12.1"
+DEV = f"/nix/store/{HASH}-hello-2.12.1-dev"
+
+
+def entry_bytes(*lines: str) -> bytes:
+    return "".join(line + "\n" for line in (FORMAT_HEADER, *lines)).encode()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    init_spool(tmp_path / "spool")
+    return Spool(tmp_path / "spool")
+
+
+def put(spool: Spool, name: str, data: bytes, mtime: float | None = None) -> Path:
+    path = Path(spool.path, name)
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_the_default_spool_is_the_one_the_hook_uses() -> None:
+    hook = Path(__file__).parents[2] / "hook" / "post-build-hook"
+    assert f":-{DEFAULT_SPOOL}}}" in hook.read_text()
+
+
+def test_an_entry_with_derivation_and_outputs_parses() -> None:
+    entry = parse_entry(entry_bytes(f"drv {DRV}", f"out {OUT}", f"out {DEV}"), "a.entry", 5.0)
+    assert entry == Entry(name="a.entry", drv=DRV, outputs=(OUT, DEV), mtime=5.0)
+
+
+def test_an_entry_from_nix_2_8_carries_only_the_derivation() -> None:
+    entry = parse_entry(entry_bytes(f"drv {DRV}"), "a.entry")
+    assert entry.drv == DRV
+    assert entry.outputs == ()
+
+
+def test_outputs_without_derivation_and_repeated_outputs_are_accepted() -> None:
+    entry = parse_entry(entry_bytes(f"out {OUT}", f"out {OUT}", "", ""), "a.entry")
+    assert entry.drv is None
+    assert entry.outputs == (OUT,)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "does not start with"),
+        (b"hello world\n", "does not start with"),
+        (b"\x00\x01\x02\x03 binary", "does not start with"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
+        (FORMAT_HEADER.encode() + b"\ndrv /nix/store/\xff\xfe.drv\n", "not UTF-8"),
+        (b"nix-cache-uploader-spool 2\n" + f"drv {DRV}\n".encode(), "unsupported format"),
+        (entry_bytes(), "neither a derivation nor an output"),
+        (entry_bytes(f"path {OUT}"), "line 2: unknown line"),
+        (entry_bytes(f"drv {DRV}", "", f"out {OUT}"), "line 3: unknown line"),
+        (entry_bytes("drv /etc/passwd"), "not under /nix/store/"),
+        (entry_bytes(f"out /nix/store/../../etc/{HASH}-x"), "'..'"),
+        (entry_bytes(f"out /nix/store/{HASH}-x/../../../etc/shadow"), "'..'"),
+        (entry_bytes(f"out {OUT}/bin/hello"), "subpath"),
+        (entry_bytes(f"out {OUT}\r"), "whitespace"),
+        (entry_bytes(f"drv {OUT}"), "does not end in .drv"),
+        (entry_bytes(f"drv {DRV}", f"drv {DRV}"), "a second 'drv' line"),
+        (entry_bytes(f"out {OUT}" + "x" * MAX_ENTRY_SIZE), "larger than the limit"),
+    ],
+)
+def test_bad_entries_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(SpoolError) as info:
+        parse_entry(data, "bad.entry")
+    assert str(info.value).startswith("spool entry 'bad.entry': ")
+    assert reason in str(info.value)
+
+
+def test_read_gives_the_entry_with_its_mtime(spool: Spool) -> None:
+    put(spool, "a.entry", entry_bytes(f"drv {DRV}", f"out {OUT}"), mtime=1000.0)
+    assert spool.read("a.entry") == Entry("a.entry", DRV, (OUT,), 1000.0)
+
+
+def test_reading_a_vanished_entry_is_file_not_found(spool: Spool) -> None:
+    with pytest.raises(FileNotFoundError):
+        spool.read("gone.entry")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../etc/passwd", "quarantine/x.entry"])
+def test_entry_names_cannot_leave_the_spool(spool: Spool, name: str) -> None:
+    with pytest.raises(SpoolError, match="not a spool entry name"):
+        spool.read(name)
+    with pytest.raises(SpoolError, match="not a spool entry name"):
+        spool.quarantine(name, "x")
+
+
+def test_an_oversize_file_is_refused_without_reading_it_whole(spool: Spool) -> None:
+    put(spool, "big.entry", entry_bytes(f"drv {DRV}") + b"#" * (2 * MAX_ENTRY_SIZE))
+    with pytest.raises(SpoolError, match="larger than the limit of 65536 bytes"):
+        spool.read("big.entry")
+
+
+def test_a_planted_symlink_is_refused_and_quarantined_itself(spool: Spool, tmp_path: Path) -> None:
+    target = tmp_path / "passwd"
+    target.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    link = Path(spool.path, "evil.entry")
+    link.symlink_to(target)
+    assert spool.pending() == ["evil.entry"]
+
+    with pytest.raises(SpoolError, match="is a symlink") as info:
+        spool.read("evil.entry")
+    spool.quarantine("evil.entry", str(info.value))
+
+    moved = Path(spool.quarantine_path, "evil.entry")
+    assert moved.is_symlink()
+    assert os.readlink(moved) == str(target)
+    assert target.read_text() == "root:x:0:0:root:/root:/bin/sh\n"
+    assert not link.exists() and not link.is_symlink()
+    assert spool.pending() == []
+
+
+def test_a_symlink_to_etc_passwd_is_not_read(spool: Spool) -> None:
+    Path(spool.path, "passwd.entry").symlink_to("/etc/passwd")
+    with pytest.raises(SpoolError, match="is a symlink"):
+        spool.read("passwd.entry")
+
+
+def test_a_fifo_is_refused_without_hanging(spool: Spool) -> None:
+    os.mkfifo(Path(spool.path, "pipe.entry"))
+    result: list[BaseException | Entry] = []
+
+    def read() -> None:
+        try:
+            result.append(spool.read("pipe.entry"))
+        except BaseException as e:
+            result.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "reading a fifo blocked"
+    assert isinstance(result[0], SpoolError)
+    assert "is a fifo" in str(result[0])
+    spool.quarantine("pipe.entry", str(result[0]))
+    assert stat.S_ISFIFO(os.lstat(Path(spool.quarantine_path, "pipe.entry")).st_mode)
+
+
+def test_a_directory_named_like_an_entry_is_not_pending(spool: Spool) -> None:
+    os.mkdir(Path(spool.path, "dir.entry"))
+    assert spool.pending() == []
+    with pytest.raises(SpoolError, match="is a directory"):
+        spool.read("dir.entry")
+
+
+def test_pending_is_oldest_first_and_skips_temp_files(spool: Spool) -> None:
+    data = entry_bytes(f"drv {DRV}")
+    put(spool, "c.entry", data, mtime=2000.0)
+    put(spool, "b.entry", data, mtime=1000.0)
+    put(spool, "a.entry", data, mtime=2000.0)
+    put(spool, ".tmp-1234", data)
+    put(spool, ".hidden.entry", data)
+    put(spool, "notes.txt", data)
+    spool.quarantine("a.entry", "test")
+    put(spool, "a.entry", data, mtime=2000.0)
+    assert spool.pending() == ["b.entry", "a.entry", "c.entry"]
+
+
+def test_ack_removes_the_entry_and_is_idempotent(spool: Spool) -> None:
+    put(spool, "a.entry", entry_bytes(f"drv {DRV}"))
+    spool.ack("a.entry")
+    spool.ack("a.entry")
+    assert spool.pending() == []
+
+
+def test_quarantine_and_requeue_round_trip(spool: Spool) -> None:
+    put(spool, "bad.entry", b"garbage\n")
+    put(spool, "worse.entry", b"\xff\xfe")
+    put(spool, "good.entry", entry_bytes(f"drv {DRV}"))
+    for name in ("bad.entry", "worse.entry"):
+        with pytest.raises(SpoolError) as info:
+            spool.read(name)
+        spool.quarantine(name, str(info.value))
+
+    assert spool.pending() == ["good.entry"]
+    assert stat.S_IMODE(os.stat(spool.quarantine_path).st_mode) == 0o750
+    reasons = dict(spool.quarantined())
+    assert set(reasons) == {"bad.entry", "worse.entry"}
+    assert "does not start with 'nix-cache-uploader-spool 1'" in reasons["bad.entry"]
+    assert "not UTF-8" in reasons["worse.entry"]
+    assert "(quarantined 20" in reasons["bad.entry"]
+
+    assert spool.requeue(["worse.entry", "never-was.entry"]) == 1
+    assert [name for name, _ in spool.quarantined()] == ["bad.entry"]
+    assert spool.requeue() == 1
+    assert spool.quarantined() == []
+    assert sorted(os.listdir(spool.quarantine_path)) == []
+    assert sorted(spool.pending()) == ["bad.entry", "good.entry", "worse.entry"]
+
+
+def test_a_reason_is_one_line(spool: Spool) -> None:
+    put(spool, "a.entry", b"x")
+    spool.quarantine("a.entry", "first line\nsecond line")
+    [(name, reason)] = spool.quarantined()
+    assert name == "a.entry"
+    assert reason.startswith("first line second line (quarantined ")
+    assert Path(spool.quarantine_path, "a.entry.reason").read_text().count("\n") == 1
+
+
+def test_quarantining_a_vanished_entry_does_nothing(spool: Spool) -> None:
+    spool.quarantine("gone.entry", "whatever")
+    assert spool.quarantined() == []
+
+
+def test_stale_temp_files_are_found_and_removed(spool: Spool) -> None:
+    old = time.time() - 7200
+    put(spool, ".tmp-111", b"nix-cache-uploader-spool 1\n", mtime=old)
+    put(spool, ".tmp-222", b"")
+    Path(spool.path, ".tmp-333").symlink_to("/etc/passwd")
+    os.utime(Path(spool.path, ".tmp-333"), (old, old), follow_symlinks=False)
+    put(spool, "old.entry", entry_bytes(f"drv {DRV}"), mtime=old)
+
+    assert spool.stale_temp_files(3600) == [".tmp-111", ".tmp-333"]
+    assert spool.remove_stale_temp_files() == [".tmp-111", ".tmp-333"]
+    assert sorted(os.listdir(spool.path)) == [".tmp-222", "old.entry"]
+    assert Path("/etc/passwd").exists()
+
+
+def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> None:
+    seen: list[str] = []
+    changed = threading.Condition()
+
+    def on_entry(name: str) -> None:
+        with changed:
+            seen.append(name)
+            changed.notify_all()
+
+    def saw(*names: str) -> bool:
+        with changed:
+            return changed.wait_for(lambda: all(n in seen for n in names), timeout=10)
+
+    watch = spool.watch(on_entry)
+    try:
+        tmp = put(spool, ".tmp-42", entry_bytes(f"drv {DRV}"))
+        os.mkdir(Path(spool.path, "sub"))
+        put(spool, "sub/nested.entry", b"x")
+        put(spool, "notes.txt", b"x")
+        os.rename(tmp, Path(spool.path, "renamed.entry"))
+        assert saw("renamed.entry")
+        put(spool, "created.entry", entry_bytes(f"drv {DRV}"))
+        assert saw("created.entry")
+
+        spool.quarantine("created.entry", "test")
+        assert spool.requeue() == 1
+        with changed:
+            seen.remove("created.entry")
+        assert saw("created.entry")
+    finally:
+        watch.stop()
+    assert set(seen) == {"renamed.entry", "created.entry"}
+
+
+def test_a_failing_callback_does_not_end_the_watch(spool: Spool) -> None:
+    seen = threading.Event()
+
+    def on_entry(name: str) -> None:
+        if name == "first.entry":
+            raise RuntimeError("boom")
+        seen.set()
+
+    watch = spool.watch(on_entry)
+    try:
+        put(spool, "first.entry", b"x")
+        put(spool, "second.entry", b"x")
+        assert seen.wait(timeout=10)
+    finally:
+        watch.stop()
+
+
+def test_init_spool_makes_a_setgid_group_directory(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    init_spool(path)
+    init_spool(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o2770
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to root needs root")
+def test_init_spool_as_root_gives_the_spool_to_root_and_the_group(tmp_path: Path) -> None:
+    group = next((g.gr_name for g in grp.getgrall() if g.gr_gid != 0), None)
+    if group is None:
+        pytest.skip("no group besides root to hand the spool to")
+    gid = grp.getgrnam(group).gr_gid
+    init_spool(tmp_path / "spool", group)
+    st = os.stat(tmp_path / "spool")
+    assert (st.st_uid, st.st_gid) == (0, gid)
+    assert stat.S_IMODE(st.st_mode) == 0o2770
+
+
+def test_init_spool_names_an_unknown_group(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such group 'no-such-group-xyz'"):
+        init_spool(tmp_path / "spool", "no-such-group-xyz")

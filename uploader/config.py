@@ -1,0 +1,151 @@
+"""Settings for the daemon and the queue commands: TOML file, then flags.
+
+Every setting has one name, used as the TOML key and (with ``--``) as the
+flag: ``to``, ``secret-key-file``, ``spool``, ``jobs``…  The file is
+``--config F``, else ``/etc/nix-cache-uploader/config.toml`` when it exists;
+flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from uploader._exceptions import ConfigError
+from uploader.compression import METHODS
+from uploader.spool import DEFAULT_SPOOL
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_GC_ROOTS",
+    "DEFAULT_SPOOL",
+    "DEFAULT_STATE_DIR",
+    "Settings",
+    "load_settings",
+]
+
+DEFAULT_CONFIG = "/etc/nix-cache-uploader/config.toml"
+DEFAULT_STATE_DIR = "/var/lib/nix-cache-uploader"
+DEFAULT_GC_ROOTS = "/nix/var/nix/gcroots/nix-cache-uploader"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `run`, `status`, `wait` and `retry` need to know."""
+
+    to: str | None = None
+    secret_key_file: str | None = None
+    spool: str = DEFAULT_SPOOL
+    state_dir: str = DEFAULT_STATE_DIR
+    gc_roots_dir: str = DEFAULT_GC_ROOTS
+    compression: str | None = None  # None: the URL's compression=, else zstd
+    compression_level: int | None = None
+    jobs: int = 4
+    upstream: tuple[str, ...] = ()
+    upstream_keys: tuple[str, ...] = ()
+    tmp_dir: str | None = None
+    batch_size: int = 200
+    retry_min: float = 1.0
+    retry_max: float = 900.0
+    drain_timeout: float = 60.0
+    known_ttl: float = 7 * 86400.0
+    metrics: str | None = None
+
+    def require(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} is required (or set {name.replace('_', '-')} in the config file)"
+                )
+
+
+_FIELDS = {f.name.replace("_", "-"): f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    f = _FIELDS[key]
+    kind = str(f.type)
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            return tuple(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError("an integer")
+            return value
+        if kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError("a number")
+            return float(value)
+        if not isinstance(value, str):
+            raise TypeError("a string")
+        return value
+    except TypeError as e:
+        raise ConfigError(f"setting {key!r} must be {e}, not {value!r}") from None
+
+
+def _check(settings: Settings) -> Settings:
+    if settings.compression is not None and settings.compression not in METHODS:
+        raise ConfigError(
+            f"compression {settings.compression!r} is not one of {', '.join(METHODS)}"
+        )
+    if not 1 <= settings.jobs <= 64:
+        raise ConfigError(f"jobs must be between 1 and 64, not {settings.jobs}")
+    if settings.retry_min <= 0 or settings.retry_max < settings.retry_min:
+        raise ConfigError("retry-min must be positive and at most retry-max")
+    for name in ("spool", "state_dir", "gc_roots_dir"):
+        if not os.path.isabs(getattr(settings, name)):
+            raise ConfigError(f"{name.replace('_', '-')} must be an absolute path")
+    return settings
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    """The settings in a TOML file (``None``: the default file, if present)."""
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return data
+
+
+def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Settings:
+    """Settings from the config file with ``overrides`` (flag values that are
+    not None, keyed by setting name with dashes) applied on top."""
+    data = read_config_file(config_file)
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _FIELDS:
+            values[_FIELDS[key].name] = _coerce(key, value)
+        else:
+            extra[key] = value
+    if extra:
+        known = ", ".join(sorted(_FIELDS))
+        raise ConfigError(
+            f"config file {config_file or DEFAULT_CONFIG}: unknown setting(s) "
+            f"{', '.join(sorted(extra))} (known: {known})"
+        )
+    for key, value in overrides.items():
+        if value is None or value == ():
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[_FIELDS[key].name] = _coerce(key, value)
+    return _check(Settings(**values))

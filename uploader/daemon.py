@@ -1,0 +1,452 @@
+"""The uploader daemon behind `nix-cache-uploader run`.
+
+Phases: startup (start watching the spool, then scan it, so no entry is
+missed whether it came while the daemon was down or up) → main loop (take
+the entries that are due, in batches, and upload their closures with the
+shared engine) → shutdown (stop taking work, let the running batch finish
+within a grace period, then cancel; unfinished entries stay in the spool).
+
+An entry leaves the spool only when every output it names is in the cache,
+or when it is quarantined with a reason (malformed, paths not valid in the
+store, contents that differ from the Nix database).  Failures of the cache or
+of the local Nix are retried forever with capped, jittered exponential
+backoff; the entry is never dropped for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from uploader import __version__
+from uploader._exceptions import (
+    InvalidPathError,
+    SpoolError,
+    StoreError,
+    TransientTargetError,
+    UploaderError,
+    VerificationError,
+)
+from uploader.config import Settings
+from uploader.engine import DependencyFailed, Engine, PushResult
+from uploader.gcroots import GcRoots
+from uploader.spool import Entry, Spool
+from uploader.state import write_status
+from uploader.store import NixStore, PathInfo
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+# The spool is scanned again this often, in case an inotify event was lost.
+_RESCAN_EVERY = 60.0
+_STATUS_EVERY = 1.0
+
+
+@dataclass
+class _Pending:
+    name: str
+    attempts: int = 0
+    next_try: float = 0.0  # time.monotonic()
+    last_error: str | None = None
+    retry_after: float | None = None
+
+
+class Daemon:
+    """Drains the spool into the cache until asked to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: NixStore,
+        engine: Engine,
+        spool: Spool,
+        roots: GcRoots | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.spool = spool
+        self.roots = roots
+        self._pending: dict[str, _Pending] = {}
+        self._in_flight: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._forced = False
+        self._dirty = True
+        self._started = time.time()
+        self._uploaded_paths = 0
+        self._uploaded_bytes = 0
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+
+    # -- control -------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: drain and stop.  Second call: stop now."""
+        if self._stopping.is_set():
+            self._forced = True
+            log.warning("second stop request: cancelling in-flight uploads")
+        else:
+            log.info(
+                "stopping: finishing in-flight uploads (up to %ss)", self.settings.drain_timeout
+            )
+        self._stopping.set()
+        self._wakeup.set()
+
+    def retry_now(self) -> None:
+        """Forget backoff delays (SIGUSR1, sent by `nix-cache-uploader retry`)."""
+        for p in self._pending.values():
+            p.next_try = 0.0
+        log.info("retrying every waiting entry now")
+        self._wakeup.set()
+
+    def _discover(self, name: str) -> None:
+        if name not in self._pending:
+            self._pending[name] = _Pending(name)
+            self._dirty = True
+        self._wakeup.set()
+
+    def _rescan(self) -> None:
+        try:
+            names = self.spool.pending()
+        except OSError as e:
+            log.error("cannot list the spool %s: %s", self.spool.path, e)
+            return
+        for name in names:
+            self._discover(name)
+        # Entries removed behind our back (e.g. by hand) are forgotten.
+        for gone in set(self._pending) - set(names) - self._in_flight:
+            del self._pending[gone]
+
+    # -- phases --------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.retry_now)
+        stale = self.spool.remove_stale_temp_files()
+        if stale:
+            log.warning("removed %d stale hook temp files from the spool", len(stale))
+
+        def on_entry(name: str) -> None:  # on watchdog's thread
+            loop.call_soon_threadsafe(self._discover, name)
+
+        watch = self.spool.watch(on_entry)
+        self._rescan()
+        if self.roots is not None:
+            self.roots.keep_only(self._rooted_outputs())
+        log.info(
+            "nix-cache-uploader %s serving %s → %s (%d entries waiting)",
+            __version__,
+            self.spool.path,
+            self.engine.target.url,
+            len(self._pending),
+        )
+        status = asyncio.create_task(self._status_loop())
+        try:
+            await self._main_loop()
+        finally:
+            watch.stop()
+            status.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status
+            self._write_status(running=False)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+            log.info("stopped; %d entries left in the spool", len(self._pending))
+
+    async def _main_loop(self) -> None:
+        last_scan = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now - last_scan > _RESCAN_EVERY:
+                self._rescan()
+                last_scan = now
+            batch = self._due(now)
+            if not batch:
+                await self._sleep_until_due(now)
+                continue
+            work = asyncio.create_task(self._process(batch))
+            stop = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not work.done():
+                await self._drain(work)
+            elif work.exception() is not None:
+                raise work.exception()  # type: ignore[misc]
+
+    async def _drain(self, work: asyncio.Task[None]) -> None:
+        """Give the running batch its grace period, then cancel it."""
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while not work.done() and not self._forced and time.monotonic() < deadline:
+            await asyncio.wait({work}, timeout=0.2)
+        if not work.done():
+            log.warning("in-flight uploads cancelled; their entries stay queued")
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+
+    def _due(self, now: float) -> list[str]:
+        due = [p for p in self._pending.values() if p.next_try <= now]
+        due.sort(key=lambda p: (p.attempts, p.name))
+        return [p.name for p in due[: self.settings.batch_size]]
+
+    async def _sleep_until_due(self, now: float) -> None:
+        waits = [p.next_try - now for p in self._pending.values()]
+        timeout = min([_RESCAN_EVERY, *waits])
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout, 0.01))
+
+    # -- one batch -----------------------------------------------------
+
+    async def _process(self, names: list[str]) -> None:
+        self._in_flight = set(names)
+        self._dirty = True
+        try:
+            entries = self._read(names)
+            if entries:
+                await self._upload(entries)
+        finally:
+            self._in_flight = set()
+            self._dirty = True
+
+    def _read(self, names: list[str]) -> list[Entry]:
+        entries = []
+        for name in names:
+            try:
+                entries.append(self.spool.read(name))
+            except FileNotFoundError:
+                self._pending.pop(name, None)
+            except SpoolError as e:
+                self._quarantine(name, str(e))
+            except OSError as e:
+                self._retry_later([name], f"reading spool entry {name}: {e}")
+        return entries
+
+    async def _upload(self, entries: list[Entry]) -> None:
+        try:
+            outputs = await asyncio.to_thread(self._resolve_outputs, entries)
+        except StoreError as e:
+            self._retry_later([e.name for e in entries], f"asking the local Nix: {e}")
+            return
+        ready = {name: outs for name, outs in outputs.items() if outs}
+        if not ready:
+            return
+        all_outputs = sorted({p for outs in ready.values() for p in outs})
+        if self.roots is not None:
+            self.roots.add(all_outputs)
+        try:
+            infos = await asyncio.to_thread(self.store.path_infos, all_outputs, closure=True)
+        except StoreError as e:
+            # Includes a path collected between the validity check and now:
+            # the next attempt quarantines its entry.
+            self._retry_later(list(ready), f"asking the local Nix: {e}")
+            return
+        result = await self.engine.push_infos(all_outputs, infos)
+        self._settle(ready, infos, result)
+
+    def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:
+        """Each entry's outputs that are valid in the store.  Entries that have
+        none are quarantined; outputs that vanished are dropped with a warning."""
+        drvs = sorted({e.drv for e in entries if not e.outputs and e.drv})
+        invalid_drvs = self.store.invalid_paths(drvs) if drvs else set()
+        from_drv = self.store.derivation_outputs([d for d in drvs if d not in invalid_drvs])
+        named: dict[str, list[str]] = {}
+        for e in entries:
+            if e.outputs:
+                named[e.name] = list(e.outputs)
+            elif e.drv in invalid_drvs or e.drv is None:
+                self._quarantine(
+                    e.name,
+                    f"derivation {e.drv} is not valid in the store and the entry names no "
+                    "outputs (garbage-collected before upload?)",
+                )
+            else:
+                named[e.name] = from_drv.get(e.drv, [])
+        invalid = self.store.invalid_paths(p for outs in named.values() for p in outs)
+        result: dict[str, list[str]] = {}
+        for name, outs in named.items():
+            valid = [p for p in outs if p not in invalid]
+            gone = [p for p in outs if p in invalid]
+            if not valid:
+                self._quarantine(
+                    name,
+                    f"{', '.join(gone) or 'no output'} not valid in the local Nix store: "
+                    "never built here, or garbage-collected before it could be uploaded",
+                )
+                continue
+            for p in gone:
+                log.warning("%s: dropping %s: it is no longer valid in the store", name, p)
+            result[name] = valid
+        return result
+
+    def _settle(
+        self, ready: dict[str, list[str]], infos: dict[str, PathInfo], result: PushResult
+    ) -> None:
+        """Acknowledge, quarantine or reschedule each entry after a push."""
+        self._uploaded_paths += len(result.uploaded)
+        self._uploaded_bytes += result.file_bytes
+        for path, error in result.failed.items():
+            self._failures[_kind(error)] += 1
+            if not isinstance(error, DependencyFailed):
+                self._note_error(path, error)
+        done_outputs: list[str] = []
+        for name, outputs in ready.items():
+            failed = _failures_in_closure(outputs, infos, result.failed) if result.failed else []
+            if not failed:
+                self.spool.ack(name)
+                self._pending.pop(name, None)
+                done_outputs.extend(outputs)
+                log.info("%s: %d outputs in the cache", name, len(outputs))
+                continue
+            root_causes = [_root_cause(e) for e in failed]
+            permanent = [
+                e for e in root_causes if isinstance(e, VerificationError | InvalidPathError)
+            ]
+            if permanent:
+                self._quarantine(name, str(permanent[0]))
+            else:
+                retry_after = max(
+                    (
+                        e.retry_after or 0.0
+                        for e in root_causes
+                        if isinstance(e, TransientTargetError)
+                    ),
+                    default=0.0,
+                )
+                self._retry_later([name], str(root_causes[0]), retry_after=retry_after)
+        if self.roots is not None and done_outputs:
+            still_needed = self._rooted_outputs()
+            self.roots.remove(p for p in done_outputs if p not in still_needed)
+
+    # -- bookkeeping ---------------------------------------------------
+
+    def _rooted_outputs(self) -> set[str]:
+        """Outputs named by entries still waiting (read lazily from the spool)."""
+        needed: set[str] = set()
+        for name in self._pending:
+            with contextlib.suppress(OSError, SpoolError):
+                needed.update(self.spool.read(name).outputs)
+        return needed
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        log.warning("quarantined spool entry %s: %s", name, reason)
+        try:
+            self.spool.quarantine(name, reason)
+        except OSError as e:
+            log.error("cannot quarantine %s (%s); it will be retried", name, e)
+            self._retry_later([name], reason)
+            return
+        self._pending.pop(name, None)
+        self._failures["quarantined"] += 1
+        self._note_error(name, reason)
+        self._dirty = True
+
+    def _retry_later(self, names: Iterable[str], error: str, *, retry_after: float = 0.0) -> None:
+        now = time.monotonic()
+        for name in names:
+            p = self._pending.setdefault(name, _Pending(name))
+            p.attempts += 1
+            delay = min(self.settings.retry_max, self.settings.retry_min * 2 ** (p.attempts - 1))
+            delay = max(delay * random.uniform(0.5, 1.0), retry_after)
+            p.next_try = now + delay
+            p.last_error = error
+            log.warning(
+                "%s: attempt %d failed, retrying in %.0fs: %s", name, p.attempts, delay, error
+            )
+        self._note_error(None, error)
+        self._dirty = True
+
+    def _note_error(self, subject: str | None, error: object) -> None:
+        self._last_errors.append({"time": time.time(), "subject": subject, "error": str(error)})
+
+    # -- status --------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        while True:
+            if self._dirty:
+                self._dirty = False
+                await asyncio.to_thread(self._write_status, running=True)
+            await asyncio.sleep(_STATUS_EVERY)
+
+    def status(self, *, running: bool) -> dict[str, Any]:
+        now_wall = time.time()
+        now = time.monotonic()
+        oldest = None
+        with contextlib.suppress(OSError):
+            mtimes = [os.lstat(os.path.join(self.spool.path, n)).st_mtime for n in self._pending]
+            oldest = now_wall - min(mtimes) if mtimes else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "running": running,
+            "started_at": self._started,
+            "updated_at": now_wall,
+            "target": str(self.engine.target.url),
+            "spool": self.spool.path,
+            "pending": len(self._pending),
+            "in_flight": len(self._in_flight),
+            "oldest_pending_age": oldest,
+            "retrying": [
+                {
+                    "entry": p.name,
+                    "attempts": p.attempts,
+                    "next_try_in": max(0.0, p.next_try - now),
+                    "error": p.last_error,
+                }
+                for p in sorted(self._pending.values(), key=lambda p: p.name)
+                if p.attempts
+            ],
+            "uploaded_paths": self._uploaded_paths,
+            "uploaded_bytes": self._uploaded_bytes,
+            "failures": dict(self._failures),
+            "last_errors": list(self._last_errors),
+        }
+
+    def _write_status(self, *, running: bool) -> None:
+        try:
+            write_status(self.settings.state_dir, self.status(running=running))
+        except OSError as e:
+            log.error("cannot write status to %s: %s", self.settings.state_dir, e)
+
+
+def _kind(error: UploaderError) -> str:
+    return type(_root_cause(error)).__name__
+
+
+def _root_cause(error: UploaderError) -> UploaderError:
+    while isinstance(error, DependencyFailed):
+        error = error.cause
+    return error
+
+
+def _failures_in_closure(
+    outputs: list[str], infos: dict[str, PathInfo], failed: dict[str, UploaderError]
+) -> list[UploaderError]:
+    """The failures among the closure of ``outputs``."""
+    seen: set[str] = set()
+    stack = list(outputs)
+    found = []
+    while stack:
+        path = stack.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if path in failed:
+            found.append(failed[path])
+        if path in infos:
+            stack.extend(infos[path].references)
+    return found

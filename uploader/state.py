@@ -1,0 +1,123 @@
+"""The daemon's local memory, kept in its state directory.
+
+``state.sqlite`` remembers which narinfos the cache holds (so a re-enqueued
+closure costs no request) and what upstream caches answered.
+``status.json`` is the daemon's public face for `status` and `wait`, which may
+run as users who cannot read the spool: queue depth, in-flight work,
+failures; never anything secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["KnownCache", "read_status", "write_status"]
+
+STATUS_FILE = "status.json"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS known (
+    target TEXT NOT NULL, hash TEXT NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY (target, hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upstream (
+    url TEXT NOT NULL, hash TEXT NOT NULL, present INTEGER NOT NULL, checked REAL NOT NULL,
+    PRIMARY KEY (url, hash)
+) WITHOUT ROWID;
+"""
+# A miss at an upstream cache is asked again after this long (Nix's own
+# negative narinfo TTL); a hit is kept like the cache's own entries.
+_UPSTREAM_MISS_TTL = 3600.0
+
+
+class KnownCache:
+    """Which narinfos a target (and upstreams) hold, as last seen; thread-safe."""
+
+    def __init__(self, path: str, target: str, *, ttl: float = 7 * 86400.0) -> None:
+        self.target = target
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def known(self, hash_parts: Iterable[str]) -> set[str]:
+        wanted = list(hash_parts)
+        found: set[str] = set()
+        cutoff = time.time() - self.ttl
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT hash FROM known WHERE target = ? AND seen > ? AND hash IN ({marks})",
+                    (self.target, cutoff, *chunk),
+                )
+                found.update(r[0] for r in rows)
+        return found
+
+    def remember(self, hash_parts: Iterable[str]) -> None:
+        now = time.time()
+        rows = [(self.target, h, now) for h in hash_parts]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO known VALUES (?, ?, ?)", rows)
+
+    def upstream_answers(self, url: str, hash_parts: Iterable[str]) -> dict[str, bool]:
+        """Cached answers of upstream ``url`` that are still fresh."""
+        wanted = list(hash_parts)
+        now = time.time()
+        answers: dict[str, bool] = {}
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT hash, present, checked FROM upstream WHERE url = ? "
+                    f"AND hash IN ({marks})",
+                    (url, *chunk),
+                )
+                for h, present, checked in rows:
+                    ttl = self.ttl if present else _UPSTREAM_MISS_TTL
+                    if checked > now - ttl:
+                        answers[h] = bool(present)
+        return answers
+
+    def remember_upstream(self, url: str, answers: dict[str, bool]) -> None:
+        now = time.time()
+        rows = [(url, h, int(p), now) for h, p in answers.items()]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO upstream VALUES (?, ?, ?, ?)", rows)
+
+
+def write_status(state_dir: str, status: dict[str, Any]) -> None:
+    """Replace status.json atomically, world-readable (it holds no secrets)."""
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".status-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(status, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(state_dir, STATUS_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_status(state_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(state_dir, STATUS_FILE)) as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
