@@ -8,7 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.integration.test_daemon import dag_expr
 from tests.support.cli import make_keys, run_cli
+from tests.support.daemon import UploaderRun
 from tests.support.nix import build, multi_output_expr, substitute
 from tests.support.services import running_services
 
@@ -27,11 +29,23 @@ def main() -> int:
         say(f"SeaweedFS serves S3 at {weed.endpoint}; cache URL {url}")
         keys = make_keys(work, "demo-cache-1")
         say(f"signing key {keys.name}; public key {keys.public}")
-        expr = multi_output_expr()
-        outputs = build(expr) + build(expr, attr="lib")
-        say(f"built {' '.join(outputs)}")
-        pushed = run_cli("push", "--to", url, "--secret-key-file", keys.secret_file, *outputs)
-        sys.stderr.write(pushed.stderr)
+        uploader = UploaderRun(
+            root=work / "uploader", store_url=url, secret_key_file=keys.secret_file
+        )
+        uploader.start()
+        say(f"uploader daemon running (pid {uploader.process and uploader.process.pid}), "
+            f"spool {uploader.spool}")  # fmt: skip
+        try:
+            expr = multi_output_expr()
+            outputs = build(dag_expr(12), hook=str(uploader.hook))
+            outputs += build(expr, hook=str(uploader.hook)) + build(expr, attr="lib")
+            say(f"nix-daemon built {len(outputs)} outputs with the post-build-hook; "
+                f"{len(uploader.pending())} spool entries queued")  # fmt: skip
+            uploader.wait_drained()
+            say("spool drained (nix-cache-uploader wait)")
+            print(run_cli("status", *uploader.queue_args()).stdout, file=sys.stderr)
+        finally:
+            uploader.stop()
         dest = str(work / "fresh-store")
         copied = substitute(weed.http_url(bucket), outputs, keys.public, dest=dest)
         if copied.returncode != 0:
@@ -44,7 +58,7 @@ def main() -> int:
         if check.returncode != 0:
             say(f"FAILED: the fresh store does not verify:\n{check.stderr}")
             return 1
-        say(f"OK: a fresh store substituted {len(outputs)} outputs and their closure "
+        say(f"OK: a fresh store substituted all {len(outputs)} outputs and their closures "
             "from the bucket with signatures checked, and verified their contents")  # fmt: skip
     return 0
 

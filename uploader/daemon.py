@@ -219,9 +219,14 @@ class Daemon:
             entries = self._read(names)
             if entries:
                 await self._upload(entries)
+        except Exception as e:
+            # A bug must not end the service: log it, keep the entries, back off.
+            log.exception("unexpected error while uploading a batch")
+            self._retry_later([n for n in names if n in self._pending], f"internal error: {e!r}")
         finally:
             self._in_flight = set()
-            self._dirty = True
+            # Written now, not on the next tick: `wait` and `status` read it.
+            self._write_status(running=True)
 
     def _read(self, names: list[str]) -> list[Entry]:
         entries = []
@@ -255,7 +260,14 @@ class Daemon:
             # the next attempt quarantines its entry.
             self._retry_later(list(ready), f"asking the local Nix: {e}")
             return
-        result = await self.engine.push_infos(all_outputs, infos)
+        try:
+            result = await self.engine.push_infos(all_outputs, infos)
+        except UploaderError as e:
+            # Failures before any path (e.g. the cache unreachable while
+            # checking nix-cache-info) concern the whole batch.
+            retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
+            self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+            return
         self._settle(ready, infos, result)
 
     def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import KeyPair, make_keys
+from tests.support.daemon import UploaderRun
 from tests.support.requirements import require_binary
 from tests.support.services import NixDaemon, SeaweedFS, start_nix_daemon, start_seaweedfs
 
@@ -45,3 +46,17 @@ def bucket(seaweedfs: SeaweedFS) -> str:
 @pytest.fixture
 def keys(tmp_path: Path) -> KeyPair:
     return make_keys(tmp_path)
+
+
+@pytest.fixture
+def uploader(
+    tmp_path: Path, nix_daemon: NixDaemon, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair
+) -> Iterator[UploaderRun]:
+    """An uploader daemon (not yet started) for this test's bucket, stopped afterwards."""
+    run = UploaderRun(
+        root=tmp_path / "uploader",
+        store_url=seaweedfs.store_url(bucket),
+        secret_key_file=keys.secret_file,
+    )
+    yield run
+    run.kill()

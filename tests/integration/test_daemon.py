@@ -1,0 +1,197 @@
+"""The product end to end: nix-daemon builds with the hook, the uploader
+daemon drains the spool into SeaweedFS, a fresh store substitutes — across
+a stopped uploader, SIGKILLs mid-drain and an S3 outage."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import KeyPair
+from tests.support.daemon import UploaderRun
+from tests.support.nix import build, substitute
+from tests.support.services import SeaweedFS, nix_client_env
+from uploader.narinfo import NarInfo
+from uploader.storepath import hash_part
+
+pytestmark = pytest.mark.integration
+
+
+def dag_expr(count: int, *, payload_bytes: int = 0, salt: str | None = None) -> str:
+    """``count`` derivations, each depending on up to three earlier ones; the
+    expression is the list of all of them, so nix-build builds every one."""
+    salt = salt or uuid.uuid4().hex[:10]
+    nodes = []
+    for i in range(count):
+        deps = sorted({d for d in (i - 1, i // 2, i // 3) if 0 <= d < i})
+        refs = " ".join(f"echo ${{n{d}}} >> $out/deps;" for d in deps)
+        payload = f"head -c {payload_bytes} /dev/urandom > $out/payload;" if payload_bytes else ""
+        nodes.append(
+            f'n{i} = derivation {{ name = "dag-{salt}-{i}"; system = builtins.currentSystem;'
+            f' builder = "/bin/sh"; PATH = "/usr/bin:/bin";'
+            f' args = ["-c" "mkdir $out; echo {i} > $out/id; {refs} {payload}"]; }};'
+        )
+    body = "\n  ".join(nodes)
+    return f"let\n  {body}\nin [ {' '.join(f'n{i}' for i in range(count))} ]"
+
+
+def assert_bucket_consistent(weed: SeaweedFS, bucket: str) -> int:
+    """Invariants 1 and 2 as a substituter sees them: every visible narinfo
+    has its complete NAR and its references' narinfos.  Returns how many."""
+    client = weed.client()
+    objects: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            objects[obj["Key"]] = obj["Size"]
+    narinfos = [k for k in objects if k.endswith(".narinfo")]
+    for key in narinfos:
+        text = weed.get(bucket, key)
+        assert text is not None, f"{key} listed but not readable"
+        info = NarInfo.parse(text.decode())
+        assert objects.get(info.url) == info.file_size, f"{key}: NAR {info.url} incomplete"
+        for ref in info.references:
+            assert f"{ref[:32]}.narinfo" in objects, f"{key} visible before its reference {ref}"
+    return len(narinfos)
+
+
+def assert_substitutes(
+    weed: SeaweedFS, bucket: str, paths: list[str], keys: KeyPair, dest: Path
+) -> None:
+    copied = substitute(weed.http_url(bucket), paths, keys.public, dest=str(dest))
+    assert copied.returncode == 0, copied.stderr
+    missing = [p for p in paths if not Path(f"{dest}{p}").exists()]
+    assert not missing, f"not substituted: {missing}"
+
+
+def test_dag_built_with_the_hook_lands_in_the_cache(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    uploader.start()
+    outputs = build(dag_expr(60), hook=str(uploader.hook))
+    assert len(outputs) == 60
+    uploader.wait_drained()
+    assert not (uploader.spool / "quarantine").exists() or not any(
+        (uploader.spool / "quarantine").iterdir()
+    )
+    # Nix 2.8 gave the hook no OUT_PATHS: every output was resolved from its .drv.
+    assert "out " not in "".join(p.read_text() for p in uploader.spool.glob("*.entry"))
+    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
+    assert assert_bucket_consistent(seaweedfs, bucket) == 60
+    assert uploader.stop() == 0
+
+
+def test_builds_go_on_while_the_uploader_is_down(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    outputs = build(dag_expr(8), hook=str(uploader.hook))
+    assert len(outputs) == 8
+    assert len(uploader.pending()) == 8, "one spool entry per build"
+    uploader.start()
+    uploader.wait_drained()
+    assert uploader.pending() == []
+    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_sigkill_during_drain_loses_nothing(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    outputs = build(dag_expr(30, payload_bytes=3_000_000), hook=str(uploader.hook))
+    assert len(uploader.pending()) == 30
+
+    observations = 0
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def observe() -> None:
+        nonlocal observations
+        while not stop.is_set():
+            try:
+                assert_bucket_consistent(seaweedfs, bucket)
+                observations += 1
+            except BaseException as e:  # reported in the main thread
+                errors.append(e)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=observe)
+    watcher.start()
+    try:
+        rng = random.Random(1234)
+        for _ in range(4):
+            uploader.start()
+            time.sleep(rng.uniform(0.3, 1.5))
+            uploader.kill()
+        uploader.start()
+        uploader.wait_drained()
+    finally:
+        stop.set()
+        watcher.join()
+    assert not errors, errors[0]
+    assert observations > 10
+    assert_bucket_consistent(seaweedfs, bucket)
+    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_s3_outage_is_waited_out(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    before = build(dag_expr(10, payload_bytes=500_000), hook=str(uploader.hook))
+    uploader.start(["--compression", "none"])
+    seaweedfs.stop()
+    try:
+        # Builds during the outage succeed; their entries wait.
+        during = build(dag_expr(5), hook=str(uploader.hook))
+        assert len(during) == 5
+        time.sleep(30)
+        assert uploader.process is not None and uploader.process.poll() is None
+        assert len(uploader.pending()) >= 5
+    finally:
+        seaweedfs.start()
+    uploader.wait_drained(timeout=300)
+    assert "retrying in" in uploader.log()
+    assert_bucket_consistent(seaweedfs, bucket)
+    assert_substitutes(seaweedfs, bucket, before + during, keys, tmp_path / "fresh")
+
+
+def test_queued_outputs_are_gc_rooted_until_uploaded(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str
+) -> None:
+    """While an entry waits (here: the cache is unreachable), its outputs are
+    roots that Nix's garbage collector honours; once uploaded, they are gone."""
+    roots_dir = Path(f"/nix/var/nix/gcroots/ncu-test-{uuid.uuid4().hex[:8]}")
+    roots_dir.mkdir()
+    uploader.extra_args = ["--gc-roots-dir", str(roots_dir)]
+    uploader.store_url = "s3://unreachable?endpoint=http://127.0.0.1:9&region=us-east-1"
+    try:
+        (out,) = build(dag_expr(1), hook=str(uploader.hook))
+        uploader.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not list(roots_dir.iterdir()):
+            time.sleep(0.1)
+        roots = subprocess.run(
+            ["nix-store", "--gc", "--print-roots"], env=nix_client_env(),
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert f"{roots_dir}/{Path(out).name} -> {out}" in roots
+        uploader.stop()
+
+        uploader.store_url = seaweedfs.store_url(bucket)
+        uploader.start()
+        uploader.wait_drained()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list(roots_dir.iterdir()):
+            time.sleep(0.1)
+        assert list(roots_dir.iterdir()) == []
+        assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
+    finally:
+        uploader.kill()
+        shutil.rmtree(roots_dir, ignore_errors=True)
