@@ -177,7 +177,6 @@ def push(
     """
     setup_logging(-1 if quiet else verbose)
     try:
-        roots = [to_store_path(p) for p in paths]
         engine = make_engine(
             store_url,
             SecretKey.load(secret_key_file),
@@ -185,6 +184,7 @@ def push(
             compression_level=compression_level,
             jobs=jobs,
         )
+        roots = [to_store_path(p) for p in paths]
     except UploaderError as e:
         fail(str(e))
     method = engine.compression

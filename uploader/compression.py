@@ -14,14 +14,16 @@ import zstandard
 
 from uploader._exceptions import ConfigError
 
-__all__ = ["METHODS", "Compressor", "extension", "open_compressor"]
+__all__ = ["METHODS", "Compressor", "check_level", "check_method", "extension", "open_compressor"]
 
 METHODS = ("zstd", "xz", "none")
 _EXTENSIONS = {"zstd": ".zst", "xz": ".xz", "none": ""}
 # zstd's default level, the one `nix copy` uses unless compression-level is set.
 DEFAULT_ZSTD_LEVEL = 3
+# The levels each method accepts (zstd's negative ones are its fast modes).
+_LEVELS = {"zstd": (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL), "xz": (0, 9)}
 # Below this size zstd worker threads cost more than they save.
-_THREADED_ABOVE = 4 << 20
+THREADED_ABOVE = 4 << 20
 
 
 class Compressor(Protocol):
@@ -67,6 +69,16 @@ def check_method(method: str) -> None:
         raise ConfigError(f"unsupported compression {method!r}: choose one of {', '.join(METHODS)}")
 
 
+def check_level(method: str, level: int | None) -> None:
+    """Refuse a level ``method`` cannot use, before any NAR is compressed with it."""
+    check_method(method)
+    if level is None or method not in _LEVELS:
+        return
+    low, high = _LEVELS[method]
+    if not low <= level <= high:
+        raise ConfigError(f"compression level {level} is out of range for {method} ({low}..{high})")
+
+
 def open_compressor(
     method: str,
     out: BinaryIO,
@@ -80,14 +92,14 @@ def open_compressor(
     ``threads`` > 0 lets zstd compress a large NAR (per ``size_hint``) on that
     many worker threads, which run outside the GIL.
     """
-    check_method(method)
+    check_level(method, level)
     if method == "none":
         return _Passthrough(out)
     if method == "xz":
         return _Xz(out, level)
     cctx = zstandard.ZstdCompressor(
         level=DEFAULT_ZSTD_LEVEL if level is None else level,
-        threads=threads if size_hint > _THREADED_ABOVE else 0,
+        threads=threads if size_hint > THREADED_ABOVE else 0,
         write_content_size=False,
     )
     writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)

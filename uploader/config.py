@@ -101,6 +101,9 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(f"jobs must be between 1 and 64, not {settings.jobs}")
     if settings.retry_min <= 0 or settings.retry_max < settings.retry_min:
         raise ConfigError("retry-min must be positive and at most retry-max")
+    for url in settings.upstream:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream {url!r} must be an http:// or https:// binary cache URL")
     for name in ("spool", "state_dir", "gc_roots_dir"):
         if not os.path.isabs(getattr(settings, name)):
             raise ConfigError(f"{name.replace('_', '-')} must be an absolute path")

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 # The spool is scanned again this often, in case an inotify event was lost.
 _RESCAN_EVERY = 60.0
 _STATUS_EVERY = 1.0
+# A malformed entry younger than this is read again before it is quarantined.
+_SETTLE = 2.0
+# Written this often even when nothing changed: `wait` run by a user who
+# cannot read the spool needs a status newer than its own start, and `status`
+# calls a daemon silent for 15 s "not responding".
+_HEARTBEAT_EVERY = 5.0
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Daemon:
 
     def retry_now(self) -> None:
         """Forget backoff delays (SIGUSR1, sent by `nix-cache-uploader retry`)."""
+        self._rescan()  # entries `retry` moved back from quarantine
         for p in self._pending.values():
             p.next_try = 0.0
         log.info("retrying every waiting entry now")
@@ -236,7 +243,10 @@ class Daemon:
             except FileNotFoundError:
                 self._pending.pop(name, None)
             except SpoolError as e:
-                self._quarantine(name, str(e))
+                if self._maybe_still_written(name):
+                    self._pending[name].next_try = time.monotonic() + _SETTLE
+                else:
+                    self._quarantine(name, str(e))
             except OSError as e:
                 self._retry_later([name], f"reading spool entry {name}: {e}")
         return entries
@@ -346,6 +356,15 @@ class Daemon:
 
     # -- bookkeeping ---------------------------------------------------
 
+    def _maybe_still_written(self, name: str) -> bool:
+        """Whether a malformed entry is so fresh that a writer that does not
+        rename (a person, a script) may not have finished it yet."""
+        try:
+            age = time.time() - os.lstat(os.path.join(self.spool.path, name)).st_mtime
+        except OSError:
+            return False
+        return age < _SETTLE and name in self._pending
+
     def _rooted_outputs(self) -> set[str]:
         """Outputs named by entries still waiting (read lazily from the spool)."""
         needed: set[str] = set()
@@ -388,9 +407,11 @@ class Daemon:
     # -- status --------------------------------------------------------
 
     async def _status_loop(self) -> None:
+        written = 0.0
         while True:
-            if self._dirty:
+            if self._dirty or time.monotonic() - written >= _HEARTBEAT_EVERY:
                 self._dirty = False
+                written = time.monotonic()
                 await asyncio.to_thread(self._write_status, running=True)
             await asyncio.sleep(_STATUS_EVERY)
 

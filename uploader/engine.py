@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TypeVar
 
 from uploader._exceptions import TargetError, UploaderError, VerificationError
-from uploader.compression import extension, open_compressor
+from uploader.compression import THREADED_ABOVE, extension, open_compressor
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CACHE_INFO = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
-# Compressed NARs up to this size stay in memory; larger ones spill to disk.
+NAR_TYPE = "application/x-nix-nar"
+# NARs up to this size are compressed in memory; larger ones into a file.
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
 _HEAD_NAR_ABOVE = 4 << 20
@@ -101,9 +104,10 @@ class PushResult:
 
 @dataclass
 class _Prepared:
-    body: IO[bytes]
+    body: IO[bytes]  # in memory, or a named temporary file for large NARs
     file_hash: bytes
     file_size: int
+    filename: str | None = None
 
 
 class _HashingWriter:
@@ -131,8 +135,7 @@ class DependencyFailed(UploaderError):
         self.cause = cause
 
 
-async def _false() -> bool:
-    return False
+_Outcome = asyncio.Future[UploaderError | None]
 
 
 class Engine:
@@ -163,10 +166,12 @@ class Engine:
         self.is_upstream = is_upstream
         self._pool = ThreadPoolExecutor(max_workers=self.jobs + 16, thread_name_prefix="upload")
         self._cache_info_checked = False
+        self._cache_info_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.jobs)
-        # Paths being uploaded right now, by any push_infos call, with their
-        # outcome (None, or the error) once known.
-        self._inflight: dict[str, asyncio.Future[UploaderError | None]] = {}
+        self._cpu = asyncio.Semaphore(1)
+        # Paths being checked or uploaded right now, by any push_infos call,
+        # with their outcome (None, or the error) once known.
+        self._inflight: dict[str, _Outcome] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -176,6 +181,10 @@ class Engine:
 
     async def ensure_cache_info(self) -> None:
         """Write ``nix-cache-info`` unless the cache has one."""
+        async with self._cache_info_lock:
+            await self._ensure_cache_info()
+
+    async def _ensure_cache_info(self) -> None:
         if self._cache_info_checked:
             return
         if not await self._run(self.target.exists, "nix-cache-info"):
@@ -205,18 +214,22 @@ class Engine:
         are waited for, not uploaded twice."""
         result = PushResult()
         await self.ensure_cache_info()
-        missing = await self._plan(roots, infos, result)
-        loop = asyncio.get_running_loop()
-        mine = [p for p in missing if p not in self._inflight]
-        foreign = {p: self._inflight[p] for p in missing if p in self._inflight}
-        done = {p: self._inflight.setdefault(p, loop.create_future()) for p in missing}
-        if progress:
-            progress.start(len(mine), sum(infos[p].nar_size for p in mine))
-        tasks = [
-            asyncio.create_task(self._upload_one(infos[p], done, result, progress))
-            for p in _references_first(mine, infos)
-        ]
+        # Paths this call uploads (claimed in _inflight before their
+        # existence check, so no other call uploads them too), and paths
+        # another call had claimed first, whose outcome this call waits for.
+        claimed: dict[str, asyncio.Future[UploaderError | None]] = {}
+        foreign: dict[str, asyncio.Future[UploaderError | None]] = {}
+        tasks: list[asyncio.Task[None]] = []
         try:
+            missing = await self._plan(roots, infos, result, claimed, foreign)
+            mine = [p for p in missing if p in claimed]
+            done = {**foreign, **claimed}
+            if progress:
+                progress.start(len(mine), sum(infos[p].nar_size for p in mine))
+            tasks = [
+                asyncio.create_task(self._upload_one(infos[p], done, result, progress))
+                for p in _largest_first(mine, infos)
+            ]
             await asyncio.gather(*tasks)
             for path, fut in foreign.items():
                 error = await asyncio.shield(fut)
@@ -227,13 +240,20 @@ class Engine:
         finally:
             for t in tasks:
                 t.cancel()
-            for p in mine:
-                if self._inflight.get(p) is done[p] and done[p].done():
+            for p, fut in claimed.items():
+                if not fut.done():
+                    fut.set_result(UploaderError(f"{p}: upload interrupted", store_path=p))
+                if self._inflight.get(p) is fut:
                     del self._inflight[p]
         return result
 
     async def _plan(
-        self, roots: Iterable[str], infos: Mapping[str, PathInfo], result: PushResult
+        self,
+        roots: Iterable[str],
+        infos: Mapping[str, PathInfo],
+        result: PushResult,
+        claimed: dict[str, _Outcome],
+        foreign: dict[str, _Outcome],
     ) -> list[str]:
         """Walk the closure from the roots, level by level, and stop at paths
         the cache (or an upstream cache) has: a cache that holds a path holds
@@ -243,29 +263,32 @@ class Engine:
         frontier = sorted(set(roots))
         while frontier:
             seen.update(frontier)
-            absent = await self._absent(frontier, infos, result)
+            absent = await self._absent(frontier, infos, result, claimed, foreign)
             missing.extend(absent)
             frontier = sorted({r for p in absent for r in infos[p].references} - seen)
         return missing
 
     async def _absent(
-        self, candidates: list[str], infos: Mapping[str, PathInfo], result: PushResult
+        self,
+        candidates: list[str],
+        infos: Mapping[str, PathInfo],
+        result: PushResult,
+        claimed: dict[str, _Outcome],
+        foreign: dict[str, _Outcome],
     ) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
         if self.known is not None:
             known = self.known.known(hash_part(p) for p in candidates)
             result.present.extend(p for p in candidates if hash_part(p) in known)
             candidates = [p for p in candidates if hash_part(p) not in known]
-        candidates = [p for p in candidates if p not in self._inflight] + [
-            p for p in candidates if p in self._inflight
-        ]
+        others = [p for p in candidates if p in self._inflight]
+        foreign.update((p, self._inflight[p]) for p in others)
+        candidates = [p for p in candidates if p not in self._inflight]
+        loop = asyncio.get_running_loop()
+        for p in candidates:
+            claimed[p] = self._inflight[p] = loop.create_future()
         exists = await asyncio.gather(
-            *(
-                self._run(self.target.exists, narinfo_key(p))
-                if p not in self._inflight
-                else _false()
-                for p in candidates
-            )
+            *(self._run(self.target.exists, narinfo_key(p)) for p in candidates)
         )
         present = [p for p, e in zip(candidates, exists, strict=True) if e]
         result.present.extend(present)
@@ -275,8 +298,16 @@ class Engine:
         if self.is_upstream is not None and absent:
             upstream = await self._run(self.is_upstream, [infos[p] for p in absent])
             result.skipped_upstream.extend(sorted(upstream))
+            present += upstream
             absent = [p for p in absent if p not in upstream]
-        return absent
+        for p in present:
+            self._release(claimed.pop(p), p)
+        return absent + others
+
+    def _release(self, fut: _Outcome, path: str) -> None:
+        fut.set_result(None)
+        if self._inflight.get(path) is fut:
+            del self._inflight[path]
 
     async def _upload_one(
         self,
@@ -310,7 +341,9 @@ class Engine:
             done[path].set_result(e)
             return
         except BaseException as e:
-            done[path].set_result(UploaderError(f"{path}: interrupted ({e!r})", store_path=path))
+            if not done[path].done():
+                interrupted = UploaderError(f"{path}: interrupted ({e!r})", store_path=path)
+                done[path].set_result(interrupted)
             raise
         result.uploaded.append(path)
         result.nar_bytes += info.nar_size
@@ -322,21 +355,42 @@ class Engine:
             progress.advance(info, True)
 
     async def _upload_nar(self, info: PathInfo) -> tuple[str, _Prepared]:
-        prepared = await self._run(self._compress_and_verify, info)
+        started = time.monotonic()
+        if info.nar_size > THREADED_ABOVE:
+            # zstd compresses a large NAR on every core: one at a time, while
+            # the NARs compressed before it upload.
+            async with self._cpu:
+                prepared = await self._run(self._compress_and_verify, info)
+        else:
+            prepared = await self._run(self._compress_and_verify, info)
+        compressed = time.monotonic()
         try:
             url = f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
             await self._run(self._put_nar, url, prepared)
         finally:
             prepared.body.close()
+        log.debug(
+            "%s: NAR read and compressed in %.2fs, uploaded in %.2fs",
+            info.path,
+            compressed - started,
+            time.monotonic() - compressed,
+        )
         return url, prepared
 
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:
         """Stream the NAR through sha256 and the compressor into a temp file,
         then compare with the database.  Runs in a worker thread."""
-        # Closed by the caller once uploaded (or below, on failure).
-        body: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=_IN_MEMORY, dir=self.tmp_dir
-        )
+        # Closed (and so deleted) by the caller once uploaded, or below on
+        # failure.  A large NAR goes to a named file so that the target can
+        # read it by name, in parallel parts, without buffering it.
+        body: IO[bytes]
+        try:
+            if info.nar_size > _IN_MEMORY:
+                body = tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="nar-")  # noqa: SIM115
+            else:
+                body = io.BytesIO()
+        except OSError as e:
+            raise UploaderError(f"{info.path}: creating a temporary file: {e}") from e
         try:
             sink = _HashingWriter(body)
             compressor = open_compressor(
@@ -363,8 +417,18 @@ class Engine:
                     f"with `nix-store --repair-path {info.path}`",
                     store_path=info.path,
                 )
+            body.flush()
             body.seek(0)
-            return _Prepared(body=body, file_hash=sink.sha.digest(), file_size=sink.size)
+            return _Prepared(
+                body=body,
+                file_hash=sink.sha.digest(),
+                file_size=sink.size,
+                filename=getattr(body, "name", None),
+            )
+        except OSError as e:
+            body.close()
+            # A full or missing temporary directory passes; the daemon retries.
+            raise UploaderError(f"{info.path}: spooling its NAR: {e}") from e
         except BaseException:
             body.close()
             raise
@@ -372,7 +436,10 @@ class Engine:
     def _put_nar(self, url: str, prepared: _Prepared) -> None:
         if prepared.file_size > _HEAD_NAR_ABOVE and self.target.exists(url):
             return
-        self.target.put(url, prepared.body, prepared.file_size, "application/x-nix-nar")
+        if prepared.filename is not None:
+            self.target.put_file(url, prepared.filename, prepared.file_size, NAR_TYPE)
+        else:
+            self.target.put(url, prepared.body, prepared.file_size, NAR_TYPE)
 
     def _put_narinfo(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
         unsigned = NarInfo(
@@ -406,24 +473,8 @@ class Engine:
         )
 
 
-def _references_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> list[str]:
-    """Order paths so that each comes after its references (those in ``paths``)."""
-    wanted = set(paths)
-    order: list[str] = []
-    seen: set[str] = set()
-    for root in sorted(wanted):
-        if root in seen:
-            continue
-        seen.add(root)
-        stack = [(root, iter(sorted(infos[root].references)))]
-        while stack:
-            node, refs = stack[-1]
-            for ref in refs:
-                if ref in wanted and ref not in seen:
-                    seen.add(ref)
-                    stack.append((ref, iter(sorted(infos[ref].references))))
-                    break
-            else:
-                stack.pop()
-                order.append(node)
-    return order
+def _largest_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> list[str]:
+    """The order in which NARs are prepared: largest first, so the long
+    compress-and-upload of a big NAR overlaps the many small ones.  The order
+    of narinfos is kept separately, by waiting on references."""
+    return sorted(paths, key=lambda p: (-infos[p].nar_size, p))

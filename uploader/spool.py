@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watchdog.events import (
+    FileClosedEvent,
     FileCreatedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -163,7 +164,7 @@ class SpoolWatch(FileSystemEventHandler):
         self._root = root
         self._on_entry = on_entry
         self._observer = Observer()
-        events: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent]
+        events: list[type[FileSystemEvent]] = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
         self._observer.schedule(self, root, recursive=False, event_filter=events)
         self._observer.start()
 
@@ -176,7 +177,12 @@ class SpoolWatch(FileSystemEventHandler):
             return
         if isinstance(event, FileMovedEvent):
             path = os.fsdecode(event.dest_path)
+        elif isinstance(event, FileClosedEvent):
+            path = os.fsdecode(event.src_path)
         elif isinstance(event, FileCreatedEvent):
+            # Also what a rename from outside the watched directory (retry's
+            # requeue) looks like.  A file written in place may still be
+            # incomplete here; its close is reported again.
             path = os.fsdecode(event.src_path)
         else:
             return

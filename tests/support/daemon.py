@@ -40,6 +40,9 @@ class UploaderRun:
     process: subprocess.Popen[bytes] | None = None
     user: str | None = None
     python: str = sys.executable
+    # When set, `run`, `wait` and `status` get only --config: the file names
+    # this run's directories, URL and key (the test writes it).
+    config_file: Path | None = None
 
     def __post_init__(self) -> None:
         for d in (self.spool, self.state_dir, self.gc_roots):
@@ -64,24 +67,43 @@ class UploaderRun:
         return self.root / "uploader.log"
 
     def queue_args(self) -> list[str]:
+        if self.config_file is not None:
+            return ["--config", str(self.config_file)]
         return ["--spool", str(self.spool), "--state-dir", str(self.state_dir)]
 
     def command(self) -> list[str]:
+        if self.config_file is not None:
+            return [self.python, "-m", "uploader", "run", *self.queue_args(), *self.extra_args]
         return [
             self.python, "-m", "uploader", "run", *self.queue_args(),
             "--gc-roots-dir", str(self.gc_roots), "--to", self.store_url,
             "--secret-key-file", self.secret_key_file, *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, extra: Sequence[str] = ()) -> None:
-        assert self.process is None or self.process.poll() is not None, "already running"
+    def argv(self, extra: Sequence[str] = ()) -> list[str]:
+        """The daemon's command line, switched to ``user`` when one is set
+        (setpriv execs, so the process started is the daemon itself)."""
         cmd = self.command() + list(extra)
         if self.user:
             cmd = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
                    "--reset-env", "--", "/usr/bin/env", *_child_env(), *cmd]  # fmt: skip
+        return cmd
+
+    @property
+    def cwd(self) -> str:
+        # `python -m` imports from the working directory first: a daemon run
+        # as another user must use its own installed copy, not the checkout.
+        return str(self.root if self.user else REPO)
+
+    def start(self, extra: Sequence[str] = ()) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True
+                self.argv(extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         self._wait_status()
 

@@ -32,6 +32,10 @@ class Target(Protocol):
         """Store ``size`` bytes read from ``body`` (at its current position)."""
         ...
 
+    def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
+        """Store the contents of a local file (large NARs: read in parallel parts)."""
+        ...
+
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         """Store a small object held in memory."""
         ...

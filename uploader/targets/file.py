@@ -45,6 +45,13 @@ class FileTarget:
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         self._write(key, lambda out: shutil.copyfileobj(body, out, 1 << 20))
 
+    def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
+        def copy(out: BinaryIO) -> None:
+            with open(filename, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+        self._write(key, copy)
+
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         self._write(key, lambda out: out.write(data))
 
@@ -64,5 +71,17 @@ class FileTarget:
             except BaseException:
                 os.unlink(tmp)
                 raise
+            # The rename itself must reach the disk before the caller writes
+            # the next object: else after a power cut a narinfo could survive
+            # while the NAR it names (in nar/, another directory) did not.
+            _fsync_directory(directory)
         except OSError as e:
             raise TargetError(f"writing {dest}: {e}") from e
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,11 +24,12 @@ __all__ = ["S3Target"]
 _MiB = 1 << 20
 # Parts of 8 MiB (more for NARs over ~70 GiB, to stay under S3's 10,000
 # parts), 4 in flight: a large NAR uploads in parallel while about 32 MiB of
-# it is in memory.  One multipart upload runs at a time; small objects go in
+# it is in memory.  Two multipart uploads run at a time; small objects go in
 # a single PUT alongside it.
 MULTIPART_THRESHOLD = 16 * _MiB
 MULTIPART_CHUNK = 8 * _MiB
 MULTIPART_CONCURRENCY = 4
+MULTIPART_UPLOADS = 2
 _MAX_PARTS = 9000
 
 _TRANSIENT_CODES = {
@@ -63,17 +64,25 @@ def _describe(e: Exception, action: str, where: str) -> TargetError:
     if isinstance(e, botocore.exceptions.ClientError):
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        status = _status(e)
         msg = f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip()
         if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
             headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return TransientTargetError(msg, retry_after=_retry_after(headers.get("retry-after")))
         if code == "NoSuchBucket":
-            return TargetError(f"{action} {where}: the bucket does not exist; create it first")
+            return _no_bucket(action, where)
         return TargetError(msg)
     if isinstance(e, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
         return TransientTargetError(f"{action} {where}: {e}")
     return TargetError(f"{action} {where}: {e}")
+
+
+def _no_bucket(action: str, where: str) -> TargetError:
+    return TargetError(f"{action} {where}: the bucket does not exist; create it first")
+
+
+def _status(e: botocore.exceptions.ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
 def _transfer_config(size: int) -> TransferConfig:
@@ -92,15 +101,21 @@ def _transfer_config(size: int) -> TransferConfig:
 class S3Target:
     """An S3 bucket addressed by a Nix store URL."""
 
-    def __init__(self, url: StoreUrl, *, max_connections: int = 16) -> None:
+    def __init__(self, url: StoreUrl, *, max_connections: int = 16, max_attempts: int = 4) -> None:
         self.url = url
         self.bucket = url.bucket
         session = boto3.session.Session(profile_name=url.params.get("profile") or None)
         endpoint = url.endpoint_url
         config = Config(
             region_name=url.params.get("region", "us-east-1"),
-            retries={"mode": "standard", "max_attempts": 4},
+            # Request-level retries only; the daemon's queue retries for longer.
+            retries={"mode": "standard", "max_attempts": max_attempts},
             max_pool_connections=max_connections + MULTIPART_CONCURRENCY,
+            # Checksums only where S3 requires them: the NAR's integrity is
+            # already in the narinfo, and several S3-compatible servers reject
+            # the newer checksum headers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
             connect_timeout=10,
             read_timeout=60,
             s3={
@@ -114,18 +129,40 @@ class S3Target:
             self._client: Any = session.client("s3", endpoint_url=endpoint, config=config)
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
-        self._large = threading.BoundedSemaphore(1)
+        self._large = threading.BoundedSemaphore(MULTIPART_UPLOADS)
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def _failed_upload(self, e: Exception, key: str) -> TargetError:
+        """The error for a failed PUT.  SeaweedFS (and S3 where the caller may
+        not list buckets) answer a PUT into a missing bucket with 403
+        AccessDenied; one HEAD on the bucket tells that apart from a missing
+        permission, so the message points at the right fix."""
+        where = self._where(key)
+        if (
+            isinstance(e, botocore.exceptions.ClientError)
+            and _status(e) in (403, 404)
+            and self._bucket_missing()
+        ):
+            return _no_bucket("uploading", where)
+        return _describe(e, "uploading", where)
+
+    def _bucket_missing(self) -> bool:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as e:
+            return _status(e) == 404
+        except Exception:  # no answer: keep the original error
+            return False
+        return False
 
     def exists(self, key: str) -> bool:
         try:
             self._client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             # An unlistable bucket answers 403 for a missing key: treat both as absent.
-            if status in (403, 404):
+            if _status(e) in (403, 404):
                 return False
             raise _describe(e, "checking", self._where(key)) from e
         except Exception as e:
@@ -138,8 +175,7 @@ class S3Target:
             data: bytes = resp["Body"].read()
             return data
         except botocore.exceptions.ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status in (403, 404):
+            if _status(e) in (403, 404):
                 return None
             raise _describe(e, "reading", self._where(key)) from e
         except Exception as e:
@@ -147,7 +183,7 @@ class S3Target:
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
-            self.put_bytes(key, body.read(), content_type)
+            self.put_bytes(key, body.read(size), content_type)
             return
         try:
             with self._large:
@@ -159,7 +195,26 @@ class S3Target:
                     Config=_transfer_config(size),
                 )
         except Exception as e:
-            raise _describe(e, "uploading", self._where(key)) from e
+            raise self._failed_upload(e, key) from e
+
+    def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
+        if size < MULTIPART_THRESHOLD:
+            with open(filename, "rb") as f:
+                self.put_bytes(key, f.read(), content_type)
+            return
+        # By name, s3transfer reads each part in the thread that sends it:
+        # about 50 MiB less memory than upload_fileobj, which reads ahead.
+        try:
+            with self._large:
+                self._client.upload_file(
+                    filename,
+                    self.bucket,
+                    key,
+                    ExtraArgs={"ContentType": content_type},
+                    Config=_transfer_config(size),
+                )
+        except Exception as e:
+            raise self._failed_upload(e, key) from e
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:
@@ -167,4 +222,4 @@ class S3Target:
                 Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
             )
         except Exception as e:
-            raise _describe(e, "uploading", self._where(key)) from e
+            raise self._failed_upload(e, key) from e

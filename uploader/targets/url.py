@@ -13,7 +13,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from uploader._exceptions import ConfigError
-from uploader.compression import check_method
+from uploader.compression import check_level
 
 __all__ = ["StoreUrl", "parse_store_url"]
 
@@ -123,8 +123,16 @@ def parse_store_url(url: str) -> StoreUrl:
             raise ConfigError(f"store URL {url!r}: parameter {key!r} is empty")
     if "scheme" in params and params["scheme"] not in ("http", "https"):
         raise ConfigError(f"store URL {url!r}: scheme must be http or https")
+    level: int | None = None
+    if "compression-level" in params:
+        # int() is what reads the level later; isdigit() would let "--3" or "³" by.
+        try:
+            level = int(params["compression-level"])
+        except ValueError:
+            raise ConfigError(f"store URL {url!r}: compression-level must be an integer") from None
     if result.compression is not None:
-        check_method(result.compression)
-    if "compression-level" in params and not params["compression-level"].lstrip("-").isdigit():
-        raise ConfigError(f"store URL {url!r}: compression-level must be an integer")
+        try:
+            check_level(result.compression, level)
+        except ConfigError as e:
+            raise ConfigError(f"store URL {url!r}: {e}") from None
     return result

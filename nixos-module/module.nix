@@ -1,0 +1,377 @@
+# services.nix-cache-uploader: upload every build of this machine's nix-daemon
+# to a signed binary cache.
+#
+# The nix-daemon runs the post-build hook (as root, ~1 ms, no network, never
+# fails) which drops one entry per build into the spool; the uploader daemon
+# runs as its own unprivileged user, holds the signing key (via systemd
+# credentials, never readable by build users) and uploads the entries'
+# closures.  See nixos-module/README.md for a usage example.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  cfg = config.services.nix-cache-uploader;
+  format = pkgs.formats.toml { };
+
+  # TOML has no null: unset settings are left out, so the program's own
+  # default applies (e.g. compression: the URL's compression=, else zstd).
+  configFile = format.generate "nix-cache-uploader.toml" (
+    lib.filterAttrs (_: value: value != null) cfg.settings
+  );
+
+  # One fact in several places: the default spool is also in
+  # hook/post-build-hook and uploader/spool.py (DEFAULT_SPOOL); change all
+  # three together.  The default GC-root and state directories are also in
+  # uploader/config.py.
+  defaultSpool = "/var/spool/nix-cache-uploader";
+  defaultStateDir = "/var/lib/nix-cache-uploader";
+  defaultGcRootsDir = "/nix/var/nix/gcroots/nix-cache-uploader";
+
+  inherit (cfg.settings) spool;
+  stateDir = cfg.settings.state-dir;
+  gcRootsDir = cfg.settings.gc-roots-dir;
+  # The program's default drain-timeout (uploader/config.py) when unset.
+  drainTimeout = cfg.settings.drain-timeout or 60;
+
+  # The nix-daemon runs this after every build.  It only tells the hook where
+  # the spool is; the hook itself never fails a build.
+  postBuildHook = pkgs.writeShellScript "nix-cache-uploader-post-build-hook" ''
+    export NIX_CACHE_UPLOADER_SPOOL=${lib.escapeShellArg spool}
+    exec ${cfg.package}/libexec/nix-cache-uploader/post-build-hook
+  '';
+
+  # toString, not interpolation: "${./key}" would copy the file into the store.
+  inStore = path: lib.hasPrefix builtins.storeDir (toString path);
+in
+{
+  options.services.nix-cache-uploader = {
+    enable = lib.mkEnableOption "nix-cache-uploader, which signs every build of this machine and uploads it to a binary cache";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      description = ''
+        The nix-cache-uploader package.  It must provide
+        `bin/nix-cache-uploader` and `libexec/nix-cache-uploader/post-build-hook`.
+      '';
+    };
+
+    settings = lib.mkOption {
+      default = { };
+      description = ''
+        Configuration of `nix-cache-uploader run`, written to a TOML file and
+        passed with `--config`; the same file is installed as
+        /etc/nix-cache-uploader/config.toml, so `nix-cache-uploader status`,
+        `wait` and `retry` find the same spool and state directory.  Every
+        setting is listed in docs/configuration.md; unknown names are an
+        error when the service starts.  The signing key is not a setting here:
+        use {option}`services.nix-cache-uploader.secretKeyFile`.
+      '';
+      example = lib.literalExpression ''
+        {
+          to = "s3://my-nix-cache?region=eu-west-1";
+          compression = "zstd";
+          jobs = 8;
+          upstream-keys = [ "cache.nixos.org-1" ];
+        }
+      '';
+      type = lib.types.submodule {
+        freeformType = format.type;
+        options = {
+          to = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            example = "s3://my-nix-cache?region=eu-west-1";
+            description = ''
+              The binary cache to upload to, in Nix's store URL syntax:
+              `s3://BUCKET?region=R`, `s3://BUCKET?endpoint=http://HOST:PORT`
+              for other S3-compatible servers (see docs/s3-providers.md), or
+              `file:///DIR`.
+            '';
+          };
+
+          compression = lib.mkOption {
+            type = lib.types.nullOr (
+              lib.types.enum [
+                "zstd"
+                "xz"
+                "none"
+              ]
+            );
+            default = null;
+            description = ''
+              NAR compression.  `null`: the store URL's `compression=`
+              parameter, else zstd (readable by Nix >= 2.3.17).
+            '';
+          };
+
+          jobs = lib.mkOption {
+            type = lib.types.ints.between 1 64;
+            default = 4;
+            description = "Store paths processed at once.";
+          };
+
+          upstream = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            default = [ ];
+            example = [ "https://cache.nixos.org" ];
+            description = ''
+              Binary caches whose paths are not uploaded again: each path is
+              looked up there (answers are remembered) before uploading.
+            '';
+          };
+
+          upstream-keys = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            # Unlike the command's own default (none), so that a NixOS
+            # machine does not copy the nixpkgs closure it substituted from
+            # cache.nixos.org into its own cache.  Substituters of this cache
+            # then need cache.nixos.org as well; set [ ] for a cache that is
+            # closed under references on its own.
+            default = [ "cache.nixos.org-1" ];
+            description = ''
+              Names of signing keys whose paths are not uploaded again: a
+              path that carries a signature by one of them came from that
+              cache.  The default skips what cache.nixos.org serves; set
+              `[ ]` to make this cache self-contained.
+            '';
+          };
+
+          spool = lib.mkOption {
+            type = lib.types.str;
+            default = defaultSpool;
+            description = ''
+              Spool directory: the post-build hook writes one entry per build
+              here (created as `root:<group>` with mode 2770).
+            '';
+          };
+        };
+      };
+    };
+
+    secretKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/var/lib/secrets/nix-cache-uploader.key";
+      description = ''
+        The binary cache signing key, in Nix's format (as made by
+        `nix-cache-uploader keygen` or `nix-store --generate-binary-cache-key`).
+        It must not be in the Nix store, which every user can read.  The file
+        may stay readable by root only: systemd passes a copy to the service
+        through `LoadCredential`.
+      '';
+    };
+
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/var/lib/secrets/nix-cache-uploader.env";
+      description = ''
+        Environment file with the S3 credentials, e.g. `AWS_ACCESS_KEY_ID=…`
+        and `AWS_SECRET_ACCESS_KEY=…` (or `AWS_PROFILE` with
+        `AWS_SHARED_CREDENTIALS_FILE`).  Leave it `null` when the machine
+        has an instance role, or for `file://` caches.  Keep it out of the
+        Nix store.
+      '';
+    };
+
+    user = lib.mkOption {
+      type = lib.types.str;
+      default = "nix-cache-uploader";
+      description = ''
+        User the uploader runs as; created when left at the default.  It holds
+        the signing key, so give it to nothing else.
+      '';
+    };
+
+    group = lib.mkOption {
+      type = lib.types.str;
+      default = "nix-cache-uploader";
+      description = ''
+        Group of the uploader, which owns the spool; created when left at the
+        default.  Its members can read what was built and requeue entries.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.settings.to != null;
+        message = ''
+          services.nix-cache-uploader.settings.to is not set: give the binary
+          cache to upload to, e.g. "s3://my-nix-cache?region=eu-west-1".
+        '';
+      }
+      {
+        assertion = cfg.secretKeyFile != null;
+        message = ''
+          services.nix-cache-uploader.secretKeyFile is not set.  Create a key
+          pair outside the Nix store, e.g.
+            nix-cache-uploader keygen cache.example.org-1 /var/lib/secrets/nix-cache-uploader.key /var/lib/secrets/nix-cache-uploader.pub
+          and set secretKeyFile to the quoted absolute path of the secret
+          key ("/var/lib/secrets/nix-cache-uploader.key"; a path literal
+          without quotes would copy the key into the store).
+        '';
+      }
+      {
+        assertion = cfg.secretKeyFile == null || !inStore cfg.secretKeyFile;
+        message = ''
+          services.nix-cache-uploader.secretKeyFile (${toString cfg.secretKeyFile})
+          is in the Nix store, where every user and every build can read it
+          and poison the cache.  Keep the key in a root-only file outside the
+          store and give its path as a string, e.g.
+          "/var/lib/secrets/nix-cache-uploader.key" (with sops-nix or agenix:
+          config.sops.secrets.<name>.path / config.age.secrets.<name>.path).
+        '';
+      }
+    ];
+
+    warnings = lib.optional (cfg.environmentFile != null && inStore cfg.environmentFile) ''
+      services.nix-cache-uploader.environmentFile (${toString cfg.environmentFile}) is in the
+      Nix store, so every local user can read the S3 credentials in it; keep it outside the store.
+    '';
+
+    services.nix-cache-uploader.settings = {
+      state-dir = lib.mkDefault defaultStateDir;
+      gc-roots-dir = lib.mkDefault defaultGcRootsDir;
+    };
+
+    nix.settings = {
+      post-build-hook = postBuildHook;
+      # The uploader asks the nix-daemon about store paths.  A no-op while
+      # allowed-users is the default "*"; needed when it is restricted.
+      extra-allowed-users = [ cfg.user ];
+    };
+
+    environment.etc."nix-cache-uploader/config.toml".source = configFile;
+    environment.systemPackages = [ cfg.package ];
+
+    users.users = lib.mkIf (cfg.user == "nix-cache-uploader") {
+      nix-cache-uploader = {
+        isSystemUser = true;
+        inherit (cfg) group;
+        home = defaultStateDir;
+        description = "nix-cache-uploader daemon";
+      };
+    };
+    users.groups = lib.mkIf (cfg.group == "nix-cache-uploader") {
+      nix-cache-uploader = { };
+    };
+
+    systemd.tmpfiles.rules = [
+      # setgid: the hook (root) creates entries that the uploader's group can
+      # read; nobody else can see what was built.
+      "d ${spool} 2770 root ${cfg.group} -"
+      # Roots that keep queued outputs alive until they are uploaded.
+      "d ${gcRootsDir} 0755 ${cfg.user} ${cfg.group} -"
+    ]
+    # StateDirectory= below only manages /var/lib/nix-cache-uploader.
+    ++ lib.optional (stateDir != defaultStateDir) "d ${stateDir} 0755 ${cfg.user} ${cfg.group} -";
+
+    systemd.services.nix-cache-uploader = {
+      description = "Upload Nix builds to a signed binary cache";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+        "nix-daemon.socket"
+      ];
+      requires = [ "nix-daemon.socket" ];
+
+      # The uploader queries the store with `nix` and `nix-store`.
+      path = [ config.nix.package ];
+      environment = {
+        # Nix clients want a writable home for their cache directory.
+        HOME = defaultStateDir;
+      };
+
+      serviceConfig = {
+        ExecStart = lib.concatStringsSep " " [
+          "${cfg.package}/bin/nix-cache-uploader run"
+          "--config ${configFile}"
+          # %d is the service's credentials directory; the key arrives there
+          # readable by the service user only, wherever the original lives.
+          "--secret-key-file %d/secret-key"
+        ];
+        # toString: interpolating a path literal would copy the key into the store.
+        LoadCredential = "secret-key:${toString cfg.secretKeyFile}";
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) (toString cfg.environmentFile);
+
+        User = cfg.user;
+        Group = cfg.group;
+        StateDirectory = "nix-cache-uploader";
+
+        Restart = "on-failure";
+        RestartSec = 10;
+        # SIGTERM to the main process only: it stops taking work and lets
+        # in-flight uploads finish for up to drain-timeout seconds.  With the
+        # default KillMode=control-group the `nix` store queries of the running
+        # batch would be killed at once, failing the batch the drain is for.
+        KillMode = "mixed";
+        KillSignal = "SIGTERM";
+        # Longer than the drain, so systemd does not SIGKILL a drain that is
+        # within its time; unfinished entries stay queued either way.
+        TimeoutStopSec = builtins.ceil drainTimeout + 30;
+
+        # Background work: builds and interactive users come first.
+        Nice = 19;
+        CPUWeight = 20;
+        IOSchedulingClass = "idle";
+
+        # Hardening.  The service reads the store, writes only the spool, its
+        # GC roots and its state, and talks to the nix-daemon and to S3.
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        ProtectSystem = "strict";
+        ReadWritePaths = [
+          spool
+          gcRootsDir
+        ]
+        ++ lib.optional (stateDir != defaultStateDir) stateDir
+        ++ lib.optional ((cfg.settings.tmp-dir or null) != null) cfg.settings.tmp-dir;
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        # Python, cffi (PyNaCl), ctypes (watchdog's inotify) and the nix
+        # client need no writable+executable memory: checked with the
+        # kernel's equivalent (prctl PR_SET_MDWE) on a full upload.  Should a
+        # future dependency need it (a JIT, or libffi closures without static
+        # trampolines), this is the line to turn off.
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        # A blocked call fails (and is logged) instead of killing the process
+        # mid-upload.
+        SystemCallErrorNumber = "EPERM";
+        RestrictAddressFamilies = [
+          # The nix-daemon socket: the uploader reads the store through it.
+          "AF_UNIX"
+          # The S3 endpoint and upstream caches.
+          "AF_INET"
+          "AF_INET6"
+        ];
+      };
+    };
+  };
+}

@@ -1,0 +1,166 @@
+"""The queue commands a CI job and an operator use around the daemon:
+`status`, `wait`, and `run`'s settings from flags and the config file."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import KeyPair, run_cli
+from tests.support.daemon import UploaderRun
+from tests.support.nix import build, substitute, trivial_expr
+from tests.support.services import SeaweedFS
+from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
+from uploader.nixbase32 import ALPHABET
+from uploader.spool import FORMAT_HEADER
+from uploader.storepath import hash_part
+
+pytestmark = pytest.mark.integration
+
+
+def _drop_entry(spool: Path, name: str, *paths: str) -> None:
+    """An entry as the hook writes it: temp file, then rename."""
+    tmp = spool / f".tmp-test-{name}"
+    tmp.write_text("".join(f"{line}\n" for line in (FORMAT_HEADER, *(f"out {p}" for p in paths))))
+    tmp.rename(spool / name)
+
+
+def _ghost_path() -> str:
+    return f"/nix/store/{''.join(random.choices(ALPHABET, k=32))}-ghost"
+
+
+def _status(uploader: UploaderRun) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(run_cli("status", "--json", *uploader.queue_args()).stdout)
+    return report
+
+
+def _settled_status(uploader: UploaderRun, timeout: float = 10) -> dict[str, Any]:
+    """The status once the daemon has published its idle state (it writes
+    status.json about once a second, so right after `wait` it may lag)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = _status(uploader)
+        if (
+            report.get("in_flight") == 0
+            and not report.get("retrying")
+            and (report.get("uploaded_paths"))
+        ):
+            return report
+        if time.monotonic() > deadline:
+            raise AssertionError(f"status did not settle: {report}")
+        time.sleep(0.2)
+
+
+def _write_toml(path: Path, **settings: str) -> Path:
+    # JSON string syntax is valid TOML for these plain values.
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
+    return path
+
+
+def _config_for(uploader: UploaderRun, store_url: str, secret_key_file: str) -> dict[str, str]:
+    return {
+        "to": store_url,
+        "secret-key-file": secret_key_file,
+        "spool": str(uploader.spool),
+        "state-dir": str(uploader.state_dir),
+        "gc-roots-dir": str(uploader.gc_roots),
+    }
+
+
+def test_status_json_follows_the_daemon(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str
+) -> None:
+    uploader.start()
+    ghost = _ghost_path()
+    _drop_entry(uploader.spool, "ghost.entry", ghost)
+    (out,) = build(trivial_expr("status"), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+
+    report = _settled_status(uploader)
+    assert report["daemon"] == "running"
+    assert uploader.process is not None and report["pid"] == uploader.process.pid
+    assert report["pending"] == 0
+    assert report["in_flight"] == 0
+    assert report["uploaded_paths"] >= 1
+    assert [q["entry"] for q in report["quarantined"]] == ["ghost.entry"]
+    assert "not valid in the local Nix store" in report["quarantined"][0]["reason"]
+    assert any(ghost in e["error"] for e in report["last_errors"])
+    assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
+
+    assert uploader.stop() == 0
+    _drop_entry(uploader.spool, "later.entry", _ghost_path())
+    report = _status(uploader)
+    assert report["daemon"] == "stopped"
+    assert report["pending"] == 1
+    human = run_cli("status", *uploader.queue_args()).stdout
+    assert "daemon:      stopped" in human
+    assert "1 pending" in human
+
+
+def test_wait_times_out_with_exit_3_when_entries_are_stuck(uploader: UploaderRun) -> None:
+    # The daemon was never started: the entry cannot drain.
+    _drop_entry(uploader.spool, "stuck.entry", _ghost_path())
+    result = run_cli("wait", *uploader.queue_args(), "--timeout", "1", check=False, timeout=30)
+    assert result.returncode == EXIT_TIMEOUT
+    assert "timed out after 1s: 1 entries still queued" in result.stderr
+
+
+def test_run_without_a_target_says_to_is_required(uploader: UploaderRun, tmp_path: Path) -> None:
+    empty = _write_toml(tmp_path / "empty.toml")
+    result = run_cli("run", "--config", str(empty), *uploader.queue_args(),
+                     "--secret-key-file", uploader.secret_key_file, check=False)  # fmt: skip
+    assert result.returncode in (EXIT_FAILURE, EXIT_USAGE)
+    assert "--to is required" in result.stderr
+
+
+def test_a_config_file_supplies_every_setting(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    settings = _config_for(uploader, seaweedfs.store_url(bucket), keys.secret_file)
+    uploader.config_file = _write_toml(tmp_path / "config.toml", **settings)
+    uploader.start()
+    assert "--to" not in uploader.command()
+
+    (out,) = build(trivial_expr("configured"), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)  # `wait --config` finds the spool there too
+    dest = str(tmp_path / "fresh")
+    copied = substitute(seaweedfs.http_url(bucket), [out], keys.public, dest=dest)
+    assert copied.returncode == 0, copied.stderr
+    assert _status(uploader)["daemon"] == "running"
+
+
+def test_flags_override_the_config_file(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    other = seaweedfs.create_bucket(f"flag-{uuid.uuid4().hex[:12]}")
+    settings = _config_for(uploader, seaweedfs.store_url(bucket), keys.secret_file)
+    uploader.config_file = _write_toml(tmp_path / "config.toml", **settings)
+    uploader.extra_args = ["--to", seaweedfs.store_url(other)]
+    uploader.start()
+
+    (out,) = build(trivial_expr("overridden"), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+    narinfo = f"{hash_part(out)}.narinfo"
+    assert seaweedfs.get(other, narinfo) is not None, uploader.log()
+    assert seaweedfs.get(bucket, narinfo) is None
+
+
+def test_an_unknown_setting_in_the_config_file_is_a_clear_error(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    settings = _config_for(uploader, seaweedfs.store_url(bucket), keys.secret_file)
+    # A likely typo: the Python spelling of secret-key-file.
+    settings["secret_key_file"] = settings.pop("secret-key-file")
+    config = _write_toml(tmp_path / "config.toml", **settings)
+    result = run_cli("run", "--config", str(config), check=False, timeout=60)
+    assert result.returncode == EXIT_FAILURE
+    assert str(config) in result.stderr
+    assert "unknown setting(s) secret_key_file" in result.stderr
+    assert "secret-key-file" in result.stderr.split("known:")[1]
+    assert not (uploader.state_dir / "status.json").exists()

@@ -1,0 +1,195 @@
+"""The targets against what they write to: a real SeaweedFS bucket and a real
+directory.  Objects must come back byte for byte, over S3 and over the
+anonymous HTTP GET that substituters use."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.support.requirements import require_binary
+from tests.support.services import SeaweedFS, free_ports, start_seaweedfs
+from uploader._exceptions import TargetError, TransientTargetError
+from uploader.targets import open_target
+from uploader.targets.file import FileTarget
+from uploader.targets.s3 import MULTIPART_THRESHOLD, S3Target
+from uploader.targets.url import parse_store_url
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+NAR = "application/x-nix-nar"
+NARINFO = "text/x-nix-narinfo"
+
+
+def s3_target(weed: SeaweedFS, bucket: str, **options: int) -> S3Target:
+    return S3Target(parse_store_url(weed.store_url(bucket)), **options)
+
+
+# S3 ----------------------------------------------------------------------------------
+
+
+def test_exists_and_get_see_only_what_was_put(seaweedfs: SeaweedFS, bucket: str) -> None:
+    target = open_target(seaweedfs.store_url(bucket))
+    assert isinstance(target, S3Target)
+    key = "0123456789abcdfghijklmnpqrsvwxyz.narinfo"
+    assert target.exists(key) is False
+    assert target.get(key) is None
+
+    target.put_bytes(key, b"StorePath: x\n", NARINFO)
+
+    assert target.exists(key) is True
+    assert target.get(key) == b"StorePath: x\n"
+    assert seaweedfs.get(bucket, key) == b"StorePath: x\n"
+
+
+def test_large_nar_goes_multipart_and_reads_back(seaweedfs: SeaweedFS, bucket: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    data = os.urandom(MULTIPART_THRESHOLD + 3 * MiB)
+    key = "nar/large.nar.zst"
+
+    target.put(key, io.BytesIO(data), len(data), NAR)
+
+    head = seaweedfs.client().head_object(Bucket=bucket, Key=key)
+    # Multipart ETags are "<md5 of part md5s>-<number of parts>".
+    assert "-" in head["ETag"].strip('"'), head["ETag"]
+    assert head["ContentType"] == NAR
+    assert head["ContentLength"] == len(data)
+    assert target.get(key) == data
+    assert seaweedfs.get(bucket, key) == data
+
+
+def test_put_reads_size_bytes_from_the_current_position(seaweedfs: SeaweedFS, bucket: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    body = io.BytesIO(b"skipped|the NAR")
+    body.seek(len(b"skipped|"))
+
+    target.put("nar/small.nar", body, len(b"the NAR"), NAR)
+
+    assert seaweedfs.get(bucket, "nar/small.nar") == b"the NAR"
+
+
+def test_content_types_are_set(seaweedfs: SeaweedFS, bucket: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    nar = os.urandom(1000)
+    target.put("nar/small.nar.xz", io.BytesIO(nar), len(nar), NAR)
+    target.put_bytes("abc.narinfo", b"StorePath: x\n", NARINFO)
+
+    client = seaweedfs.client()
+    assert client.head_object(Bucket=bucket, Key="nar/small.nar.xz")["ContentType"] == NAR
+    assert client.head_object(Bucket=bucket, Key="abc.narinfo")["ContentType"] == NARINFO
+    assert seaweedfs.get(bucket, "nar/small.nar.xz") == nar
+
+
+@pytest.mark.parametrize("size", [100, MULTIPART_THRESHOLD + MiB], ids=["single", "multipart"])
+def test_missing_bucket_is_named_as_such(seaweedfs: SeaweedFS, size: int) -> None:
+    target = s3_target(seaweedfs, "no-such-bucket-here")
+    # HEAD and GET of a key in a missing bucket just say "not there".
+    assert target.exists("nix-cache-info") is False
+    assert target.get("nix-cache-info") is None
+
+    with pytest.raises(TargetError) as error:
+        target.put("nar/x.nar", io.BytesIO(bytes(size)), size, NAR)
+
+    assert not isinstance(error.value, TransientTargetError), "retrying will not create it"
+    assert "the bucket does not exist" in str(error.value)
+    assert "s3://no-such-bucket-here/nar/x.nar" in str(error.value)
+
+
+def test_server_down_is_transient(tmp_path: Path) -> None:
+    require_binary("weed")
+    weed = start_seaweedfs(str(tmp_path))
+    try:
+        bucket = weed.create_bucket("going-away")
+        target = s3_target(weed, bucket, max_attempts=1)
+        target.put_bytes("nix-cache-info", b"StoreDir: /nix/store\n", "text/x-nix-cache-info")
+    finally:
+        weed.stop()
+
+    for attempt in (
+        lambda: target.exists("nix-cache-info"),
+        lambda: target.get("nix-cache-info"),
+        lambda: target.put_bytes("abc.narinfo", b"x", NARINFO),
+    ):
+        with pytest.raises(TransientTargetError, match=r"s3://going-away/.*connect"):
+            attempt()
+
+
+def test_closed_port_is_transient() -> None:
+    (port,) = free_ports(1)
+    target = S3Target(
+        parse_store_url(f"s3://nobody-home?endpoint=http://127.0.0.1:{port}"), max_attempts=1
+    )
+    with pytest.raises(TransientTargetError, match="checking s3://nobody-home/k"):
+        target.exists("k")
+
+
+# Directory ---------------------------------------------------------------------------
+
+
+def file_target(directory: Path) -> FileTarget:
+    target = open_target(f"file://{directory}")
+    assert isinstance(target, FileTarget)
+    return target
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [str(p) for p in directory.rglob(".tmp-*")]
+
+
+def test_file_target_writes_whole_objects(tmp_path: Path) -> None:
+    target = file_target(tmp_path / "cache")
+    data = os.urandom(3 * MiB)
+    assert target.exists("nar/a.nar") is False
+    assert target.get("nar/a.nar") is None
+
+    target.put("nar/a.nar", io.BytesIO(data), len(data), NAR)
+    target.put_bytes("abc.narinfo", b"StorePath: x\n", NARINFO)
+
+    assert target.exists("nar/a.nar") and target.get("nar/a.nar") == data
+    assert (tmp_path / "cache" / "abc.narinfo").read_bytes() == b"StorePath: x\n"
+    # Readable by whoever serves the directory, whatever the umask.
+    assert stat.S_IMODE((tmp_path / "cache" / "nar" / "a.nar").stat().st_mode) == 0o644
+    assert leftovers(tmp_path) == []
+
+
+class BrokenBody(io.BytesIO):
+    """A body that fails after handing out some bytes."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.tell():
+            raise OSError("disk read error")
+        return super().read(4)
+
+
+def test_file_target_failed_write_leaves_the_old_object(tmp_path: Path) -> None:
+    target = file_target(tmp_path)
+    target.put_bytes("nar/a.nar", b"old", NAR)
+
+    with pytest.raises(TargetError, match="disk read error"):
+        target.put("nar/a.nar", BrokenBody(b"half of it"), 100, NAR)
+
+    assert target.get("nar/a.nar") == b"old"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("key", ["../escape", "nar/../../escape", "/etc/passwd", ".."])
+def test_file_target_refuses_keys_outside_the_cache(tmp_path: Path, key: str) -> None:
+    target = file_target(tmp_path / "cache")
+    with pytest.raises(TargetError, match="outside the cache directory"):
+        target.put_bytes(key, b"x", NARINFO)
+    with pytest.raises(TargetError, match="outside the cache directory"):
+        target.exists(key)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_file_target_unwritable_directory_is_a_target_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    target = file_target(blocker / "cache")
+    with pytest.raises(TargetError, match=r"writing .*not-a-dir/cache/abc\.narinfo"):
+        target.put_bytes("abc.narinfo", b"x", NARINFO)

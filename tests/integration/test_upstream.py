@@ -1,0 +1,110 @@
+"""Upstream caches: what another cache already serves is not uploaded again,
+yet the referrers are, and a machine using both caches gets the whole closure.
+
+The upstream is a second bucket on the same SeaweedFS, filled with `push`."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import KeyPair, make_keys, run_cli
+from tests.support.daemon import UploaderRun
+from tests.support.nix import build
+from tests.support.services import SeaweedFS, nix_client_env
+from uploader.narinfo import NarInfo
+from uploader.storepath import basename, hash_part
+
+pytestmark = pytest.mark.integration
+
+
+def _pair_expr() -> str:
+    """A dependency ``dep`` and a referrer ``top`` whose output names it."""
+    salt = uuid.uuid4().hex[:12]
+    return f"""rec {{
+  dep = derivation {{
+    name = "upstream-dep-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = ["-c" "echo dependency > $out"];
+  }};
+  top = derivation {{
+    name = "referrer-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = ["-c" "echo ${{dep}} > $out"];
+  }};
+}}"""
+
+
+def _narinfo(weed: SeaweedFS, bucket: str, path: str) -> NarInfo | None:
+    text = weed.get(bucket, f"{hash_part(path)}.narinfo")
+    return NarInfo.parse(text.decode()) if text is not None else None
+
+
+def _realise_from(caches: list[str], keys: list[str], path: str, root: Path) -> str:
+    """Substitute ``path`` into a fresh store at ``root`` from all ``caches`` at
+    once, as a developer machine with several substituters does; its stderr."""
+    env = nix_client_env()
+    env.pop("NIX_REMOTE", None)
+    proc = subprocess.run(
+        ["nix-store", "--store", str(root), "--realise", path,
+         "--option", "substituters", " ".join(caches),
+         "--option", "trusted-public-keys", " ".join(keys),
+         "--option", "require-sigs", "true"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_paths_an_upstream_cache_serves_are_not_uploaded_again(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    expr = _pair_expr()
+    (dep,) = build(expr, attr="dep")
+    upstream_keys = make_keys(tmp_path, "upstream-cache-1")
+    upstream_bucket = seaweedfs.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
+    run_cli("push", "--to", seaweedfs.store_url(upstream_bucket),
+            "--secret-key-file", upstream_keys.secret_file, dep)  # fmt: skip
+    upstream_url = seaweedfs.http_url(upstream_bucket)
+
+    uploader.extra_args = ["--upstream", upstream_url]
+    uploader.start()
+    (top,) = build(expr, attr="top", hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+
+    top_info = _narinfo(seaweedfs, bucket, top)
+    assert top_info is not None, f"the referrer was not uploaded:\n{uploader.log()}"
+    assert basename(dep) in top_info.references
+    assert _narinfo(seaweedfs, bucket, dep) is None, "the upstream's path was uploaded again"
+    assert _narinfo(seaweedfs, upstream_bucket, dep) is not None
+
+    # A machine with both caches gets the referrer from us, the dependency upstream.
+    fresh = tmp_path / "fresh"
+    _realise_from([seaweedfs.http_url(bucket), upstream_url],
+                  [keys.public, upstream_keys.public], top, fresh)  # fmt: skip
+    assert (fresh / top.lstrip("/")).read_text().strip() == dep
+    assert (fresh / dep.lstrip("/")).read_text().strip() == "dependency"
+
+
+def test_paths_signed_by_an_upstream_key_are_not_uploaded(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    expr = _pair_expr()
+    (dep,) = build(expr, attr="dep")
+    # As if substituted from that cache: the path carries the upstream's signature.
+    upstream = make_keys(tmp_path, "upstream.example.org-1")
+    subprocess.run(["nix", "store", "sign", "--key-file", upstream.secret_file, dep],
+                   env=nix_client_env(), check=True, capture_output=True)  # fmt: skip
+
+    uploader.extra_args = ["--upstream-key", upstream.name]
+    uploader.start()
+    (top,) = build(expr, attr="top", hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+
+    top_info = _narinfo(seaweedfs, bucket, top)
+    assert top_info is not None, f"the referrer was not uploaded:\n{uploader.log()}"
+    assert basename(dep) in top_info.references
+    assert _narinfo(seaweedfs, bucket, dep) is None, "a path signed upstream was uploaded"

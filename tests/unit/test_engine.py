@@ -1,0 +1,698 @@
+"""The upload engine with plain objects in place of Nix and the bucket.
+
+``FakeStore`` serves small directories as store paths and registers the hashes
+Nix would; ``RecordingTarget`` keeps objects in memory and records, in order,
+when each put began and when its object became visible.  The invariants of
+DESIGN.md are checked on those records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import io
+import lzma
+import os
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uploader import nar, signing
+from uploader._exceptions import TransientTargetError, UploaderError, VerificationError
+from uploader.engine import CACHE_INFO, DependencyFailed, Engine, PushResult, narinfo_key
+from uploader.narinfo import NarInfo
+from uploader.nixbase32 import encode as nix32
+from uploader.nixbase32 import format_hash
+from uploader.store import PathInfo
+from uploader.storepath import STORE_DIR, basename, hash_part, is_store_path
+from uploader.targets import StoreUrl
+
+MiB = 1 << 20
+KEY = signing.generate("test-cache-1")
+PUBLIC = KEY.public_key()
+
+
+class FakeStore:
+    """Store paths backed by directories under ``root``, registered as Nix would."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dirs: dict[str, Path] = {}
+        self._references: dict[str, tuple[str, ...]] = {}
+        self._registered: dict[str, PathInfo] = {}
+        self._lies: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        name: str,
+        references: Iterable[str] = (),
+        *,
+        self_reference: bool = False,
+        contents: bytes | None = None,
+    ) -> str:
+        """A new store path holding a directory (a data file, an executable
+        and a symlink); the data file names the references, as in real outputs."""
+        path = f"{STORE_DIR}/{nix32(hashlib.sha1(name.encode()).digest())}-{name}"
+        assert is_store_path(path) and path not in self._dirs
+        refs = sorted({*references, *([path] if self_reference else [])})
+        directory = self.root / basename(path)
+        (directory / "bin").mkdir(parents=True)
+        data = contents if contents is not None else f"{name}\n{' '.join(refs)}\n".encode()
+        (directory / "data").write_bytes(data)
+        (directory / "bin" / name).write_bytes(b"#!/bin/sh\n")
+        (directory / "bin" / name).chmod(0o755)
+        (directory / "link").symlink_to("data")
+        self._dirs[path] = directory
+        self._references[path] = tuple(refs)
+        return path
+
+    def lie(self, path: str, **fields: Any) -> None:
+        """Make the 'database' register ``fields`` (e.g. a wrong nar_hash) for ``path``."""
+        self._lies[path] = fields
+
+    def nar(self, path: str) -> bytes:
+        return b"".join(nar.dump(str(self._dirs[path])))
+
+    def registered(self, path: str) -> PathInfo:
+        with self._lock:
+            if path not in self._registered:
+                data = self.nar(path)
+                info = PathInfo(
+                    path=path,
+                    nar_hash=format_hash(hashlib.sha256(data).digest()),
+                    nar_size=len(data),
+                    references=self._references[path],
+                )
+                self._registered[path] = dataclasses.replace(info, **self._lies.get(path, {}))
+            return self._registered[path]
+
+    def closure(self, paths: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        todo = list(paths)
+        while todo:
+            path = todo.pop()
+            if path not in found:
+                found.add(path)
+                todo.extend(self._references[path])
+        return found
+
+    # StoreView
+    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
+        wanted = self.closure(paths) if closure else set(paths)
+        return {p: self.registered(p) for p in sorted(wanted)}
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        return nar.dump(str(self._dirs[path]))
+
+
+class RecordingTarget:
+    """An in-memory binary cache that records ``(event, key)`` in order:
+    ``begin`` when a put starts, ``put`` when its object becomes visible,
+    ``fail`` when it was told to fail that key."""
+
+    def __init__(self, *, delay: float = 0.0, seed: int = 0) -> None:
+        self.url = StoreUrl(scheme="file", path="/in-memory", raw="memory:///in-memory")
+        self.objects: dict[str, bytes] = {}
+        self.content_types: dict[str, str] = {}
+        self.events: list[tuple[str, str]] = []
+        self.exists_calls: list[str] = []
+        self.fail: set[str] = set()
+        self.spilled: dict[str, bool] = {}
+        # Up to this many seconds of sleep per put, at random.
+        self.delay = delay
+        # Called (in the worker thread) before answering exists(key).
+        self.before_exists: dict[str, Callable[[], object]] = {}
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def exists(self, key: str) -> bool:
+        hook = self.before_exists.get(key)
+        if hook is not None:
+            hook()
+        with self._lock:
+            self.exists_calls.append(key)
+            return key in self.objects
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self.objects.get(key)
+
+    def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
+        self.spilled[key] = False
+        self._store(key, lambda: _read_exactly(body, size), content_type)
+
+    def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
+        self.spilled[key] = True
+
+        def read() -> bytes:
+            with open(filename, "rb") as f:
+                return _read_exactly(f, size)
+
+        self._store(key, read, content_type)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._store(key, lambda: data, content_type)
+
+    def _store(self, key: str, read: Callable[[], bytes], content_type: str) -> None:
+        with self._lock:
+            self.events.append(("begin", key))
+            pause = self._random.uniform(0, self.delay) if self.delay else 0.0
+        data = read()
+        time.sleep(pause)
+        with self._lock:
+            if key in self.fail:
+                self.events.append(("fail", key))
+                raise TransientTargetError(f"uploading {key}: injected failure")
+            self.objects[key] = data
+            self.content_types[key] = content_type
+            self.events.append(("put", key))
+
+    def puts(self, since: int = 0) -> list[str]:
+        """Keys of the objects made visible, in order, from event ``since`` on."""
+        return [key for event, key in self.events[since:] if event == "put"]
+
+    def narinfo(self, path: str) -> NarInfo | None:
+        text = self.get(narinfo_key(path))
+        return None if text is None else NarInfo.parse(text.decode())
+
+
+def _read_exactly(body: IO[bytes], size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        piece = body.read(min(MiB, size - len(out)))
+        assert piece, f"body ended after {len(out)} of {size} bytes"
+        out += piece
+    return bytes(out)
+
+
+class MemoryKnown:
+    """A KnownPaths in memory."""
+
+    def __init__(self) -> None:
+        self.hash_parts: set[str] = set()
+
+    def known(self, hash_parts: Iterable[str]) -> set[str]:
+        return set(hash_parts) & self.hash_parts
+
+    def remember(self, hash_parts: Iterable[str]) -> None:
+        self.hash_parts.update(hash_parts)
+
+
+def decompress(key: str, data: bytes) -> bytes:
+    if key.endswith(".zst"):
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=True
+        )
+        return bytes(reader.read())
+    if key.endswith(".xz"):
+        return lzma.decompress(data)
+    assert key.endswith(".nar"), key
+    return data
+
+
+def nar_objects(target: RecordingTarget) -> dict[str, bytes]:
+    """Every NAR in the cache, decompressed, by key."""
+    return {k: decompress(k, v) for k, v in target.objects.items() if k.startswith("nar/")}
+
+
+def run(engine: Engine, roots: Iterable[str]) -> PushResult:
+    """One push on a fresh event loop (as `nix-cache-uploader push` does)."""
+    try:
+        return asyncio.run(engine.push(roots))
+    finally:
+        engine.close()
+
+
+def push(
+    store: FakeStore, target: RecordingTarget, roots: Iterable[str], **options: Any
+) -> PushResult:
+    return run(Engine(store, target, KEY, **options), roots)
+
+
+def nar_key_uncompressed(store: FakeStore, path: str) -> str:
+    """The NAR's object key with compression=none (the file is the NAR)."""
+    return f"nar/{nix32(hashlib.sha256(store.nar(path)).digest())}.nar"
+
+
+def assert_signed_as_registered(store: FakeStore, target: RecordingTarget, path: str) -> None:
+    info = target.narinfo(path)
+    assert info is not None, f"no narinfo for {path}"
+    registered = store.registered(path)
+    assert info.store_path == path
+    assert info.nar_hash == registered.nar_hash
+    assert info.nar_size == registered.nar_size
+    assert info.references == tuple(basename(r) for r in registered.references)
+    assert len(info.sigs) == 1
+    assert PUBLIC.verify(info.fingerprint(), info.sigs[0]), f"bad Sig for {path}"
+
+
+# Invariants 1 and 2 over random closures -------------------------------------
+
+
+@st.composite
+def closures(draw: st.DrawFn) -> tuple[list[tuple[list[int], bool]], list[int]]:
+    """A random DAG: node i references some nodes before it, maybe itself;
+    and the roots to push."""
+    size = draw(st.integers(2, 30))
+    nodes = []
+    for i in range(size):
+        refs = draw(st.lists(st.integers(0, i - 1), max_size=4, unique=True)) if i else []
+        nodes.append((refs, draw(st.booleans())))
+    roots = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size, unique=True))
+    return nodes, roots
+
+
+@settings(max_examples=30, deadline=None)
+@given(dag=closures(), jobs=st.integers(1, 8), seed=st.integers(0, 2**32))
+def test_narinfo_after_its_nar_and_its_references_narinfos(
+    dag: tuple[list[tuple[list[int], bool]], list[int]], jobs: int, seed: int
+) -> None:
+    nodes, root_indexes = dag
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FakeStore(Path(tmp))
+        paths: list[str] = []
+        for i, (refs, self_ref) in enumerate(nodes):
+            paths.append(store.add(f"n{i}", [paths[r] for r in refs], self_reference=self_ref))
+        roots = [paths[i] for i in root_indexes]
+        target = RecordingTarget(delay=0.002, seed=seed)
+
+        result = push(store, target, roots, jobs=jobs)
+
+        closure = store.closure(roots)
+        assert result.ok, result.failed
+        assert sorted(result.uploaded) == sorted(closure)
+        visible: dict[str, int] = {}
+        began: dict[str, int] = {}
+        for i, (event, key) in enumerate(target.events):
+            {"put": visible, "begin": began}[event].setdefault(key, i)
+        nars = nar_objects(target)
+        for path in closure:
+            info = target.narinfo(path)
+            assert info is not None
+            # Invariant 1: the NAR was complete before the narinfo put began.
+            assert visible[info.url] < began[narinfo_key(path)], path
+            # Invariant 2: so were the narinfos of its references.
+            for ref in store.registered(path).references:
+                if ref != path:
+                    assert visible[narinfo_key(ref)] < began[narinfo_key(path)], (path, ref)
+            assert_signed_as_registered(store, target, path)
+            assert nars[info.url] == store.nar(path)
+
+
+# Invariant 3 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lie", ["nar_hash", "nar_size"])
+def test_path_differing_from_the_database_is_not_signed_nor_its_referrers(
+    tmp_path: Path, lie: str
+) -> None:
+    store = FakeStore(tmp_path)
+    bad = store.add("bad")
+    fine = store.add("fine")
+    mid = store.add("mid", [bad, fine], self_reference=True)
+    top = store.add("top", [mid])
+    side = store.add("side", [bad])
+    other = store.add("other", [fine])
+    wrong: Any = format_hash(hashlib.sha256(b"not this").digest()) if lie == "nar_hash" else 8
+    store.lie(bad, **{lie: wrong})
+    target = RecordingTarget()
+
+    result = push(store, target, [top, side, other], jobs=3)
+
+    assert isinstance(result.failed[bad], VerificationError)
+    assert "refusing to sign" in str(result.failed[bad])
+    for referrer in (mid, top, side):
+        assert isinstance(result.failed[referrer], DependencyFailed), referrer
+        assert target.narinfo(referrer) is None
+    assert set(result.failed) == {bad, mid, top, side}
+    # Not a byte of the differing path reached the cache.
+    assert target.narinfo(bad) is None
+    assert store.nar(bad) not in nar_objects(target).values()
+    assert sorted(result.uploaded) == sorted([fine, other])
+    for path in (fine, other):
+        assert_signed_as_registered(store, target, path)
+
+
+# Target failures and retries ---------------------------------------------------------
+
+
+def test_failed_nar_put_holds_back_referrers_and_a_retry_uploads_the_rest(
+    tmp_path: Path,
+) -> None:
+    store = FakeStore(tmp_path)
+    base = store.add("base")
+    flaky = store.add("flaky", [base])
+    top = store.add("top", [flaky, base])
+    lone = store.add("lone")
+    target = RecordingTarget()
+    target.fail.add(nar_key_uncompressed(store, flaky))
+    engine = Engine(store, target, KEY, compression="none", jobs=2)
+
+    async def twice() -> tuple[PushResult, PushResult, int]:
+        first = await engine.push([top, lone])
+        assert target.narinfo(top) is None and target.narinfo(flaky) is None
+        mark = len(target.events)
+        target.fail.clear()
+        second = await engine.push([top, lone])
+        return first, second, mark
+
+    try:
+        first, second, mark = asyncio.run(twice())
+    finally:
+        engine.close()
+
+    assert isinstance(first.failed[flaky], TransientTargetError)
+    assert first.failed[flaky].store_path == flaky
+    held_back = first.failed[top]
+    assert isinstance(held_back, DependencyFailed)
+    assert held_back.cause is first.failed[flaky]
+    assert sorted(first.uploaded) == sorted([base, lone])
+
+    assert second.ok, second.failed
+    assert sorted(second.uploaded) == sorted([flaky, top])
+    narinfos = [k for k in target.puts(mark) if k.endswith(".narinfo")]
+    assert sorted(narinfos) == sorted(narinfo_key(p) for p in (flaky, top))
+    for path in (base, flaky, top, lone):
+        assert_signed_as_registered(store, target, path)
+
+
+def test_second_push_uploads_nothing(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    dep = store.add("dep", self_reference=True)
+    app = store.add("app", [dep])
+    target = RecordingTarget()
+    push(store, target, [app])
+    mark = len(target.events)
+    objects = dict(target.objects)
+
+    result = push(store, target, [app])
+
+    assert target.events[mark:] == []
+    assert target.objects == objects
+    assert result.uploaded == [] and result.ok
+    assert result.present == [app]
+
+
+def test_known_paths_save_the_existence_checks(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    dep = store.add("dep")
+    app = store.add("app", [dep])
+    tool = store.add("tool")
+    target = RecordingTarget()
+    known = MemoryKnown()
+    push(store, target, [app, tool], known=known)
+    assert known.hash_parts == {hash_part(p) for p in (dep, app, tool)}
+    mark, events = len(target.exists_calls), len(target.events)
+
+    result = push(store, target, [app, tool], known=known)
+
+    assert [k for k in target.exists_calls[mark:] if k.endswith(".narinfo")] == []
+    assert sorted(result.present) == sorted([app, tool])
+    assert result.uploaded == []
+    assert target.puts(events) == []
+
+
+def upstream_of(paths: set[str]) -> Callable[[list[Any]], set[str]]:
+    """An is_upstream callback serving ``paths`` (takes paths or PathInfos)."""
+
+    def served(items: list[Any]) -> set[str]:
+        asked = [getattr(item, "path", item) for item in items]
+        return {p for p in asked if p in paths}
+
+    return served
+
+
+def test_upstream_paths_and_what_only_they_reach_are_not_uploaded(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    libdep = store.add("libdep")
+    shared = store.add("shared")
+    lib = store.add("lib", [libdep, shared], self_reference=True)
+    own = store.add("own", [shared])
+    app = store.add("app", [lib, own])
+    target = RecordingTarget()
+
+    result = push(store, target, [app], is_upstream=upstream_of({lib}))
+
+    assert result.ok, result.failed
+    assert result.skipped_upstream == [lib]
+    assert sorted(result.uploaded) == sorted([app, own, shared])
+    assert target.narinfo(lib) is None and target.narinfo(libdep) is None
+    assert store.nar(lib) not in nar_objects(target).values()
+    assert store.nar(libdep) not in nar_objects(target).values()
+    info = target.narinfo(app)
+    assert info is not None and basename(lib) in info.references
+    assert_signed_as_registered(store, target, app)
+
+
+# Concurrent pushes ---------------------------------------------------------------------
+
+
+def test_concurrent_pushes_upload_shared_paths_once(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    base = store.add("base")
+    shared = store.add("shared", [base])
+    a = store.add("a", [shared])
+    b = store.add("b", [shared, base])
+    c = store.add("c")
+    target = RecordingTarget(delay=0.02)
+    infos = store.path_infos([a, b, c], closure=True)
+    engine = Engine(store, target, KEY, jobs=4)
+
+    async def both() -> list[PushResult]:
+        return list(
+            await asyncio.gather(engine.push_infos([a, c], infos), engine.push_infos([b], infos))
+        )
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        engine.close()
+
+    assert first.ok and second.ok, (first.failed, second.failed)
+    assert set(first.uploaded) | set(first.present) >= {a, c, shared, base}
+    assert set(second.uploaded) | set(second.present) >= {b, shared, base}
+    puts = Counter(k for k in target.puts() if k != "nix-cache-info")
+    assert len(puts) == 2 * 5  # a NAR and a narinfo per path
+    assert set(puts.values()) == {1}, puts
+    for path in (a, b, c, shared, base):
+        assert_signed_as_registered(store, target, path)
+
+
+def test_path_uploaded_by_another_push_during_planning_is_not_uploaded_again(
+    tmp_path: Path,
+) -> None:
+    store = FakeStore(tmp_path)
+    shared = store.add("shared")
+    deep = store.add("deep")
+    chain = store.add("chain", [deep])
+    target = RecordingTarget()
+    infos = store.path_infos([shared, chain], closure=True)
+    engine = Engine(store, target, KEY, jobs=2)
+    deep_asked = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        deep_asked.set()
+        release.wait(10)
+
+    # The long push stalls on the second level of its plan, after it found
+    # `shared` missing; the short push uploads `shared` meanwhile.
+    target.before_exists[narinfo_key(deep)] = hold
+
+    async def overlapping() -> tuple[PushResult, PushResult]:
+        long = asyncio.create_task(engine.push_infos([shared, chain], infos))
+        await asyncio.to_thread(deep_asked.wait, 10)
+        short = asyncio.create_task(engine.push_infos([shared], infos))
+        # An engine that has claimed `shared` makes the short push wait for
+        # the long one: let the long one go on after a while.
+        await asyncio.wait([short], timeout=1)
+        release.set()
+        return await short, await long
+
+    try:
+        short, long = asyncio.run(overlapping())
+    finally:
+        release.set()
+        engine.close()
+
+    assert short.ok and long.ok, (short.failed, long.failed)
+    assert shared in short.uploaded + short.present
+    assert Counter(target.puts())[narinfo_key(shared)] == 1
+
+
+def test_engine_recovers_after_an_upload_crashes(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    big = store.add("big", contents=os.urandom(9 * MiB))
+    small = store.add("small")
+    # The spool directory vanished: the 9 MiB NAR cannot spill to disk.
+    spool = tmp_path / "spool"
+    target = RecordingTarget(delay=0.5)
+    target.objects["nix-cache-info"] = CACHE_INFO.encode()
+    engine = Engine(store, target, KEY, compression="none", jobs=2, tmp_dir=str(spool))
+
+    async def crash_then_retry() -> PushResult:
+        # Raises today: the bug in test_unwritable_tmp_dir_is_a_per_path_failure.
+        with contextlib.suppress(OSError):
+            await engine.push([big, small])
+        spool.mkdir()
+        return await engine.push([big, small])
+
+    try:
+        result = asyncio.run(crash_then_retry())
+    finally:
+        engine.close()
+
+    assert result.ok, result.failed
+    assert target.narinfo(big) is not None and target.narinfo(small) is not None
+
+
+class CancelOnStart:
+    """A Progress whose start() lets a watcher cancel the push at once."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    def start(self, total_paths: int, total_bytes: int) -> None:
+        self.started.set()
+
+    def advance(self, info: PathInfo, uploaded: bool) -> None:
+        pass
+
+
+def test_push_after_a_cancelled_push_completes(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    path = store.add("app")
+    target = RecordingTarget()
+    engine = Engine(store, target, KEY)
+
+    async def cancel_then_push() -> PushResult:
+        progress = CancelOnStart()
+        cancelled = asyncio.create_task(engine.push([path], progress))
+        await progress.started.wait()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return await asyncio.wait_for(engine.push([path]), timeout=2)
+
+    try:
+        result = asyncio.run(cancel_then_push())
+    finally:
+        engine.close()
+
+    assert result.uploaded == [path]
+
+
+def test_unwritable_tmp_dir_is_a_per_path_failure(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    big = store.add("big", contents=os.urandom(9 * MiB))
+    small = store.add("small")
+    target = RecordingTarget()
+
+    result = push(
+        store, target, [big, small], compression="none", tmp_dir=str(tmp_path / "missing")
+    )
+
+    assert isinstance(result.failed[big], UploaderError)
+    assert result.uploaded == [small]
+
+
+# Compression, nix-cache-info, large NARs ------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("zstd", ".zst"), ("xz", ".xz"), ("none", "")])
+def test_nar_object_is_the_compressed_nar_the_narinfo_describes(
+    tmp_path: Path, method: str, suffix: str
+) -> None:
+    store = FakeStore(tmp_path)
+    path = store.add("app", contents=b"some text, " * 5000, self_reference=True)
+    target = RecordingTarget()
+
+    push(store, target, [path], compression=method)
+
+    info = target.narinfo(path)
+    assert info is not None
+    assert info.compression == method
+    assert info.url.startswith("nar/") and info.url.endswith(".nar" + suffix)
+    data = target.objects[info.url]
+    assert target.content_types[info.url] == "application/x-nix-nar"
+    assert target.content_types[narinfo_key(path)] == "text/x-nix-narinfo"
+    assert info.file_hash == format_hash(hashlib.sha256(data).digest())
+    assert info.url == f"nar/{nix32(hashlib.sha256(data).digest())}.nar{suffix}"
+    assert info.file_size == len(data)
+    assert decompress(info.url, data) == store.nar(path)
+    if method != "none":
+        assert len(data) < info.nar_size / 10
+    assert_signed_as_registered(store, target, path)
+
+
+def test_cache_info_is_written_when_missing(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    path = store.add("app")
+    target = RecordingTarget()
+
+    push(store, target, [path])
+
+    assert target.objects["nix-cache-info"] == CACHE_INFO.encode()
+    assert target.content_types["nix-cache-info"] == "text/x-nix-cache-info"
+    assert target.puts()[0] == "nix-cache-info"
+
+
+def test_cache_info_is_not_rewritten(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    path = store.add("app")
+    target = RecordingTarget()
+    theirs = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+    target.objects["nix-cache-info"] = theirs
+
+    push(store, target, [path])
+
+    assert target.objects["nix-cache-info"] == theirs
+    assert "nix-cache-info" not in target.puts()
+    assert target.narinfo(path) is not None
+
+
+def test_concurrent_first_pushes_write_cache_info_once(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    a, b = store.add("a"), store.add("b")
+    target = RecordingTarget(delay=0.02)
+    infos = store.path_infos([a, b])
+    engine = Engine(store, target, KEY)
+
+    async def both() -> None:
+        await asyncio.gather(engine.push_infos([a], infos), engine.push_infos([b], infos))
+
+    try:
+        asyncio.run(both())
+    finally:
+        engine.close()
+
+    assert target.puts().count("nix-cache-info") == 1
+
+
+def test_large_nar_spills_to_disk_and_round_trips(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    path = store.add("big", contents=os.urandom(20 * MiB))
+    target = RecordingTarget()
+
+    result = push(store, target, [path], tmp_dir=str(tmp_path))
+
+    assert result.ok, result.failed
+    info = target.narinfo(path)
+    assert info is not None
+    assert target.spilled[info.url], "the compressed NAR stayed in memory"
+    assert decompress(info.url, target.objects[info.url]) == store.nar(path)
+    assert info.file_size == len(target.objects[info.url])
+    assert_signed_as_registered(store, target, path)
