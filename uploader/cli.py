@@ -25,6 +25,7 @@ from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Settings, load_se
 from uploader.daemon import Daemon
 from uploader.engine import Engine, PushResult
 from uploader.gcroots import GcRoots
+from uploader.metrics import Metrics
 from uploader.progress import TerminalProgress, human_bytes
 from uploader.signing import SecretKey, generate, write_public_key, write_secret_key
 from uploader.spool import DEFAULT_SPOOL, Spool
@@ -252,6 +253,10 @@ def queue_options(fn: F) -> F:
     help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
 )  # fmt: skip
 @click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
+@click.option(
+    "--metrics", default=None, metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (host defaults to 127.0.0.1).",
+)  # fmt: skip
 @verbosity
 def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> None:
     """Upload every build the post-build-hook queues, until stopped.
@@ -317,8 +322,15 @@ def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
         known=known,
         upstreams=upstreams if upstreams else None,
     )
+    metrics = None
+    if settings.metrics:
+        metrics = Metrics()
+        host, port = metrics.serve(settings.metrics)
+        log.info("serving metrics at http://%s:%d/metrics", host, port)
+        record = metrics.uploaded
+        engine.on_uploaded = lambda info, seconds, size: record(seconds, info.nar_size, size)
     roots = GcRoots(settings.gc_roots_dir)
-    return Daemon(settings, store=store, engine=engine, spool=spool, roots=roots)
+    return Daemon(settings, store=store, engine=engine, spool=spool, roots=roots, metrics=metrics)
 
 
 def _queue_settings(config_file: str | None, spool: str | None, state_dir: str | None) -> Settings:

@@ -39,6 +39,7 @@ from uploader._exceptions import (
 from uploader.config import Settings
 from uploader.engine import DependencyFailed, Engine, PushResult
 from uploader.gcroots import GcRoots
+from uploader.metrics import Metrics
 from uploader.spool import Entry, Spool
 from uploader.state import write_status
 from uploader.store import NixStore, PathInfo
@@ -78,12 +79,20 @@ class Daemon:
         engine: Engine,
         spool: Spool,
         roots: GcRoots | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
         self.spool = spool
         self.roots = roots
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(
+                queue_depth=lambda: len(self._pending),
+                in_flight=lambda: len(self._in_flight),
+                oldest_age=lambda: self._oldest_age() or 0.0,
+            )
         self._pending: dict[str, _Pending] = {}
         self._in_flight: set[str] = set()
         self._wakeup = asyncio.Event()
@@ -322,7 +331,7 @@ class Daemon:
         self._uploaded_paths += len(result.uploaded)
         self._uploaded_bytes += result.file_bytes
         for path, error in result.failed.items():
-            self._failures[_kind(error)] += 1
+            self._count_failure(_kind(error))
             if not isinstance(error, DependencyFailed):
                 self._note_error(path, error)
         done_outputs: list[str] = []
@@ -382,7 +391,7 @@ class Daemon:
             self._retry_later([name], reason)
             return
         self._pending.pop(name, None)
-        self._failures["quarantined"] += 1
+        self._count_failure("quarantined")
         self._note_error(name, reason)
         self._dirty = True
 
@@ -401,6 +410,18 @@ class Daemon:
         self._note_error(None, error)
         self._dirty = True
 
+    def _count_failure(self, kind: str) -> None:
+        self._failures[kind] += 1
+        if self.metrics is not None:
+            self.metrics.failures.labels(kind).inc()
+
+    def _oldest_age(self) -> float | None:
+        mtimes = []
+        for name in list(self._pending):
+            with contextlib.suppress(OSError):
+                mtimes.append(os.lstat(os.path.join(self.spool.path, name)).st_mtime)
+        return time.time() - min(mtimes) if mtimes else None
+
     def _note_error(self, subject: str | None, error: object) -> None:
         self._last_errors.append({"time": time.time(), "subject": subject, "error": str(error)})
 
@@ -418,10 +439,7 @@ class Daemon:
     def status(self, *, running: bool) -> dict[str, Any]:
         now_wall = time.time()
         now = time.monotonic()
-        oldest = None
-        with contextlib.suppress(OSError):
-            mtimes = [os.lstat(os.path.join(self.spool.path, n)).st_mtime for n in self._pending]
-            oldest = now_wall - min(mtimes) if mtimes else None
+        oldest = self._oldest_age()
         return {
             "version": __version__,
             "pid": os.getpid(),

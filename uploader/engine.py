@@ -153,6 +153,7 @@ class Engine:
         tmp_dir: str | None = None,
         known: KnownPaths | None = None,
         is_upstream: Callable[[list[PathInfo]], set[str]] | None = None,
+        on_uploaded: Callable[[PathInfo, float, int], None] | None = None,
     ) -> None:
         extension(compression)  # validates the method early
         self.store = store
@@ -164,6 +165,8 @@ class Engine:
         self.tmp_dir = tmp_dir
         self.known = known
         self.is_upstream = is_upstream
+        # Told (path, seconds, compressed size) after each upload: metrics.
+        self.on_uploaded = on_uploaded
         self._pool = ThreadPoolExecutor(max_workers=self.jobs + 16, thread_name_prefix="upload")
         self._cache_info_checked = False
         self._cache_info_lock = asyncio.Lock()
@@ -317,6 +320,7 @@ class Engine:
         progress: Progress | None,
     ) -> None:
         path = info.path
+        started = time.monotonic()
         try:
             async with self._slots:
                 url, prepared = await self._upload_nar(info)
@@ -351,6 +355,8 @@ class Engine:
         if self.known is not None:
             self.known.remember([hash_part(path)])
         done[path].set_result(None)
+        if self.on_uploaded is not None:
+            self.on_uploaded(info, time.monotonic() - started, prepared.file_size)
         if progress:
             progress.advance(info, True)
 
