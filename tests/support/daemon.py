@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.cli import run_cli
+from uploader.spool import DEFAULT_SPOOL
 
 __all__ = ["HOOK", "UploaderRun", "make_hook_wrapper"]
 
@@ -21,12 +22,16 @@ HOOK = REPO / "hook" / "post-build-hook"
 
 
 def make_hook_wrapper(directory: Path, spool: Path, hook: Path = HOOK) -> Path:
-    """nix-daemon runs the hook with its own environment, so the spool path
-    travels in a wrapper script, as the NixOS module does it."""
-    wrapper = directory / "post-build-hook"
-    wrapper.write_text(f"#!/bin/sh\nNIX_CACHE_UPLOADER_SPOOL={spool} exec {hook}\n")
-    wrapper.chmod(0o755)
-    return wrapper
+    """nix-daemon runs the hook with its own environment, so a spool other
+    than the default is baked into a copy of the hook (no wrapper process:
+    the hook's cost is what the build loop pays)."""
+    text = hook.read_text()
+    default = f"${{NIX_CACHE_UPLOADER_SPOOL:-{DEFAULT_SPOOL}}}"
+    assert default in text, "the hook's default spool line changed"
+    copy = directory / "post-build-hook"
+    copy.write_text(text.replace(default, f"${{NIX_CACHE_UPLOADER_SPOOL:-{spool}}}"))
+    copy.chmod(0o755)
+    return copy
 
 
 @dataclass
