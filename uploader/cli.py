@@ -23,7 +23,7 @@ from uploader._exceptions import ConfigError, UploaderError
 from uploader.compression import METHODS
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Settings, load_settings
 from uploader.daemon import Daemon
-from uploader.engine import Engine, PushResult
+from uploader.engine import Engine, PushResult, worker_threads
 from uploader.gcroots import GcRoots
 from uploader.metrics import Metrics
 from uploader.progress import TerminalProgress, human_bytes
@@ -101,7 +101,7 @@ def make_engine(
         level = int(url.params["compression-level"])
     return Engine(
         store or NixStore(),
-        open_target(url, max_connections=jobs * 2),
+        open_target(url, max_connections=worker_threads(jobs)),
         key,
         compression=compression or url.compression or "zstd",
         compression_level=level,
@@ -386,6 +386,15 @@ def _daemon_state(report: dict[str, Any]) -> str:
 _STALE_AFTER = 15.0
 
 
+# Entries listed per section by `status`; --json lists them all.
+_SHOWN = 10
+
+
+def _more(items: list[Any]) -> None:
+    if len(items) > _SHOWN:
+        click.echo(f"  … and {len(items) - _SHOWN} more (see --json)")
+
+
 def _print_status(r: dict[str, Any]) -> None:
     daemon = r["daemon"]
     if daemon == "unknown":
@@ -401,18 +410,20 @@ def _print_status(r: dict[str, Any]) -> None:
     click.echo(line)
     retrying = r.get("retrying") or []
     click.echo(f"retrying:    {len(retrying)}")
-    for item in retrying:
+    for item in retrying[:_SHOWN]:
         click.echo(
             f"  {item['entry']}: attempt {item['attempts']}, next in "
             f"{item['next_try_in']:.0f}s: {item['error']}"
         )
+    _more(retrying)
     quarantined = r.get("quarantined")
     if quarantined is None:
         click.echo("quarantined: (spool not readable by this user)")
     else:
         click.echo(f"quarantined: {len(quarantined)}")
-        for item in quarantined:
+        for item in quarantined[:_SHOWN]:
             click.echo(f"  {item['entry']}: {item['reason']}")
+        _more(quarantined)
     if "uploaded_paths" in r:
         click.echo(
             f"uploaded:    {r['uploaded_paths']} paths, "

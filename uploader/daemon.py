@@ -261,6 +261,7 @@ class Daemon:
         return entries
 
     async def _upload(self, entries: list[Entry]) -> None:
+        started = time.monotonic()
         try:
             outputs = await asyncio.to_thread(self._resolve_outputs, entries)
         except StoreError as e:
@@ -279,6 +280,7 @@ class Daemon:
             # the next attempt quarantines its entry.
             self._retry_later(list(ready), f"asking the local Nix: {e}")
             return
+        queried = time.monotonic()
         try:
             result = await self.engine.push_infos(all_outputs, infos)
         except UploaderError as e:
@@ -287,6 +289,13 @@ class Daemon:
             retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
             self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
             return
+        log.debug(
+            "batch of %d entries: Nix queries %.2fs, upload of %d paths %.2fs",
+            len(entries),
+            queried - started,
+            len(result.uploaded),
+            time.monotonic() - queried,
+        )
         self._settle(ready, infos, result)
 
     def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:

@@ -47,6 +47,7 @@ __all__ = [
     "PushResult",
     "StoreView",
     "narinfo_key",
+    "worker_threads",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,21 @@ T = TypeVar("T")
 
 CACHE_INFO = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 NAR_TYPE = "application/x-nix-nar"
+# NARs up to this size are uploaded up to _SMALL_JOBS at a time, besides
+# the ``jobs`` larger ones.
+_SMALL_NAR = 256 << 10
+_SMALL_JOBS = 16
 # NARs up to this size are compressed in memory; larger ones into a file.
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
 _HEAD_NAR_ABOVE = 4 << 20
+
+
+def worker_threads(jobs: int) -> int:
+    """Threads the engine runs target requests on: ``jobs`` NARs at once plus
+    a pool for existence checks and narinfos.  The target's connection pool
+    must be at least this large, or connections are thrown away and redone."""
+    return max(1, jobs) + _SMALL_JOBS + 16
 
 
 def narinfo_key(store_path: str) -> str:
@@ -167,10 +179,14 @@ class Engine:
         self.is_upstream = is_upstream
         # Told (path, seconds, compressed size) after each upload: metrics.
         self.on_uploaded = on_uploaded
-        self._pool = ThreadPoolExecutor(max_workers=self.jobs + 16, thread_name_prefix="upload")
+        self._pool = ThreadPoolExecutor(
+            max_workers=worker_threads(self.jobs), thread_name_prefix="upload"
+        )
         self._cache_info_checked = False
         self._cache_info_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.jobs)
+        # Small NARs cost round trips, not CPU or memory: many at once.
+        self._small_slots = asyncio.Semaphore(_SMALL_JOBS)
         self._cpu = asyncio.Semaphore(1)
         # Paths being checked or uploaded right now, by any push_infos call,
         # with their outcome (None, or the error) once known.
@@ -322,7 +338,8 @@ class Engine:
         path = info.path
         started = time.monotonic()
         try:
-            async with self._slots:
+            slots = self._small_slots if info.nar_size <= _SMALL_NAR else self._slots
+            async with slots:
                 url, prepared = await self._upload_nar(info)
             # Slot released first: a path waiting on its references must not
             # hold a place its references need.

@@ -110,7 +110,8 @@ class S3Target:
             region_name=url.params.get("region", "us-east-1"),
             # Request-level retries only; the daemon's queue retries for longer.
             retries={"mode": "standard", "max_attempts": max_attempts},
-            max_pool_connections=max_connections + MULTIPART_CONCURRENCY,
+            # Every caller thread, plus s3transfer's part uploads.
+            max_pool_connections=max_connections + MULTIPART_CONCURRENCY * MULTIPART_UPLOADS,
             # Checksums only where S3 requires them: the NAR's integrity is
             # already in the narinfo, and several S3-compatible servers reject
             # the newer checksum headers.
