@@ -107,6 +107,11 @@ class Daemon:
 
     # -- control -------------------------------------------------------
 
+    @property
+    def forced(self) -> bool:
+        """Whether a second stop request cut the drain short."""
+        return self._forced
+
     def request_stop(self) -> None:
         """First call: drain and stop.  Second call: stop now."""
         if self._stopping.is_set():

@@ -10,192 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import io
 import lzma
 import os
-import random
 import tempfile
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uploader import nar, signing
+from tests.support.fakes import FakeStore, MiB, RecordingTarget
+from uploader import signing
 from uploader._exceptions import TransientTargetError, UploaderError, VerificationError
 from uploader.engine import CACHE_INFO, DependencyFailed, Engine, PushResult, narinfo_key
-from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
-from uploader.storepath import STORE_DIR, basename, hash_part, is_store_path
-from uploader.targets import StoreUrl
+from uploader.storepath import basename, hash_part
 
-MiB = 1 << 20
 KEY = signing.generate("test-cache-1")
 PUBLIC = KEY.public_key()
-
-
-class FakeStore:
-    """Store paths backed by directories under ``root``, registered as Nix would."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._dirs: dict[str, Path] = {}
-        self._references: dict[str, tuple[str, ...]] = {}
-        self._registered: dict[str, PathInfo] = {}
-        self._lies: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def add(
-        self,
-        name: str,
-        references: Iterable[str] = (),
-        *,
-        self_reference: bool = False,
-        contents: bytes | None = None,
-    ) -> str:
-        """A new store path holding a directory (a data file, an executable
-        and a symlink); the data file names the references, as in real outputs."""
-        path = f"{STORE_DIR}/{nix32(hashlib.sha1(name.encode()).digest())}-{name}"
-        assert is_store_path(path) and path not in self._dirs
-        refs = sorted({*references, *([path] if self_reference else [])})
-        directory = self.root / basename(path)
-        (directory / "bin").mkdir(parents=True)
-        data = contents if contents is not None else f"{name}\n{' '.join(refs)}\n".encode()
-        (directory / "data").write_bytes(data)
-        (directory / "bin" / name).write_bytes(b"#!/bin/sh\n")
-        (directory / "bin" / name).chmod(0o755)
-        (directory / "link").symlink_to("data")
-        self._dirs[path] = directory
-        self._references[path] = tuple(refs)
-        return path
-
-    def lie(self, path: str, **fields: Any) -> None:
-        """Make the 'database' register ``fields`` (e.g. a wrong nar_hash) for ``path``."""
-        self._lies[path] = fields
-
-    def nar(self, path: str) -> bytes:
-        return b"".join(nar.dump(str(self._dirs[path])))
-
-    def registered(self, path: str) -> PathInfo:
-        with self._lock:
-            if path not in self._registered:
-                data = self.nar(path)
-                info = PathInfo(
-                    path=path,
-                    nar_hash=format_hash(hashlib.sha256(data).digest()),
-                    nar_size=len(data),
-                    references=self._references[path],
-                )
-                self._registered[path] = dataclasses.replace(info, **self._lies.get(path, {}))
-            return self._registered[path]
-
-    def closure(self, paths: Iterable[str]) -> set[str]:
-        found: set[str] = set()
-        todo = list(paths)
-        while todo:
-            path = todo.pop()
-            if path not in found:
-                found.add(path)
-                todo.extend(self._references[path])
-        return found
-
-    # StoreView
-    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
-        wanted = self.closure(paths) if closure else set(paths)
-        return {p: self.registered(p) for p in sorted(wanted)}
-
-    def dump(self, path: str) -> Iterator[bytes]:
-        return nar.dump(str(self._dirs[path]))
-
-
-class RecordingTarget:
-    """An in-memory binary cache that records ``(event, key)`` in order:
-    ``begin`` when a put starts, ``put`` when its object becomes visible,
-    ``fail`` when it was told to fail that key."""
-
-    def __init__(self, *, delay: float = 0.0, seed: int = 0) -> None:
-        self.url = StoreUrl(scheme="file", path="/in-memory", raw="memory:///in-memory")
-        self.objects: dict[str, bytes] = {}
-        self.content_types: dict[str, str] = {}
-        self.events: list[tuple[str, str]] = []
-        self.exists_calls: list[str] = []
-        self.fail: set[str] = set()
-        self.spilled: dict[str, bool] = {}
-        # Up to this many seconds of sleep per put, at random.
-        self.delay = delay
-        # Called (in the worker thread) before answering exists(key).
-        self.before_exists: dict[str, Callable[[], object]] = {}
-        self._random = random.Random(seed)
-        self._lock = threading.Lock()
-
-    def exists(self, key: str) -> bool:
-        hook = self.before_exists.get(key)
-        if hook is not None:
-            hook()
-        with self._lock:
-            self.exists_calls.append(key)
-            return key in self.objects
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            return self.objects.get(key)
-
-    def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
-        self.spilled[key] = False
-        self._store(key, lambda: _read_exactly(body, size), content_type)
-
-    def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
-        self.spilled[key] = True
-
-        def read() -> bytes:
-            with open(filename, "rb") as f:
-                return _read_exactly(f, size)
-
-        self._store(key, read, content_type)
-
-    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        self._store(key, lambda: data, content_type)
-
-    def _store(self, key: str, read: Callable[[], bytes], content_type: str) -> None:
-        with self._lock:
-            self.events.append(("begin", key))
-            pause = self._random.uniform(0, self.delay) if self.delay else 0.0
-        data = read()
-        time.sleep(pause)
-        with self._lock:
-            if key in self.fail:
-                self.events.append(("fail", key))
-                raise TransientTargetError(f"uploading {key}: injected failure")
-            self.objects[key] = data
-            self.content_types[key] = content_type
-            self.events.append(("put", key))
-
-    def puts(self, since: int = 0) -> list[str]:
-        """Keys of the objects made visible, in order, from event ``since`` on."""
-        return [key for event, key in self.events[since:] if event == "put"]
-
-    def narinfo(self, path: str) -> NarInfo | None:
-        text = self.get(narinfo_key(path))
-        return None if text is None else NarInfo.parse(text.decode())
-
-
-def _read_exactly(body: IO[bytes], size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        piece = body.read(min(MiB, size - len(out)))
-        assert piece, f"body ended after {len(out)} of {size} bytes"
-        out += piece
-    return bytes(out)
 
 
 class MemoryKnown:

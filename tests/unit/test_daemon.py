@@ -1,0 +1,229 @@
+"""The daemon's queue logic with a real spool directory and plain objects for
+the store and the bucket: what is acknowledged, quarantined, retried, and
+what SIGTERM leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.fakes import FakeStore, RecordingTarget
+from uploader import signing
+from uploader._exceptions import TransientTargetError
+from uploader.config import Settings
+from uploader.daemon import Daemon
+from uploader.engine import Engine, narinfo_key
+from uploader.spool import FORMAT_HEADER, Spool
+from uploader.state import read_status
+
+KEY = signing.generate("test-cache-1")
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, **settings: float) -> None:
+        self.store = FakeStore(tmp_path / "store")
+        self.target = RecordingTarget()
+        self.spool = Spool(tmp_path / "spool")
+        os.makedirs(self.spool.path)
+        state = tmp_path / "state"
+        state.mkdir()
+        self.settings = Settings(
+            spool=self.spool.path,
+            state_dir=str(state),
+            retry_min=settings.get("retry_min", 0.05),
+            retry_max=settings.get("retry_max", 0.2),
+            drain_timeout=settings.get("drain_timeout", 5.0),
+        )
+
+    def entry(self, name: str, *lines: str) -> str:
+        tmp = Path(self.spool.path, f".tmp-{name}")
+        tmp.write_text("\n".join([FORMAT_HEADER, *lines]) + "\n")
+        tmp.rename(Path(self.spool.path, f"{name}.entry"))
+        return f"{name}.entry"
+
+    def run_until(self, done: Callable[[Daemon], bool], timeout: float = 10) -> Daemon:
+        """Run a daemon until ``done(daemon)`` holds, then stop it as SIGTERM would."""
+        engine = Engine(self.store, self.target, KEY, jobs=2)  # type: ignore[arg-type]
+        daemon = Daemon(self.settings, store=self.store, engine=engine, spool=self.spool)  # type: ignore[arg-type]
+
+        async def main() -> None:
+            task = asyncio.create_task(daemon.run())
+            deadline = time.monotonic() + timeout
+            while not done(daemon):
+                assert time.monotonic() < deadline, (
+                    f"condition not reached: {daemon.status(running=True)}"
+                )
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.02)
+            daemon.request_stop()
+            await task
+            self.stopped_at = time.monotonic()
+
+        try:
+            asyncio.run(main())
+        finally:
+            engine.close()
+        return daemon
+
+
+def test_entries_are_acknowledged_once_their_closure_is_in_the_cache(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    dep = s.store.add("dep")
+    out = s.store.add("out", [dep])
+    s.entry("one", f"out {out}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert s.target.narinfo(out) is not None and s.target.narinfo(dep) is not None
+    status = read_status(s.settings.state_dir)
+    assert status is not None and status["running"] is False
+    assert status["uploaded_paths"] == 2
+
+
+def test_outputs_are_resolved_from_the_derivation_when_the_hook_saw_none(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    out, lib = s.store.add("multi"), s.store.add("multi-lib")
+    drv = "/nix/store/" + "d" * 32 + "-multi.drv"
+    s.store.outputs_of[drv] = [out, lib]
+    s.entry("drv-only", f"drv {drv}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert s.target.narinfo(out) is not None and s.target.narinfo(lib) is not None
+
+
+def test_cache_failures_are_retried_with_backoff_and_never_dropped(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    out = s.store.add("flaky")
+    s.target.fail.add(narinfo_key(out))
+    s.entry("flaky", f"out {out}")
+    d = s.run_until(lambda d: any(p.attempts >= 3 for p in d._pending.values()))
+    assert s.spool.pending() == ["flaky.entry"], "a failing entry stays queued"
+    assert s.spool.quarantined() == []
+    assert d._failures["TransientTargetError"] >= 3
+
+    s.target.fail.clear()
+    s.run_until(lambda d: not s.spool.pending())
+    assert s.target.narinfo(out) is not None
+
+
+def test_retry_after_sets_the_earliest_next_attempt(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    out = s.store.add("throttled")
+    s.entry("throttled", f"out {out}")
+    original = s.target.put_bytes
+
+    def slow_down(key: str, data: bytes, content_type: str) -> None:
+        if key.endswith(".narinfo"):
+            raise TransientTargetError("uploading: 503 SlowDown", retry_after=30)
+        original(key, data, content_type)
+
+    s.target.put_bytes = slow_down  # type: ignore[method-assign]
+    d = s.run_until(lambda d: any(p.attempts for p in d._pending.values()))
+    (pending,) = d._pending.values()
+    assert pending.next_try - time.monotonic() > 25, "Retry-After: 30 was not honoured"
+    assert s.spool.pending() == ["throttled.entry"]
+
+
+def test_a_path_differing_from_the_database_quarantines_its_entries(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    bad = s.store.add("tampered")
+    top = s.store.add("top", [bad])
+    good = s.store.add("fine")
+    s.store.lie(bad, nar_size=12345)
+    s.entry("top", f"out {top}")
+    s.entry("good", f"out {good}")
+    s.run_until(lambda d: not s.spool.pending())
+    ((name, reason),) = s.spool.quarantined()
+    assert name == "top.entry"
+    assert bad in reason and "differs from what the Nix database registered" in reason
+    assert s.target.narinfo(top) is None and s.target.narinfo(good) is not None
+
+
+def test_paths_not_in_the_store_are_quarantined_and_partly_valid_entries_upload(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    kept = s.store.add("kept")
+    gone = "/nix/store/" + "g" * 32 + "-collected"
+    s.entry("gone", f"out {gone}")
+    s.entry("half", f"out {kept}", f"out {gone}")
+    s.run_until(lambda d: not s.spool.pending())
+    reasons = dict(s.spool.quarantined())
+    assert list(reasons) == ["gone.entry"]
+    assert "not valid in the local Nix store" in reasons["gone.entry"]
+    assert s.target.narinfo(kept) is not None
+
+
+def test_sigterm_lets_the_running_batch_finish(tmp_path: Path) -> None:
+    s = Setup(tmp_path, drain_timeout=10)
+    out = s.store.add("slow")
+    s.target.delay = 1.0  # up to a second per put
+    s.entry("slow", f"out {out}")
+    started = threading.Event()
+
+    def in_flight(d: Daemon) -> bool:
+        if d._in_flight:
+            started.set()
+        return started.is_set()
+
+    s.run_until(in_flight)
+    assert s.spool.pending() == [], "the in-flight entry was finished before stopping"
+    assert s.target.narinfo(out) is not None
+
+
+def test_a_second_stop_request_cancels_and_keeps_the_entry(tmp_path: Path) -> None:
+    s = Setup(tmp_path, drain_timeout=30)
+    out = s.store.add("stuck")
+    release = threading.Event()
+    s.target.before_exists[narinfo_key(out)] = lambda: release.wait(10)
+    s.entry("stuck", f"out {out}")
+
+    def forced(d: Daemon) -> bool:
+        if d._in_flight:
+            d.request_stop()  # the first request waits for the batch; this is the second
+            return True
+        return False
+
+    t0 = time.monotonic()
+    threading.Timer(8, release.set).start()  # lets the stuck request's thread end
+    s.run_until(forced)
+    assert s.stopped_at - t0 < 4, "a second stop request did not cancel at once"
+    assert s.spool.pending() == ["stuck.entry"]
+
+
+def test_sigusr1_retries_waiting_entries_now(tmp_path: Path) -> None:
+    s = Setup(tmp_path, retry_min=60, retry_max=60)
+    out = s.store.add("later")
+    s.target.fail.add(narinfo_key(out))
+    s.entry("later", f"out {out}")
+    healed = threading.Event()
+
+    def heal_and_signal(d: Daemon) -> bool:
+        if not healed.is_set() and any(p.attempts for p in d._pending.values()):
+            s.target.fail.clear()
+            healed.set()
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return healed.is_set() and not s.spool.pending()
+
+    s.run_until(heal_and_signal, timeout=15)
+    assert s.target.narinfo(out) is not None
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"\xff\xfe binary", b"x" * 70_000])
+def test_malformed_entries_are_quarantined_and_good_ones_still_served(
+    tmp_path: Path, content: bytes
+) -> None:
+    s = Setup(tmp_path)
+    good = s.store.add("good")
+    bad = Path(s.spool.path, "bad.entry")
+    bad.write_bytes(content)
+    # Old enough that it cannot be a file still being written.
+    os.utime(bad, (time.time() - 60, time.time() - 60))
+    s.entry("good", f"out {good}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert [n for n, _ in s.spool.quarantined()] == ["bad.entry"]
+    assert s.target.narinfo(good) is not None
