@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import io
+
+from uploader.progress import TerminalProgress, human_bytes
+from uploader.store import PathInfo
+
+
+def test_human_bytes() -> None:
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 << 30) == "3.0 GiB"
+
+
+def test_progress_line_is_redrawn_in_place_and_ends_with_a_newline() -> None:
+    out = io.StringIO()
+    progress = TerminalProgress(out, min_interval=0)
+    progress.start(2, 3 << 20)
+    info = PathInfo(
+        path="/nix/store/" + "a" * 32 + "-x", nar_hash="", nar_size=1 << 20, references=()
+    )
+    progress.advance(info, True)
+    progress.advance(info, True)
+    progress.finish()
+    text = out.getvalue()
+    frames = text.split("\r\x1b[K")[1:]
+    assert frames[0].startswith("[0/2] 0 B / 3.0 MiB")
+    assert frames[-1].startswith("[2/2] 2.0 MiB / 3.0 MiB")
+    assert text.endswith("\n") and text.count("\n") == 1
