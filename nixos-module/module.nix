@@ -23,6 +23,15 @@ let
     lib.filterAttrs (_: value: value != null) cfg.settings
   );
 
+  # The settings checked when the system is built, as atticd does: an unknown
+  # setting or a malformed store URL fails the build instead of the service.
+  # check-config needs neither the network nor the key (which only exists
+  # on the machine).
+  checkedConfigFile = pkgs.runCommand "nix-cache-uploader-checked.toml" { } ''
+    ${cfg.package}/bin/nix-cache-uploader check-config --config ${configFile}
+    cp ${configFile} $out
+  '';
+
   # One fact in several places: the default spool is also in
   # hook/post-build-hook and uploader/spool.py (DEFAULT_SPOOL); change all
   # three together.  The default GC-root and state directories are also in
@@ -249,7 +258,7 @@ in
       extra-allowed-users = [ cfg.user ];
     };
 
-    environment.etc."nix-cache-uploader/config.toml".source = configFile;
+    environment.etc."nix-cache-uploader/config.toml".source = checkedConfigFile;
     environment.systemPackages = [ cfg.package ];
 
     users.users = lib.mkIf (cfg.user == "nix-cache-uploader") {
@@ -294,7 +303,7 @@ in
       serviceConfig = {
         ExecStart = lib.concatStringsSep " " [
           "${cfg.package}/bin/nix-cache-uploader run"
-          "--config ${configFile}"
+          "--config ${checkedConfigFile}"
           # %d is the service's credentials directory; the key arrives there
           # readable by the service user only, wherever the original lives.
           "--secret-key-file %d/secret-key"

@@ -32,6 +32,7 @@ python3Packages.buildPythonApplication {
   dependencies = with python3Packages; [
     boto3
     click
+    prometheus-client
     pynacl
     watchdog
     zstandard

@@ -9,7 +9,8 @@
     ├── VerificationError         streamed NarHash/NarSize differ from the Nix DB
     ├── TargetError               the binary cache refused or failed a request
     │   └── TransientTargetError  worth retrying later (network, 5xx, throttling)
-    └── SpoolError                a spool entry is malformed (goes to quarantine)
+    ├── SpoolError                a spool entry is malformed (goes to quarantine)
+    └── InstallError              a step of `install`/`uninstall` failed
 
 Transient errors are the only ones the daemon retries; everything else is
 permanent for the input that caused it.  Errors about one store path carry it
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "InstallError",
     "InvalidPathError",
     "KeyFileError",
     "NarError",
@@ -83,3 +85,7 @@ class TransientTargetError(TargetError):
 
 class SpoolError(UploaderError):
     """A spool entry is malformed; it is quarantined with this message as reason."""
+
+
+class InstallError(UploaderError):
+    """A step of `install` or `uninstall` (useradd, systemctl, a file) failed."""

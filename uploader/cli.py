@@ -20,12 +20,26 @@ import click
 
 from uploader import __version__
 from uploader._exceptions import ConfigError, UploaderError
-from uploader.compression import METHODS
+from uploader.compression import METHODS, check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Settings, load_settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, PushResult, worker_threads
 from uploader.gcroots import GcRoots
-from uploader.metrics import Metrics
+from uploader.host import LocalHost
+from uploader.install import (
+    DEFAULT_HOOK_PATH,
+    DEFAULT_NIX_CONF,
+    DEFAULT_UNIT_DIR,
+    DEFAULT_USER,
+    Layout,
+    Request,
+    execute,
+    plan_install,
+    plan_uninstall,
+    service_command,
+    service_path,
+)
+from uploader.metrics import Metrics, parse_listen_address
 from uploader.progress import TerminalProgress, human_bytes
 from uploader.signing import SecretKey, generate, write_public_key, write_secret_key
 from uploader.spool import DEFAULT_SPOOL, Spool
@@ -57,6 +71,9 @@ def setup_logging(verbose: int) -> None:
     # botocore's debug output would echo request headers; keep it at warnings.
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Stopping the spool watch races with watchdog's reader thread, which then
+    # logs a harmless "queue_events() called when the thread is inactive".
+    logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> None:
@@ -288,8 +305,12 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
         asyncio.run(daemon.run())
     except UploaderError as e:
         fail(str(e))
-    finally:
-        daemon.engine.close()
+    if daemon.forced:
+        # A request may hang in a worker thread for its whole timeout; a
+        # forced stop does not wait for it (the entries are still queued).
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
+    daemon.engine.close()
 
 
 def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
@@ -500,3 +521,263 @@ def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> 
             click.echo("the daemon is not running; entries wait for its next start")
         except PermissionError:
             click.echo("not allowed to signal the daemon; waiting entries keep their backoff")
+
+
+def layout_options(fn: F) -> F:
+    """Where install puts things (uninstall takes the same, to find them)."""
+    options = [
+        click.option(
+            "--hook-path",
+            metavar="FILE",
+            default=DEFAULT_HOOK_PATH,
+            show_default=True,
+            help="Where the post-build hook is installed.",
+        ),
+        click.option(
+            "--unit-dir",
+            metavar="DIR",
+            default=DEFAULT_UNIT_DIR,
+            show_default=True,
+            help="Directory of the systemd unit.",
+        ),
+        click.option(
+            "--nix-conf",
+            metavar="FILE",
+            default=DEFAULT_NIX_CONF,
+            show_default=True,
+            help="The nix.conf that names the post-build-hook.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            metavar="FILE",
+            default=DEFAULT_CONFIG,
+            show_default=True,
+            help="Config file (the key and credentials default to its directory).",
+        ),
+        click.option(
+            "--group",
+            default=None,
+            metavar="NAME",
+            help="Group owning the spool [default: --user].",
+        ),
+        click.option(
+            "--user",
+            metavar="NAME",
+            default=DEFAULT_USER,
+            show_default=True,
+            help="User the uploader runs as (a system user of its own).",
+        ),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+def _layout(
+    user: str, group: str | None, config_file: str, nix_conf: str, unit_dir: str, hook_path: str
+) -> Layout:
+    return Layout(
+        user=user,
+        group=group or user,
+        config=config_file,
+        nix_conf=nix_conf,
+        unit_dir=unit_dir,
+        hook_path=hook_path,
+    )
+
+
+def _needs_root(dry_run: bool) -> None:
+    if not dry_run and os.geteuid() != 0:
+        fail("this creates a user and writes to /etc: run it as root (or try --dry-run)")
+
+
+@main.command()
+@click.option(
+    "--to",
+    "store_url",
+    metavar="STORE_URL",
+    help="Binary cache URL (as for push) [default: the config file's].",
+)
+@click.option(
+    "--secret-key-file",
+    metavar="FILE",
+    default=None,
+    help="Where the signing key is [default: secret-key beside --config].",
+)
+@click.option(
+    "--generate-key",
+    metavar="NAME",
+    help="Create the signing key NAME there (owned by --user, 0600) if it is missing.",
+)
+@click.option(
+    "--spool", default=None, metavar="DIR", help=f"Spool directory [default: {DEFAULT_SPOOL}]."
+)
+@click.option(
+    "--state-dir",
+    default=None,
+    metavar="DIR",
+    help=f"State directory [default: {DEFAULT_STATE_DIR}].",
+)
+@click.option(
+    "--gc-roots-dir", default=None, metavar="DIR", help="Where queued outputs are rooted."
+)
+@click.option(
+    "--upstream-key",
+    "upstream_keys",
+    multiple=True,
+    metavar="NAME",
+    help="Paths signed by this key are not uploaded (repeatable) [cache.nixos.org-1].",
+)
+@layout_options
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a post-build-hook (commented out), config file or unit not install's.",
+)
+@click.option("-n", "--dry-run", is_flag=True, help="Print each action; change nothing.")
+def install(
+    user: str,
+    group: str | None,
+    config_file: str,
+    nix_conf: str,
+    unit_dir: str,
+    hook_path: str,
+    store_url: str | None,
+    secret_key_file: str | None,
+    generate_key: str | None,
+    spool: str | None,
+    state_dir: str | None,
+    gc_roots_dir: str | None,
+    upstream_keys: tuple[str, ...],
+    force: bool,
+    dry_run: bool,
+) -> None:
+    """Set up the uploader on a systemd host with multi-user Nix (not NixOS).
+
+    Creates the user and group (added to nix-users where that group exists),
+    the spool, state and GC-root directories, installs the post-build hook,
+    writes the config file (unless there is one) and a hardened systemd unit
+    running this nix-cache-uploader, adds `post-build-hook` to nix.conf and
+    enables the service.  Only what differs is done: a second run does
+    nothing.  The S3 credentials go into the file `environment` beside the
+    config file.  `uninstall` undoes it.
+    """
+    _needs_root(dry_run)
+    layout = _layout(user, group, config_file, nix_conf, unit_dir, hook_path)
+    request = Request(
+        command=service_command(sys.argv[0], sys.executable),
+        path=service_path(os.environ.get("PATH")),
+        to=store_url,
+        secret_key_file=secret_key_file,
+        spool=spool,
+        state_dir=state_dir,
+        gc_roots_dir=gc_roots_dir,
+        upstream_keys=upstream_keys or None,
+        generate_key=generate_key,
+        force=force,
+    )
+    try:
+        plan = plan_install(layout, request, LocalHost())
+        execute(
+            plan,
+            dry_run=dry_run,
+            echo=click.echo,
+            nothing="nothing to do: nix-cache-uploader is installed as asked",
+        )
+    except UploaderError as e:
+        fail(str(e))
+
+
+@main.command()
+@layout_options
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Also remove spool (and its queue), state, GC roots, config, user, group.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Remove the hook even if a nix-daemon may still run it, and a unit not install's.",
+)
+@click.option("-n", "--dry-run", is_flag=True, help="Print each action; change nothing.")
+def uninstall(
+    user: str,
+    group: str | None,
+    config_file: str,
+    nix_conf: str,
+    unit_dir: str,
+    hook_path: str,
+    purge: bool,
+    force: bool,
+    dry_run: bool,
+) -> None:
+    """Undo `install`: stop and remove the service, take the hook out of nix.conf.
+
+    nix.conf gets back exactly what it had (a hook that `install --force`
+    commented out is restored).  The hook itself is removed once no running
+    nix-daemon can still call it.  With --purge, also the spool, state and
+    GC-root directories, the config file, and the user and group; the signing
+    key and the credentials file are always left alone.
+    """
+    _needs_root(dry_run)
+    layout = _layout(user, group, config_file, nix_conf, unit_dir, hook_path)
+    try:
+        plan = plan_uninstall(layout, LocalHost(), purge=purge, force=force)
+        execute(
+            plan,
+            dry_run=dry_run,
+            echo=click.echo,
+            nothing="nothing to do: nix-cache-uploader is not installed",
+        )
+    except UploaderError as e:
+        fail(str(e))
+
+
+@main.command("check-config")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"TOML config file [default: {DEFAULT_CONFIG}].",
+)
+def check_config(config_file: str | None) -> None:
+    """Check a config file without the network or the signing key.
+
+    Unknown settings, wrong types, a malformed store URL, compression, paths
+    and the metrics address are errors (exit 1).  A missing `to` and a key
+    file that is absent or unreadable here are warnings: at NixOS build time
+    the key is not there yet.
+    """
+    setup_logging(0)
+    path = config_file or DEFAULT_CONFIG
+    try:
+        settings = load_settings(path, {})
+        warnings = _settings_warnings(settings)
+    except UploaderError as e:
+        fail(str(e) if path in str(e) else f"{path}: {e}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{path}: ok")
+
+
+def _settings_warnings(settings: Settings) -> list[str]:
+    """Check what load_settings leaves to the moment of use; return warnings."""
+    warnings = []
+    if settings.to is None:
+        warnings.append("`to` is not set: `run` then needs --to")
+    else:
+        url = parse_store_url(settings.to)
+        check_level(settings.compression or url.compression or "zstd", settings.compression_level)
+    if settings.metrics:
+        parse_listen_address(settings.metrics)
+    key = settings.secret_key_file
+    if key is not None and not os.path.exists(key):
+        warnings.append(f"secret-key-file {key} does not exist (yet)")
+    elif key is not None and not os.access(key, os.R_OK):
+        warnings.append(f"secret-key-file {key} is not readable by this user; not checked")
+    elif key is not None:
+        SecretKey.load(key)
+    return warnings
