@@ -24,6 +24,7 @@ DEFAULT_ZSTD_LEVEL = 3
 _LEVELS = {"zstd": (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL), "xz": (0, 9)}
 # Below this size zstd worker threads cost more than they save.
 THREADED_ABOVE = 4 << 20
+_JOB_SIZE = 4 << 20
 
 
 class Compressor(Protocol):
@@ -97,10 +98,15 @@ def open_compressor(
         return _Passthrough(out)
     if method == "xz":
         return _Xz(out, level)
-    cctx = zstandard.ZstdCompressor(
-        level=DEFAULT_ZSTD_LEVEL if level is None else level,
-        threads=threads if size_hint > THREADED_ABOVE else 0,
+    workers = threads if size_hint > THREADED_ABOVE else 0
+    params = zstandard.ZstdCompressionParameters.from_level(
+        DEFAULT_ZSTD_LEVEL if level is None else level,
+        threads=workers,
+        # zstd's default job size buffers ~100 MiB across two workers on
+        # incompressible data; 4 MiB jobs use about half that, as fast.
+        job_size=_JOB_SIZE if workers else 0,
         write_content_size=False,
     )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
     writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)
     return writer

@@ -48,7 +48,7 @@ class Settings:
     upstream: tuple[str, ...] = ()
     upstream_keys: tuple[str, ...] = ()
     tmp_dir: str | None = None
-    batch_size: int = 200
+    batch_size: int = 1000
     retry_min: float = 1.0
     retry_max: float = 900.0
     drain_timeout: float = 60.0

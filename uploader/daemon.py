@@ -95,6 +95,9 @@ class Daemon:
             )
         self._pending: dict[str, _Pending] = {}
         self._in_flight: set[str] = set()
+        # GC roots held for entries: name -> outputs, and a count per output.
+        self._entry_roots: dict[str, list[str]] = {}
+        self._root_refs: collections.Counter[str] = collections.Counter()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._forced = False
@@ -276,8 +279,7 @@ class Daemon:
         if not ready:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
-        if self.roots is not None:
-            self.roots.add(all_outputs)
+        self._root(ready)
         try:
             infos = await asyncio.to_thread(self.store.path_infos, all_outputs, closure=True)
         except StoreError as e:
@@ -348,13 +350,12 @@ class Daemon:
             self._count_failure(_kind(error))
             if not isinstance(error, DependencyFailed):
                 self._note_error(path, error)
-        done_outputs: list[str] = []
         for name, outputs in ready.items():
             failed = _failures_in_closure(outputs, infos, result.failed) if result.failed else []
             if not failed:
                 self.spool.ack(name)
                 self._pending.pop(name, None)
-                done_outputs.extend(outputs)
+                self._unroot(name)
                 log.info("%s: %d outputs in the cache", name, len(outputs))
                 continue
             root_causes = [_root_cause(e) for e in failed]
@@ -373,9 +374,6 @@ class Daemon:
                     default=0.0,
                 )
                 self._retry_later([name], str(root_causes[0]), retry_after=retry_after)
-        if self.roots is not None and done_outputs:
-            still_needed = self._rooted_outputs()
-            self.roots.remove(p for p in done_outputs if p not in still_needed)
 
     # -- bookkeeping ---------------------------------------------------
 
@@ -388,8 +386,28 @@ class Daemon:
             return False
         return age < _SETTLE and name in self._pending
 
+    def _root(self, outputs: dict[str, list[str]]) -> None:
+        """Make the outputs of these entries GC roots until the entries are done."""
+        if self.roots is None:
+            return
+        for name, outs in outputs.items():
+            if name not in self._entry_roots:
+                self._entry_roots[name] = outs
+                self._root_refs.update(outs)
+        self.roots.add(sorted({p for outs in outputs.values() for p in outs}))
+
+    def _unroot(self, name: str) -> None:
+        """Drop the roots of a finished entry that no other entry needs."""
+        outs = self._entry_roots.pop(name, [])
+        self._root_refs.subtract(outs)
+        unused = [p for p in outs if self._root_refs[p] <= 0]
+        for p in unused:
+            del self._root_refs[p]
+        if self.roots is not None and unused:
+            self.roots.remove(unused)
+
     def _rooted_outputs(self) -> set[str]:
-        """Outputs named by entries still waiting (read lazily from the spool)."""
+        """Outputs named by entries waiting at start-up (read from the spool)."""
         needed: set[str] = set()
         for name in self._pending:
             with contextlib.suppress(OSError, SpoolError):
@@ -405,6 +423,7 @@ class Daemon:
             self._retry_later([name], reason)
             return
         self._pending.pop(name, None)
+        self._unroot(name)
         self._count_failure("quarantined")
         self._note_error(name, reason)
         self._dirty = True

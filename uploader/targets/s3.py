@@ -3,6 +3,7 @@
 boto3 does the work: credentials from the usual chain (environment, profile,
 instance role), request-level retries in botocore's standard mode, and
 s3transfer's multipart upload with a bounded number of parts in memory.
+Small requests take a faster route through presigned URLs (presigned.py).
 Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 """
 
@@ -17,6 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
+from uploader.targets.presigned import PresignedRequests, usable_for
 from uploader.targets.url import StoreUrl
 
 __all__ = ["S3Target"]
@@ -131,6 +133,17 @@ class S3Target:
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
         self._large = threading.BoundedSemaphore(MULTIPART_UPLOADS)
+        self._fast = (
+            PresignedRequests(
+                self._client,
+                session,
+                self.bucket,
+                max_connections=max_connections,
+                max_attempts=max_attempts,
+            )
+            if usable_for()
+            else None
+        )
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -160,7 +173,10 @@ class S3Target:
 
     def exists(self, key: str) -> bool:
         try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
+            if self._fast is not None:
+                self._fast.head(key)
+            else:
+                self._client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as e:
             # An unlistable bucket answers 403 for a missing key: treat both as absent.
             if _status(e) in (403, 404):
@@ -219,8 +235,11 @@ class S3Target:
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
-            )
+            if self._fast is not None:
+                self._fast.put(key, data, content_type)
+            else:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+                )
         except Exception as e:
             raise self._failed_upload(e, key) from e

@@ -1,0 +1,128 @@
+"""Small S3 requests (HEAD, PUT of narinfos and small NARs) without boto3's
+per-request pipeline.
+
+botocore still does what needs care: credentials (environment, profile,
+instance role, refreshed when they expire), the endpoint and addressing
+style, and SigV4 query signing of each request; urllib3, the transport
+botocore itself uses, sends it over a shared connection pool.  Measured here against SeaweedFS, this
+makes about 2.5 times as many small requests per second as `put_object` and
+`head_object` with a third of the CPU: for thousands of tiny store paths,
+botocore's own overhead, not the network, was the limit.
+
+Failures come back as botocore ``ClientError``s shaped like boto3's, so the
+S3 target maps them to our errors in one place.  When a proxy is configured
+the target keeps to boto3, which knows how to use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+from typing import Any
+from urllib.parse import quote
+
+import botocore.exceptions
+import botocore.httpsession
+import urllib3
+from botocore.auth import S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+
+__all__ = ["PresignedRequests", "usable_for"]
+
+# Presigned URLs are used at once; a short life limits what a leaked one is worth.
+_EXPIRES = 300
+_TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+_PROBE = "nix-cache-uploader-probe"
+
+
+def usable_for() -> bool:
+    """Whether requests may go straight to the endpoint (no proxy configured)."""
+    return not urllib.request.getproxies()
+
+
+class PresignedRequests:
+    """HEAD and PUT of small objects through presigned URLs."""
+
+    def __init__(
+        self, client: Any, session: Any, bucket: str, *, max_connections: int, max_attempts: int
+    ) -> None:
+        self._session = session
+        self._region = client.meta.region_name
+        # Where objects live (endpoint, addressing style) does not depend on
+        # the key: resolved once, by botocore, from a presigned URL for a
+        # placeholder key.  Resolving it per request was a fifth of the CPU.
+        probe = client.generate_presigned_url(
+            "head_object", Params={"Bucket": bucket, "Key": _PROBE}, ExpiresIn=_EXPIRES
+        )
+        base = probe.split("?", 1)[0]
+        if not base.endswith("/" + _PROBE):
+            raise ValueError(f"unexpected presigned URL shape: {base}")
+        self._prefix = base[: -len(_PROBE)]
+        retries = urllib3.Retry(
+            total=max_attempts - 1,
+            backoff_factor=0.2,
+            status_forcelist=_TRANSIENT_STATUS,
+            allowed_methods=frozenset({"HEAD", "PUT"}),
+            raise_on_status=False,
+            respect_retry_after_header=True,
+        )
+        self._http = urllib3.PoolManager(
+            maxsize=max_connections,
+            retries=retries,
+            timeout=urllib3.Timeout(connect=10, read=60),
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True),
+        )
+
+    def head(self, key: str) -> None:
+        """Succeeds when the object exists; raises ClientError (404, 403…) otherwise."""
+        self._send("HEAD", "HeadObject", key, None, {})
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._send("PUT", "PutObject", key, data, {"Content-Type": content_type})
+
+    def _signed_url(self, method: str, key: str, headers: dict[str, str]) -> str:
+        credentials = self._session.get_credentials()
+        if credentials is None:
+            raise botocore.exceptions.NoCredentialsError()
+        request = AWSRequest(
+            method=method, url=self._prefix + quote(key, safe="/~"), headers=headers
+        )
+        S3SigV4QueryAuth(
+            credentials.get_frozen_credentials(), "s3", self._region, expires=_EXPIRES
+        ).add_auth(request)
+        url: str = request.url
+        return url
+
+    def _send(
+        self, method: str, operation: str, key: str, body: bytes | None, headers: dict[str, str]
+    ) -> None:
+        url = self._signed_url(method, key, headers)
+        try:
+            response = self._http.request(method, url, body=body, headers=headers)
+        except urllib3.exceptions.HTTPError as e:
+            raise ConnectionError(f"{type(e).__name__}: {e}") from e
+        if response.status >= 300:
+            raise _client_error(response, operation)
+
+
+def _client_error(response: urllib3.BaseHTTPResponse, operation: str) -> Exception:
+    text = response.data.decode("utf-8", "replace") if response.data else ""
+    code = _tag(text, "Code") or str(response.status)
+    message = _tag(text, "Message") or response.reason or ""
+    error: Exception = botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {
+                "HTTPStatusCode": response.status,
+                "HTTPHeaders": {k.lower(): v for k, v in response.headers.items()},
+            },
+        },
+        operation,
+    )
+    return error
+
+
+def _tag(xml: str, name: str) -> str | None:
+    match = re.search(rf"<{name}>(.*?)</{name}>", xml, re.S)
+    return match.group(1) if match else None
