@@ -40,6 +40,7 @@ from uploader.install import (
     service_path,
 )
 from uploader.metrics import Metrics, parse_listen_address
+from uploader.priority import lower_priority
 from uploader.progress import TerminalProgress, human_bytes
 from uploader.signing import SecretKey, generate, write_public_key, write_secret_key
 from uploader.spool import DEFAULT_SPOOL, Spool
@@ -271,6 +272,10 @@ def queue_options(fn: F) -> F:
 )  # fmt: skip
 @click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
 @click.option(
+    "--low-priority/--normal-priority", "low_priority", default=None,
+    help="Run at nice 19, autogroup nice 19 and idle IO class, behind builds [default: low].",
+)  # fmt: skip
+@click.option(
     "--metrics", default=None, metavar="[HOST:]PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (host defaults to 127.0.0.1).",
 )  # fmt: skip
@@ -298,6 +303,10 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
                 "the signing key is out of reach of everything else"
             )
         key = SecretKey.load(str(settings.secret_key_file))
+        if settings.low_priority:
+            # Before any thread starts: threads inherit the priority.
+            lowered = lower_priority()
+            log.info("running at low priority (%s)", ", ".join(lowered) or "refused")
         daemon = _make_daemon(settings, key)
     except UploaderError as e:
         fail(str(e))

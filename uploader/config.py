@@ -54,6 +54,7 @@ class Settings:
     drain_timeout: float = 60.0
     known_ttl: float = 7 * 86400.0
     metrics: str | None = None
+    low_priority: bool = True
 
     def require(self, *names: str) -> None:
         for name in names:
@@ -77,6 +78,10 @@ def _coerce(key: str, value: Any) -> Any:
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise TypeError("a list of strings")
             return tuple(value)
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
+            return value
         if kind.startswith("int"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError("an integer")

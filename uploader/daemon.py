@@ -49,7 +49,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 # The spool is scanned again this often, in case an inotify event was lost.
-_RESCAN_EVERY = 60.0
+_RESCAN_EVERY = 10.0
 _STATUS_EVERY = 1.0
 # A malformed entry younger than this is read again before it is quarantined.
 _SETTLE = 2.0

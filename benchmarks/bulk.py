@@ -1,0 +1,148 @@
+"""Target 2: a ≥ 1 GiB closure of real binaries reaches the bucket (every
+narinfo visible) ≥ 1.5x faster than baseline (a) at the same zstd level.
+
+Ours: `nix-cache-uploader push` into a fresh bucket, timed until it exits,
+then the narinfos counted.  (a): `nix copy` to file:// with zstd level 3,
+then the boto3 upload, timed together; (a-xz) the same with Nix's default
+xz, once (it is slow).  Limit (c): `zstd -T0 -3` over the same NAR bytes,
+dumped to files first so that only compression is timed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from benchmarks.baselines import ZSTD_LEVEL, Pipeline, manual_pipeline
+from benchmarks.harness import (
+    Bench,
+    Measured,
+    Row,
+    fmt_bytes,
+    fmt_rate,
+    fmt_s,
+    median,
+    met,
+    push_command,
+    remove,
+    run_measured,
+)
+from benchmarks.workloads import Built, bulk_closure, nar_sizes
+from tests.support.services import nix_client_env
+
+__all__ = ["NAME", "push_closure", "run"]
+
+NAME = "bulk"
+
+
+def push_closure(bench: Bench, roots: list[str], expected: int, prefix: str) -> Measured:
+    """`push` of ``roots`` into a fresh bucket (checked, then dropped)."""
+    bucket = bench.bucket(prefix)
+    try:
+        log = bench.work / f"{bucket}.log"
+        measured = run_measured(push_command(bench, bucket, roots), log)
+        if measured.returncode != 0:
+            raise RuntimeError(f"push exited {measured.returncode}:\n{measured.log[-2000:]}")
+        _check(bench, bucket, expected, "push")
+        return measured
+    finally:
+        bench.drop_bucket(bucket)
+
+
+def _check(bench: Bench, bucket: str, expected: int, who: str) -> None:
+    found = bench.narinfos(bucket)
+    if found != expected:
+        raise RuntimeError(f"{who}: {found} narinfos in the bucket, expected {expected}")
+
+
+def manual(
+    bench: Bench, paths: list[str], expected: int, prefix: str, compression: str = "zstd"
+) -> Pipeline:
+    """Baseline (a) into a fresh bucket (checked, then dropped)."""
+    bucket = bench.bucket(prefix)
+    try:
+        result = manual_pipeline(bench, paths, bucket, compression)
+        _check(bench, bucket, expected, f"baseline (a, {compression})")
+        return result
+    finally:
+        bench.drop_bucket(bucket)
+
+
+def _zstd_limit(bench: Bench, built: Built) -> float:
+    """Seconds for `zstd -T0 -3` over the closure's NARs, pre-dumped to files."""
+    directory = bench.tmp("nars")
+    try:
+        files = []
+        for i, path in enumerate(sorted(built.closure)):
+            files.append(str(directory / f"{i}.nar"))
+            with open(files[-1], "wb") as f:
+                subprocess.run(["nix-store", "--dump", path], stdout=f, check=True,
+                               env=nix_client_env())  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(
+            ["zstd", "-q", "-T0", f"-{ZSTD_LEVEL}", "-c", *files],
+            stdout=subprocess.DEVNULL, check=True,
+        )  # fmt: skip
+        return time.perf_counter() - start
+    finally:
+        remove(directory)
+
+
+def _one_run(bench: Bench, built: Built, run: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for name in ("ours", "a") if run % 2 == 0 else ("a", "ours"):
+        if name == "ours":
+            ours = push_closure(bench, built.outputs, len(built.closure), "bulk-ours")
+            results["ours"], results["rss"] = ours.seconds, ours.max_rss
+        else:
+            a = manual(bench, built.outputs, len(built.closure), "bulk-a")
+            results["a"], results["a-copy"], results["a-upload"] = (
+                a.seconds, a.copy_seconds, a.upload_seconds
+            )  # fmt: skip
+    results["zstd"] = _zstd_limit(bench, built)
+    return results
+
+
+def run(bench: Bench) -> list[Row]:
+    built = bulk_closure(bench)
+    size, count = built.nar_bytes, len(built.closure)
+    runs = bench.repeat(
+        f"bulk: {count} paths, {fmt_bytes(size)}", lambda r: _one_run(bench, built, r)
+    )
+    t = {k: median(r[k] for r in runs) for k in runs[0]}
+    # xz is slow (minutes per GiB): once, and with --quick on the smallest path only.
+    xz_paths = [min(built.closure, key=built.closure.__getitem__)] if bench.quick else built.outputs
+    xz_bytes = sum(built.closure[p] for p in xz_paths) if bench.quick else size
+    bench.say(f"bulk: baseline (a-xz) once, {fmt_bytes(xz_bytes)}")
+    xz_count = len(nar_sizes(xz_paths))
+    xz = manual(bench, xz_paths, xz_count, "bulk-xz", "xz")
+    ours_xz = (
+        push_closure(bench, xz_paths, xz_count, "bulk-ours-xz").seconds
+        if bench.quick
+        else t["ours"]
+    )
+    what = f"{count} paths, {fmt_bytes(size)} NAR of real binaries"
+    speedup = t["a"] / t["ours"]
+    return [
+        Row(
+            f"bulk: {what} → bucket, zstd level {ZSTD_LEVEL}",
+            f"{fmt_s(t['ours'])} ({fmt_rate(size, t['ours'])}; "
+            f"peak RSS {max(r['rss'] for r in runs) / (1 << 20):.0f} MiB)",
+            f"(a) nix copy file:// + boto3: {fmt_s(t['a'])} (copy {fmt_s(t['a-copy'])} "
+            f"+ upload {fmt_s(t['a-upload'])}; {fmt_rate(size, t['a'])})",
+            f"{speedup:.2f}x faster", "≥ 1.5x faster", met(speedup >= 1.5),
+        ),
+        Row(
+            f"bulk: (a-xz) nix copy with its default xz + boto3, once, {fmt_bytes(xz_bytes)}"
+            + (" (smallest path only, --quick)" if bench.quick else ""),
+            f"{fmt_s(ours_xz)} (zstd)",
+            f"{fmt_s(xz.seconds)} (copy {fmt_s(xz.copy_seconds)}; "
+            f"{fmt_rate(xz_bytes, xz.seconds)})",
+            f"{xz.seconds / ours_xz:.1f}x faster",
+        ),
+        Row(
+            f"bulk: limit (c) zstd -T0 -{ZSTD_LEVEL} over the same NAR bytes (pre-dumped)",
+            fmt_rate(size, t["ours"]), f"{fmt_rate(size, t['zstd'])} ({fmt_s(t['zstd'])})",
+            f"ours at {t['zstd'] / t['ours']:.0%} of the limit",
+        ),
+    ]  # fmt: skip
