@@ -202,17 +202,7 @@ class S3Target:
         if size < MULTIPART_THRESHOLD:
             self.put_bytes(key, body.read(size), content_type)
             return
-        try:
-            with self._large:
-                self._client.upload_fileobj(
-                    body,
-                    self.bucket,
-                    key,
-                    ExtraArgs={"ContentType": content_type},
-                    Config=_transfer_config(size),
-                )
-        except Exception as e:
-            raise self._failed_upload(e, key) from e
+        self._multipart(self._client.upload_fileobj, body, key, size, content_type)
 
     def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
@@ -221,10 +211,15 @@ class S3Target:
             return
         # By name, s3transfer reads each part in the thread that sends it:
         # about 50 MiB less memory than upload_fileobj, which reads ahead.
+        self._multipart(self._client.upload_file, filename, key, size, content_type)
+
+    def _multipart(
+        self, upload: Any, source: object, key: str, size: int, content_type: str
+    ) -> None:
         try:
             with self._large:
-                self._client.upload_file(
-                    filename,
+                upload(
+                    source,
                     self.bucket,
                     key,
                     ExtraArgs={"ContentType": content_type},
