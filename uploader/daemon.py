@@ -279,43 +279,66 @@ class Daemon:
         if not ready:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
-        self._root(ready)
         try:
-            infos = await asyncio.to_thread(self.store.path_infos, all_outputs, closure=True)
-        except StoreError as e:
-            # Includes a path collected between the validity check and now:
-            # the next attempt quarantines its entry.
-            self._retry_later(list(ready), f"asking the local Nix: {e}")
-            return
-        queried = time.monotonic()
-        try:
-            result = await self.engine.push_infos(all_outputs, infos)
+            # Outputs the cache has need neither GC roots nor their closure
+            # from Nix: a re-enqueued build costs one listing, or nothing.
+            present = await self.engine.find_present(all_outputs)
         except UploaderError as e:
-            # Failures before any path (e.g. the cache unreachable while
-            # checking nix-cache-info) concern the whole batch.
             retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
             self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
             return
-        log.debug(
-            "batch of %d entries: Nix queries %.2fs, upload of %d paths %.2fs",
-            len(entries),
-            queried - started,
-            len(result.uploaded),
-            time.monotonic() - queried,
-        )
+        todo = [p for p in all_outputs if p not in present]
+        self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
+        infos: dict[str, PathInfo] = {}
+        result = PushResult(present=sorted(present))
+        if todo:
+            try:
+                infos = await asyncio.to_thread(
+                    self.store.path_infos, todo, closure=True, checked=True
+                )
+            except StoreError as e:
+                # Includes a path collected since the validity check: the
+                # next attempt quarantines its entry.
+                self._retry_later(list(ready), f"asking the local Nix: {e}")
+                return
+            queried = time.monotonic()
+            try:
+                result = await self.engine.push_infos(todo, infos, absent=todo)
+            except UploaderError as e:
+                # Failures before any path (e.g. the cache unreachable while
+                # checking nix-cache-info) concern the whole batch.
+                retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
+                self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+                return
+            log.debug(
+                "batch of %d entries: Nix queries %.2fs, upload of %d paths %.2fs",
+                len(entries),
+                queried - started,
+                len(result.uploaded),
+                time.monotonic() - queried,
+            )
         self._settle(ready, infos, result)
 
     def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:
         """Each entry's outputs that are valid in the store.  Entries that have
-        none are quarantined; outputs that vanished are dropped with a warning."""
+        none are quarantined; outputs that vanished are dropped with a warning.
+        One validity check covers the derivations and all their outputs."""
         drvs = sorted({e.drv for e in entries if not e.outputs and e.drv})
-        invalid_drvs = self.store.invalid_paths(drvs) if drvs else set()
-        from_drv = self.store.derivation_outputs([d for d in drvs if d not in invalid_drvs])
+        from_drv = self.store.read_derivation_outputs(drvs)
+        unread = [d for d in drvs if d not in from_drv]
+        named_outputs = {p for e in entries for p in e.outputs}
+        read_outputs = {p for outs in from_drv.values() for p in outs}
+        invalid = self.store.invalid_paths([*drvs, *named_outputs, *read_outputs])
+        if any(d not in invalid for d in unread):
+            # Rare: a .drv this process could not read or parse; Nix can.
+            asked = self.store.derivation_outputs([d for d in unread if d not in invalid])
+            from_drv.update(asked)
+            invalid |= self.store.invalid_paths(p for outs in asked.values() for p in outs)
         named: dict[str, list[str]] = {}
         for e in entries:
             if e.outputs:
                 named[e.name] = list(e.outputs)
-            elif e.drv in invalid_drvs or e.drv is None:
+            elif e.drv is None or e.drv in invalid:
                 self._quarantine(
                     e.name,
                     f"derivation {e.drv} is not valid in the store and the entry names no "
@@ -323,7 +346,6 @@ class Daemon:
                 )
             else:
                 named[e.name] = from_drv.get(e.drv, [])
-        invalid = self.store.invalid_paths(p for outs in named.values() for p in outs)
         result: dict[str, list[str]] = {}
         for name, outs in named.items():
             valid = [p for p in outs if p not in invalid]
@@ -386,15 +408,17 @@ class Daemon:
             return False
         return age < _SETTLE and name in self._pending
 
-    def _root(self, outputs: dict[str, list[str]]) -> None:
-        """Make the outputs of these entries GC roots until the entries are done."""
+    def _root(self, outputs: dict[str, list[str]], present: set[str]) -> None:
+        """Make the outputs of these entries that the cache lacks GC roots
+        until the entries are done."""
         if self.roots is None:
             return
         for name, outs in outputs.items():
             if name not in self._entry_roots:
-                self._entry_roots[name] = outs
-                self._root_refs.update(outs)
-        self.roots.add(sorted({p for outs in outputs.values() for p in outs}))
+                needed = [p for p in outs if p not in present]
+                self._entry_roots[name] = needed
+                self._root_refs.update(needed)
+        self.roots.add(sorted({p for outs in outputs.values() for p in outs if p not in present}))
 
     def _unroot(self, name: str) -> None:
         """Drop the roots of a finished entry that no other entry needs."""

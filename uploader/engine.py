@@ -63,6 +63,14 @@ _SMALL_JOBS = 16
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
 _HEAD_NAR_ABOVE = 4 << 20
+# Asking about at least this many narinfos, the engine lists the cache's keys
+# (a page of 1000 per request) instead of sending a HEAD for each...
+_LIST_FROM = 48
+# ...in up to this many ranges at once, each given up (the rest asked by
+# HEAD) after a page that settled fewer than _LIST_MIN_SETTLED of them: in a
+# cache much larger than the batch, a page spans too few of them to pay.
+_LIST_STREAMS = 4
+_LIST_MIN_SETTLED = 24
 
 
 def worker_threads(jobs: int) -> int:
@@ -79,7 +87,9 @@ def narinfo_key(store_path: str) -> str:
 class StoreView(Protocol):
     """What the engine needs from the local Nix store."""
 
-    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]: ...
+    def path_infos(
+        self, paths: Iterable[str], *, closure: bool = False, checked: bool = False
+    ) -> dict[str, PathInfo]: ...
 
     def dump(self, path: str) -> Iterator[bytes]: ...
 
@@ -222,17 +232,37 @@ class Engine:
         infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
         return await self.push_infos(roots, infos, progress)
 
+    async def find_present(self, paths: Iterable[str]) -> set[str]:
+        """Those of ``paths`` the cache holds (so does their closure): known
+        from earlier, else asked.  Lets a caller skip the Nix queries for
+        work already done."""
+        wanted = sorted(set(paths))
+        present: set[str] = set()
+        if self.known is not None:
+            known = self.known.known(hash_part(p) for p in wanted)
+            present = {p for p in wanted if hash_part(p) in known}
+        ask = [p for p in wanted if p not in present]
+        found = await self._lookup([narinfo_key(p) for p in ask])
+        new = [p for p in ask if narinfo_key(p) in found]
+        if self.known is not None and new:
+            self.known.remember(hash_part(p) for p in new)
+        return present.union(new)
+
     async def push_infos(
         self,
         roots: Iterable[str],
         infos: Mapping[str, PathInfo],
         progress: Progress | None = None,
+        *,
+        absent: Iterable[str] = (),
     ) -> PushResult:
         """Upload what the cache lacks of the closure of ``roots`` (``infos``
         must hold that closure).  Paths another call is uploading right now
-        are waited for, not uploaded twice."""
+        are waited for, not uploaded twice.  Paths in ``absent`` were just
+        found missing by ``find_present``: they are not asked about again."""
         result = PushResult()
         await self.ensure_cache_info()
+        hint = frozenset(absent)
         # Paths this call uploads (claimed in _inflight before their
         # existence check, so no other call uploads them too), and paths
         # another call had claimed first, whose outcome this call waits for.
@@ -240,7 +270,7 @@ class Engine:
         foreign: dict[str, asyncio.Future[UploaderError | None]] = {}
         tasks: list[asyncio.Task[None]] = []
         try:
-            missing = await self._plan(roots, infos, result, claimed, foreign)
+            missing = await self._plan(roots, infos, result, claimed, foreign, hint)
             mine = [p for p in missing if p in claimed]
             done = {**foreign, **claimed}
             if progress:
@@ -273,6 +303,7 @@ class Engine:
         result: PushResult,
         claimed: dict[str, _Outcome],
         foreign: dict[str, _Outcome],
+        hint: frozenset[str],
     ) -> list[str]:
         """Walk the closure from the roots, level by level, and stop at paths
         the cache (or an upstream cache) has: a cache that holds a path holds
@@ -282,7 +313,7 @@ class Engine:
         frontier = sorted(set(roots))
         while frontier:
             seen.update(frontier)
-            absent = await self._absent(frontier, infos, result, claimed, foreign)
+            absent = await self._absent(frontier, infos, result, claimed, foreign, hint)
             missing.extend(absent)
             frontier = sorted({r for p in absent for r in infos[p].references} - seen)
         return missing
@@ -294,6 +325,7 @@ class Engine:
         result: PushResult,
         claimed: dict[str, _Outcome],
         foreign: dict[str, _Outcome],
+        hint: frozenset[str],
     ) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
         if self.known is not None:
@@ -306,14 +338,13 @@ class Engine:
         loop = asyncio.get_running_loop()
         for p in candidates:
             claimed[p] = self._inflight[p] = loop.create_future()
-        exists = await asyncio.gather(
-            *(self._run(self.target.exists, narinfo_key(p)) for p in candidates)
-        )
-        present = [p for p, e in zip(candidates, exists, strict=True) if e]
+        ask = [p for p in candidates if p not in hint]
+        found = await self._lookup([narinfo_key(p) for p in ask])
+        present = [p for p in candidates if narinfo_key(p) in found]
         result.present.extend(present)
         if self.known is not None and present:
             self.known.remember(hash_part(p) for p in present)
-        absent = [p for p, e in zip(candidates, exists, strict=True) if not e]
+        absent = [p for p in candidates if narinfo_key(p) not in found]
         if self.is_upstream is not None and absent:
             upstream = await self._run(self.is_upstream, [infos[p] for p in absent])
             result.skipped_upstream.extend(sorted(upstream))
@@ -322,6 +353,38 @@ class Engine:
         for p in present:
             self._release(claimed.pop(p), p)
         return absent + others
+
+    async def _lookup(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` the cache has: from listings of the cache when
+        there are many, else (and for what the listings left) a HEAD each."""
+        found: set[str] = set()
+        rest = sorted(set(keys))
+        if len(rest) >= _LIST_FROM:
+            streams = min(_LIST_STREAMS, len(rest) // _LIST_FROM)
+            size = -(-len(rest) // streams)
+            ranges = [rest[i : i + size] for i in range(0, len(rest), size)]
+            left = await asyncio.gather(*(self._list_range(r, found) for r in ranges))
+            rest = [k for r in left for k in r]
+        exists = await asyncio.gather(*(self._run(self.target.exists, k) for k in rest))
+        found.update(k for k, e in zip(rest, exists, strict=True) if e)
+        return found
+
+    async def _list_range(self, keys: list[str], found: set[str]) -> list[str]:
+        """Settle the sorted ``keys`` page by page; returns those left unsettled."""
+        i = 0
+        while i < len(keys):
+            # Any string that sorts just before the key will do.
+            page = await self._run(self.target.list_keys, keys[i][:-1])
+            if page is None:
+                break
+            settled = i
+            while i < len(keys) and page.covers(keys[i]):
+                if keys[i] in page.keys:
+                    found.add(keys[i])
+                i += 1
+            if i - settled < _LIST_MIN_SETTLED:
+                break
+        return keys[i:]
 
     def _release(self, fut: _Outcome, path: str) -> None:
         fut.set_result(None)

@@ -18,6 +18,7 @@ from typing import Any
 
 from uploader import nar
 from uploader._exceptions import InvalidPathError, StoreError
+from uploader.derivation import parse_outputs
 from uploader.nixbase32 import format_hash, parse_hash
 from uploader.storepath import STORE_DIR, parse_store_path
 
@@ -103,13 +104,18 @@ class NixStore:
             invalid.update(out.split())
         return invalid
 
-    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
+    def path_infos(
+        self, paths: Iterable[str], *, closure: bool = False, checked: bool = False
+    ) -> dict[str, PathInfo]:
         """Registered info for ``paths`` (and, with ``closure``, everything they
-        reference, transitively).  Raises InvalidPathError for an invalid path."""
+        reference, transitively).  Raises InvalidPathError for an invalid path,
+        found by a validity check first unless the caller ``checked`` them
+        just before (then Nix's own error for a path collected since is a
+        StoreError)."""
         items = sorted({parse_store_path(p) for p in paths})
         if not items:
             return {}
-        invalid = self.invalid_paths(items)
+        invalid = set() if checked else self.invalid_paths(items)
         if invalid:
             first = sorted(invalid)[0]
             raise InvalidPathError(
@@ -144,14 +150,28 @@ class NixStore:
         """The NAR serialisation of a store path, read straight from disk."""
         return nar.dump(path)
 
-    def derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
-        """Output paths of each derivation, read from the .drv files (for
-        entries whose hook saw an empty OUT_PATHS).  Floating content-addressed
-        outputs, which have no path before they are built, are resolved
-        through the database instead."""
-        items = sorted({parse_store_path(p) for p in drv_paths})
+    def read_derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
+        """Output paths of the derivations whose .drv files this process can
+        read and parse itself (see derivation.py); the others are left out."""
         result: dict[str, list[str]] = {}
-        for chunk in _chunks(items):
+        for drv in sorted({parse_store_path(p) for p in drv_paths}):
+            try:
+                with open(drv, "rb") as f:
+                    outputs = parse_outputs(f.read())
+            except OSError:
+                continue
+            if outputs is not None:
+                result[drv] = sorted(outputs.values())
+        return result
+
+    def derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
+        """Output paths of each derivation (for entries whose hook saw an
+        empty OUT_PATHS): read from the .drv files, else asked to Nix.
+        Floating content-addressed outputs, which have no path before they
+        are built, are resolved through the database."""
+        items = sorted({parse_store_path(p) for p in drv_paths})
+        result = self.read_derivation_outputs(items)
+        for chunk in _chunks([d for d in items if d not in result]):
             data = self._show_derivation(chunk)
             for drv, body in data.items():
                 outs = [o["path"] for o in body.get("outputs", {}).values() if o.get("path")]

@@ -4,16 +4,23 @@ anonymous HTTP GET that substituters use."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
+from tests.support.fakes import FakeStore
 from tests.support.requirements import require_binary
 from tests.support.services import SeaweedFS, free_ports, start_seaweedfs
+from uploader import signing
 from uploader._exceptions import TargetError, TransientTargetError
+from uploader.engine import Engine
+from uploader.nixbase32 import encode as nix32
 from uploader.targets import open_target
 from uploader.targets.file import FileTarget
 from uploader.targets.s3 import MULTIPART_THRESHOLD, S3Target
@@ -100,6 +107,71 @@ def test_missing_bucket_is_named_as_such(seaweedfs: SeaweedFS, size: int) -> Non
     assert "s3://no-such-bucket-here/nar/x.nar" in str(error.value)
 
 
+def fill(target: S3Target, keys: list[str]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: target.put_bytes(k, b"x", NARINFO), keys))
+
+
+@pytest.mark.parametrize("route", ["presigned", "boto3"])
+def test_listing_pages_through_the_top_level(seaweedfs: SeaweedFS, bucket: str, route: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    if route == "boto3":
+        target._fast = None  # as with a proxy configured
+    narinfos = sorted(f"{nix32(os.urandom(20))}.narinfo" for _ in range(1150))
+    fill(target, [*narinfos, "nix-cache-info", "nar/a.nar.zst", "nar/b.nar.zst", "log/x.drv"])
+    listed: list[str] = []
+    start = ""
+
+    while True:
+        page = target.list_keys(start)
+        assert page is not None
+        assert all(k > start for k in page.keys)
+        listed += sorted(page.keys)
+        if page.last is None:
+            break
+        assert max(page.keys) == page.last
+        start = page.last
+
+    assert listed == sorted([*narinfos, "nix-cache-info", "nar/", "log/"])
+    # Started between keys: the page begins at the next one.
+    middle = target.list_keys(narinfos[700][:-1])
+    assert middle is not None and min(middle.keys) == narinfos[700]
+    assert middle.last is None
+
+
+def test_engine_lookup_against_a_real_bucket(seaweedfs: SeaweedFS, bucket: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    present = [f"{nix32(os.urandom(20))}.narinfo" for _ in range(300)]
+    absent = [f"{nix32(os.urandom(20))}.narinfo" for _ in range(300)]
+    fill(target, present)
+    engine = Engine(FakeStore(Path("/")), target, signing.generate("c-1"))
+    try:
+        assert asyncio.run(engine._lookup(present + absent)) == set(present)
+    finally:
+        engine.close()
+
+
+def test_a_bucket_that_may_not_be_listed_falls_back_to_heads(
+    seaweedfs: SeaweedFS, bucket: str
+) -> None:
+    target = s3_target(seaweedfs, bucket)
+    target._fast = None
+    denied = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+        "ListObjectsV2",
+    )
+    calls = []
+
+    def deny(**kwargs: object) -> None:
+        calls.append(kwargs)
+        raise denied
+
+    target._client.list_objects_v2 = deny
+    assert target.list_keys("") is None
+    assert target.list_keys("") is None
+    assert len(calls) == 1, "asked once, then not again"
+
+
 def test_server_down_is_transient(tmp_path: Path) -> None:
     require_binary("weed")
     weed = start_seaweedfs(str(tmp_path))
@@ -114,6 +186,7 @@ def test_server_down_is_transient(tmp_path: Path) -> None:
         lambda: target.exists("nix-cache-info"),
         lambda: target.get("nix-cache-info"),
         lambda: target.put_bytes("abc.narinfo", b"x", NARINFO),
+        lambda: target.list_keys(""),
     ):
         with pytest.raises(TransientTargetError, match=r"s3://going-away/.*connect"):
             attempt()

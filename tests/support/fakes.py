@@ -25,7 +25,7 @@ from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
 from uploader.storepath import STORE_DIR, basename, is_store_path
-from uploader.targets import StoreUrl
+from uploader.targets import KeyPage, StoreUrl
 
 __all__ = ["FakeStore", "MiB", "RecordingTarget"]
 
@@ -100,7 +100,9 @@ class FakeStore:
         return found
 
     # StoreView
-    def path_infos(self, paths: Iterable[str], *, closure: bool = False) -> dict[str, PathInfo]:
+    def path_infos(
+        self, paths: Iterable[str], *, closure: bool = False, checked: bool = False
+    ) -> dict[str, PathInfo]:
         wanted = self.closure(paths) if closure else set(paths)
         return {p: self.registered(p) for p in sorted(wanted)}
 
@@ -114,18 +116,24 @@ class FakeStore:
     def derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
         return {d: sorted(self.outputs_of.get(d, [])) for d in drv_paths}
 
+    def read_derivation_outputs(self, drv_paths: Iterable[str]) -> dict[str, list[str]]:
+        return {d: sorted(self.outputs_of[d]) for d in drv_paths if d in self.outputs_of}
+
 
 class RecordingTarget:
     """An in-memory binary cache that records ``(event, key)`` in order:
     ``begin`` when a put starts, ``put`` when its object becomes visible,
     ``fail`` when it was told to fail that key."""
 
-    def __init__(self, *, delay: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, *, delay: float = 0.0, seed: int = 0, page: int | None = 1000) -> None:
         self.url = StoreUrl(scheme="file", path="/in-memory", raw="memory:///in-memory")
         self.objects: dict[str, bytes] = {}
         self.content_types: dict[str, str] = {}
         self.events: list[tuple[str, str]] = []
         self.exists_calls: list[str] = []
+        # Keys per listing page; None: the target does not list.
+        self.page = page
+        self.list_calls: list[str] = []
         self.fail: set[str] = set()
         self.spilled: dict[str, bool] = {}
         # Up to this many seconds of sleep per put, at random.
@@ -142,6 +150,16 @@ class RecordingTarget:
         with self._lock:
             self.exists_calls.append(key)
             return key in self.objects
+
+    def list_keys(self, start_after: str) -> KeyPage | None:
+        if self.page is None:
+            return None
+        with self._lock:
+            self.list_calls.append(start_after)
+            keys = sorted({k.split("/", 1)[0] + ("/" if "/" in k else "") for k in self.objects})
+        after = [k for k in keys if k > start_after]
+        page = after[: self.page]
+        return KeyPage(frozenset(page), page[-1] if len(after) > self.page else None)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:

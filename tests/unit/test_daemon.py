@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from uploader._exceptions import TransientTargetError
 from uploader.config import Settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
+from uploader.gcroots import GcRoots
 from uploader.spool import FORMAT_HEADER, Spool
 from uploader.state import read_status
 
@@ -41,6 +42,7 @@ class Setup:
             retry_max=settings.get("retry_max", 0.2),
             drain_timeout=settings.get("drain_timeout", 5.0),
         )
+        self.roots: GcRoots | None = None
 
     def entry(self, name: str, *lines: str) -> str:
         tmp = Path(self.spool.path, f".tmp-{name}")
@@ -51,7 +53,13 @@ class Setup:
     def run_until(self, done: Callable[[Daemon], bool], timeout: float = 10) -> Daemon:
         """Run a daemon until ``done(daemon)`` holds, then stop it as SIGTERM would."""
         engine = Engine(self.store, self.target, KEY, jobs=2)  # type: ignore[arg-type]
-        daemon = Daemon(self.settings, store=self.store, engine=engine, spool=self.spool)  # type: ignore[arg-type]
+        daemon = Daemon(
+            self.settings,
+            store=self.store,
+            engine=engine,
+            spool=self.spool,
+            roots=self.roots,  # type: ignore[arg-type]
+        )
 
         async def main() -> None:
             task = asyncio.create_task(daemon.run())
@@ -227,3 +235,41 @@ def test_malformed_entries_are_quarantined_and_good_ones_still_served(
     s.run_until(lambda d: not s.spool.pending())
     assert [n for n, _ in s.spool.quarantined()] == ["bad.entry"]
     assert s.target.narinfo(good) is not None
+
+
+def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    rooted: list[str] = []
+
+    class RecordingRoots(GcRoots):
+        def add(self, paths: Iterable[str]) -> None:
+            paths = list(paths)
+            rooted.extend(paths)
+            super().add(paths)
+
+    s.roots = RecordingRoots(str(tmp_path / "roots"))
+    dep = s.store.add("dep")
+    out = s.store.add("out", [dep])
+    s.entry("first", f"out {out}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert rooted == [out], "a new output is rooted while it uploads"
+    rooted.clear()
+    queries: list[list[str]] = []
+    original = s.store.path_infos
+
+    def recording(paths: list[str], **kw: bool) -> dict[str, object]:
+        queries.append(list(paths))
+        return original(paths, **kw)  # type: ignore[return-value]
+
+    s.store.path_infos = recording  # type: ignore[method-assign,assignment]
+    events = len(s.target.events)
+    s.entry("again", f"out {out}")
+    d = s.run_until(lambda d: not s.spool.pending())
+
+    assert queries == [], "the cache had the output: Nix was not asked for its closure"
+    assert s.target.events[events:] == []
+    assert rooted == []
+    assert d._entry_roots == {} and not d._root_refs

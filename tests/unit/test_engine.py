@@ -537,3 +537,77 @@ def test_large_nar_spills_to_disk_and_round_trips(tmp_path: Path) -> None:
     assert decompress(info.url, target.objects[info.url]) == store.nar(path)
     assert info.file_size == len(target.objects[info.url])
     assert_signed_as_registered(store, target, path)
+
+
+# -- existence checks: listings of the cache instead of a HEAD per narinfo --
+
+
+def lookup(target: RecordingTarget, keys: list[str]) -> set[str]:
+    engine = Engine(FakeStore(Path(tempfile.gettempdir())), target, KEY)
+    try:
+        return asyncio.run(engine._lookup(keys))
+    finally:
+        engine.close()
+
+
+def fake_hash(i: int) -> str:
+    return nix32(hashlib.sha256(str(i).encode()).digest()[:20])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cached=st.sets(st.integers(0, 3000), max_size=2500),
+    asked=st.sets(st.integers(0, 3000), max_size=400),
+    page=st.one_of(st.none(), st.integers(1, 1200)),
+    extra=st.sets(st.sampled_from(["nix-cache-info", "nar/x.nar.zst", "log/y", "aaa.ls"])),
+)
+def test_lookup_finds_exactly_what_the_cache_has(
+    cached: set[int], asked: set[int], page: int | None, extra: set[str]
+) -> None:
+    target = RecordingTarget(page=page)
+    target.objects = {f"{fake_hash(i)}.narinfo": b"" for i in cached} | {k: b"" for k in extra}
+    keys = [f"{fake_hash(i)}.narinfo" for i in asked]
+
+    assert lookup(target, keys) == {f"{fake_hash(i)}.narinfo" for i in asked & cached}
+
+
+def test_many_narinfos_in_a_small_cache_cost_a_few_listings_and_no_head() -> None:
+    target = RecordingTarget()
+    target.objects = {f"{fake_hash(i)}.narinfo": b"" for i in range(0, 1500, 2)}
+    target.objects["nar/" + "x" * 52 + ".nar.zst"] = b""
+    keys = [f"{fake_hash(i)}.narinfo" for i in range(2000)]
+
+    found = lookup(target, keys)
+
+    assert found == {f"{fake_hash(i)}.narinfo" for i in range(0, 1500, 2)}
+    assert target.exists_calls == []
+    assert 1 <= len(target.list_calls) <= 4
+
+
+def test_a_cache_much_larger_than_the_batch_is_asked_by_head() -> None:
+    # 20000 narinfos, pages of 1000: a page spans ~5% of the key space, so
+    # ~3 of 60 asked keys; listing gives up after one page per range.
+    target = RecordingTarget()
+    target.objects = {f"{fake_hash(i)}.narinfo": b"" for i in range(20000)}
+    keys = [f"{fake_hash(i)}.narinfo" for i in range(19970, 20030)]
+
+    found = lookup(target, keys)
+
+    assert found == {f"{fake_hash(i)}.narinfo" for i in range(19970, 20000)}
+    assert len(target.list_calls) == 1
+    assert len(target.exists_calls) >= 50
+
+
+def test_few_narinfos_are_asked_by_head_and_a_target_that_cannot_list_too() -> None:
+    few = RecordingTarget()
+    few.objects = {f"{fake_hash(1)}.narinfo": b""}
+    assert lookup(few, [f"{fake_hash(i)}.narinfo" for i in range(10)]) == {
+        f"{fake_hash(1)}.narinfo"
+    }
+    assert few.list_calls == [] and len(few.exists_calls) == 10
+
+    unlisted = RecordingTarget(page=None)
+    unlisted.objects = dict(few.objects)
+    keys = [f"{fake_hash(i)}.narinfo" for i in range(200)]
+    assert lookup(unlisted, keys) == {f"{fake_hash(1)}.narinfo"}
+    assert len(unlisted.exists_calls) == 200

@@ -8,11 +8,28 @@ are synchronous and thread-safe; the engine calls them from worker threads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import IO, Protocol
 
 from uploader.targets.url import StoreUrl, parse_store_url
 
-__all__ = ["StoreUrl", "Target", "open_target", "parse_store_url"]
+__all__ = ["KeyPage", "StoreUrl", "Target", "open_target", "parse_store_url"]
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    """One page of a listing of the cache's top-level keys (narinfos,
+    ``nix-cache-info``; ``nar/`` counts as one key), in byte order.
+
+    Every key after the listing's start up to and including ``last`` is in
+    ``keys``; ``last`` is None when the listing reached the end of the cache."""
+
+    keys: frozenset[str]
+    last: str | None
+
+    def covers(self, key: str) -> bool:
+        """Whether this page tells if ``key`` (sorting after its start) exists."""
+        return self.last is None or key <= self.last
 
 
 class Target(Protocol):
@@ -38,6 +55,12 @@ class Target(Protocol):
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         """Store a small object held in memory."""
+        ...
+
+    def list_keys(self, start_after: str) -> KeyPage | None:
+        """A page (about 1000) of the top-level keys that sort after
+        ``start_after``; None when this target does not list (not allowed, or
+        asking key by key is as cheap), and the engine calls ``exists``."""
         ...
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import IO, BinaryIO
 
 from uploader._exceptions import TargetError
+from uploader.targets import KeyPage
 from uploader.targets.url import StoreUrl
 
 __all__ = ["FileTarget"]
@@ -32,6 +33,9 @@ class FileTarget:
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
+
+    def list_keys(self, start_after: str) -> KeyPage | None:
+        return None  # a stat per key is as cheap as reading the directory
 
     def get(self, key: str) -> bytes | None:
         try:

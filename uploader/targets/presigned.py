@@ -1,5 +1,5 @@
-"""Small S3 requests (HEAD, PUT of narinfos and small NARs) without boto3's
-per-request pipeline.
+"""Small S3 requests (HEAD, PUT of narinfos and small NARs, listings)
+without boto3's per-request pipeline.
 
 botocore still does what needs care: credentials (environment, profile,
 instance role, refreshed when they expire), the endpoint and addressing
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.request
+import xml.etree.ElementTree as ET
 from typing import Any
 from urllib.parse import quote
 
@@ -28,12 +29,14 @@ import urllib3
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 
-__all__ = ["PresignedRequests", "usable_for"]
+__all__ = ["Listing", "PresignedRequests", "usable_for"]
 
 # Presigned URLs are used at once; a short life limits what a leaked one is worth.
 _EXPIRES = 300
 _TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 _PROBE = "nix-cache-uploader-probe"
+# Keys per listing page: S3's maximum.
+LIST_PAGE = 1000
 
 
 def usable_for() -> bool:
@@ -63,7 +66,7 @@ class PresignedRequests:
             total=max_attempts - 1,
             backoff_factor=0.2,
             status_forcelist=_TRANSIENT_STATUS,
-            allowed_methods=frozenset({"HEAD", "PUT"}),
+            allowed_methods=frozenset({"HEAD", "PUT", "GET"}),
             raise_on_status=False,
             respect_retry_after_header=True,
         )
@@ -80,6 +83,28 @@ class PresignedRequests:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._send("PUT", "PutObject", key, data, {"Content-Type": content_type})
+
+    def list(self, client: Any, bucket: str, start_after: str) -> Listing:
+        """One ListObjectsV2 page of the bucket's top level after ``start_after``.
+        Parsed with expat alone: botocore's parser costs as much for one page
+        of 1000 keys as a few dozen HEADs."""
+        url = client.generate_presigned_url(
+            "list_objects_v2",
+            Params={
+                "Bucket": bucket,
+                "Delimiter": "/",
+                "StartAfter": start_after,
+                "MaxKeys": LIST_PAGE,
+            },
+            ExpiresIn=_EXPIRES,
+        )
+        try:
+            response = self._http.request("GET", url)
+        except urllib3.exceptions.HTTPError as e:
+            raise ConnectionError(f"{type(e).__name__}: {e}") from e
+        if response.status >= 300:
+            raise _client_error(response, "ListObjectsV2")
+        return Listing.parse(response.data)
 
     def _signed_url(self, method: str, key: str, headers: dict[str, str]) -> str:
         credentials = self._session.get_credentials()
@@ -104,6 +129,36 @@ class PresignedRequests:
             raise ConnectionError(f"{type(e).__name__}: {e}") from e
         if response.status >= 300:
             raise _client_error(response, operation)
+
+
+class Listing:
+    """The keys and common prefixes of one ListObjectsV2 page."""
+
+    def __init__(self, keys: list[str], truncated: bool) -> None:
+        self.keys = keys
+        self.truncated = truncated
+
+    @classmethod
+    def parse(cls, body: bytes) -> Listing:
+        try:
+            root = ET.fromstring(body)
+        except ET.ParseError as e:
+            raise ValueError(f"unreadable ListObjectsV2 answer: {e}") from e
+        keys: list[str] = []
+        truncated = False
+        for child in root:
+            tag = _local(child.tag)
+            if tag == "Contents":
+                keys.extend(c.text or "" for c in child if _local(c.tag) == "Key")
+            elif tag == "CommonPrefixes":
+                keys.extend(c.text or "" for c in child if _local(c.tag) == "Prefix")
+            elif tag == "IsTruncated":
+                truncated = (child.text or "").strip().lower() == "true"
+        return cls(keys, truncated)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
 
 
 def _client_error(response: urllib3.BaseHTTPResponse, operation: str) -> Exception:

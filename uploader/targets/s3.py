@@ -9,6 +9,7 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import IO, Any
 
@@ -18,10 +19,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
-from uploader.targets.presigned import PresignedRequests, usable_for
+from uploader.targets import KeyPage
+from uploader.targets.presigned import LIST_PAGE, Listing, PresignedRequests, usable_for
 from uploader.targets.url import StoreUrl
 
 __all__ = ["S3Target"]
+
+log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
 # Parts of 8 MiB (more for NARs over ~70 GiB, to stay under S3's 10,000
@@ -133,6 +137,7 @@ class S3Target:
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
         self._large = threading.BoundedSemaphore(MULTIPART_UPLOADS)
+        self._listable = True
         self._fast = (
             PresignedRequests(
                 self._client,
@@ -185,6 +190,41 @@ class S3Target:
         except Exception as e:
             raise _describe(e, "checking", self._where(key)) from e
         return True
+
+    def list_keys(self, start_after: str) -> KeyPage | None:
+        if not self._listable:
+            return None
+        try:
+            if self._fast is not None:
+                page = self._fast.list(self._client, self.bucket, start_after)
+            else:
+                resp = self._client.list_objects_v2(
+                    Bucket=self.bucket, Delimiter="/", StartAfter=start_after, MaxKeys=LIST_PAGE
+                )
+                page = Listing(
+                    [c["Key"] for c in resp.get("Contents", [])]
+                    + [p["Prefix"] for p in resp.get("CommonPrefixes", [])],
+                    bool(resp.get("IsTruncated")),
+                )
+        except botocore.exceptions.ClientError as e:
+            if _status(e) in (403, 405, 501):
+                # Not allowed (no s3:ListBucket) or not implemented: HEADs work.
+                self._listable = False
+                log.info(
+                    "cannot list s3://%s (%s); checking narinfos one request each",
+                    self.bucket,
+                    _status(e),
+                )
+                return None
+            raise _describe(e, "listing", self._where("")) from e
+        except Exception as e:
+            raise _describe(e, "listing", self._where("")) from e
+        keys = sorted(page.keys)
+        if page.truncated and not keys:
+            raise TransientTargetError(
+                f"listing {self._where('')}: the server said there is more but sent no key"
+            )
+        return KeyPage(frozenset(keys), keys[-1] if page.truncated else None)
 
     def get(self, key: str) -> bytes | None:
         try:
