@@ -74,10 +74,11 @@ _LIST_MIN_SETTLED = 24
 
 
 def worker_threads(jobs: int) -> int:
-    """Threads the engine runs target requests on: ``jobs`` NARs at once plus
-    a pool for existence checks and narinfos.  The target's connection pool
-    must be at least this large, or connections are thrown away and redone."""
-    return max(1, jobs) + _SMALL_JOBS + 16
+    """Threads the engine runs target requests on: ``jobs`` NARs at once, the
+    small NARs, and a few for existence checks and narinfos (more threads
+    only contend for the GIL).  The target's connection pool must be at
+    least this large, or connections are thrown away and redone."""
+    return max(1, jobs) + _SMALL_JOBS + 4
 
 
 def narinfo_key(store_path: str) -> str:
@@ -442,6 +443,10 @@ class Engine:
 
     async def _upload_nar(self, info: PathInfo) -> tuple[str, _Prepared]:
         started = time.monotonic()
+        if info.nar_size <= _SMALL_NAR:
+            # One trip to a worker thread for the lot: for thousands of tiny
+            # paths the hand-offs cost more than the work.
+            return await self._run(self._upload_small_nar, info)
         if info.nar_size > THREADED_ABOVE:
             # zstd compresses a large NAR on every core: one at a time, while
             # the NARs compressed before it upload.
@@ -451,7 +456,7 @@ class Engine:
             prepared = await self._run(self._compress_and_verify, info)
         compressed = time.monotonic()
         try:
-            url = f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
+            url = self._nar_url(prepared)
             await self._run(self._put_nar, url, prepared)
         finally:
             prepared.body.close()
@@ -461,6 +466,18 @@ class Engine:
             compressed - started,
             time.monotonic() - compressed,
         )
+        return url, prepared
+
+    def _nar_url(self, prepared: _Prepared) -> str:
+        return f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
+
+    def _upload_small_nar(self, info: PathInfo) -> tuple[str, _Prepared]:
+        prepared = self._compress_and_verify(info)
+        try:
+            url = self._nar_url(prepared)
+            self._put_nar(url, prepared)
+        finally:
+            prepared.body.close()
         return url, prepared
 
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:

@@ -9,6 +9,7 @@ this one's.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -37,6 +38,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
 _MAX_SYMLINK_HOPS = 40
 
 
+# Remembered: the engine asks about the same few thousand paths many times
+# over a batch (keys, references, logs), and the checks below are pure.
+@functools.lru_cache(maxsize=1 << 16)
 def parse_store_path(s: str, store_dir: str = STORE_DIR) -> str:
     """Return ``s`` if it is exactly a top-level store path, else raise InvalidPathError."""
 
