@@ -9,13 +9,11 @@ path through the daemon (`run`, one spool entry) has its ``VmHWM`` read from
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from benchmarks.harness import (
     Bench,
     Row,
-    enqueue,
     fmt_bytes,
     fmt_rate,
     median,
@@ -23,7 +21,7 @@ from benchmarks.harness import (
     push_command,
     run_measured,
 )
-from benchmarks.small import drain, uploader
+from benchmarks.small import start_and_drain, uploader
 from benchmarks.workloads import Built, big_path
 
 __all__ = ["NAME", "run"]
@@ -55,11 +53,7 @@ def _daemon(bench: Bench, built: Built) -> tuple[float, int]:
     bucket = bench.bucket("memory-run")
     up = uploader(bench, bucket, "memory-uploader")
     try:
-        enqueue(up.spool, built.drvs)
-        start = time.perf_counter()
-        up.start()
-        drain(up)
-        seconds = time.perf_counter() - start
+        seconds = start_and_drain(up, built.drvs)
         assert up.process is not None
         peak = vm_hwm(up.process.pid)
         if bench.narinfos(bucket) != 1:

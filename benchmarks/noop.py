@@ -32,7 +32,7 @@ from benchmarks.harness import (
     run_measured,
     spool_empty,
 )
-from benchmarks.small import drain, uploader
+from benchmarks.small import drain, start_and_drain, uploader
 from benchmarks.workloads import Built, small_paths
 from tests.support.daemon import UploaderRun
 from tests.support.services import nix_client_env
@@ -89,12 +89,7 @@ def _variants(bench: Bench, built: Built, bucket: str) -> dict[str, float]:
         up = fresh[1]
         up.start()
         results["closure"] = _drop(bench, up, built.drvs[:1])
-        up = fresh[2]
-        enqueue(up.spool, built.drvs)
-        start = time.perf_counter()
-        up.start()
-        drain(up)
-        results["startup"] = time.perf_counter() - start
+        results["startup"] = start_and_drain(fresh[2], built.drvs)
         for up in fresh:
             up.stop()
             uploaded += _no_upload(up)

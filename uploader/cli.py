@@ -32,6 +32,7 @@ from uploader.install import (
     DEFAULT_UNIT_DIR,
     DEFAULT_USER,
     Layout,
+    Plan,
     Request,
     execute,
     plan_install,
@@ -686,16 +687,11 @@ def install(
         generate_key=generate_key,
         force=force,
     )
-    try:
-        plan = plan_install(layout, request, LocalHost())
-        execute(
-            plan,
-            dry_run=dry_run,
-            echo=click.echo,
-            nothing="nothing to do: nix-cache-uploader is installed as asked",
-        )
-    except UploaderError as e:
-        fail(str(e))
+    _carry_out(
+        lambda: plan_install(layout, request, LocalHost()),
+        dry_run,
+        nothing="nothing to do: nix-cache-uploader is installed as asked",
+    )
 
 
 @main.command()
@@ -732,14 +728,17 @@ def uninstall(
     """
     _needs_root(dry_run)
     layout = _layout(user, group, config_file, nix_conf, unit_dir, hook_path)
+    _carry_out(
+        lambda: plan_uninstall(layout, LocalHost(), purge=purge, force=force),
+        dry_run,
+        nothing="nothing to do: nix-cache-uploader is not installed",
+    )
+
+
+def _carry_out(make_plan: Callable[[], Plan], dry_run: bool, *, nothing: str) -> None:
+    """Plan, then do (or with --dry-run print) each action; errors exit 1."""
     try:
-        plan = plan_uninstall(layout, LocalHost(), purge=purge, force=force)
-        execute(
-            plan,
-            dry_run=dry_run,
-            echo=click.echo,
-            nothing="nothing to do: nix-cache-uploader is not installed",
-        )
+        execute(make_plan(), dry_run=dry_run, echo=click.echo, nothing=nothing)
     except UploaderError as e:
         fail(str(e))
 

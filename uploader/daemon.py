@@ -279,16 +279,18 @@ class Daemon:
         if not ready:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
+        # Outputs the cache has need no closure from Nix: a re-enqueued build
+        # costs one listing, or nothing when remembered.  The others are
+        # rooted before the cache is asked, which may take long.
+        present = self.engine.known_present(all_outputs)
+        self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
         try:
-            # Outputs the cache has need neither GC roots nor their closure
-            # from Nix: a re-enqueued build costs one listing, or nothing.
-            present = await self.engine.find_present(all_outputs)
+            present |= await self.engine.find_present(p for p in all_outputs if p not in present)
         except UploaderError as e:
             retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
             self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
             return
         todo = [p for p in all_outputs if p not in present]
-        self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
         infos: dict[str, PathInfo] = {}
         result = PushResult(present=sorted(present))
         if todo:

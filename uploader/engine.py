@@ -161,6 +161,20 @@ class DependencyFailed(UploaderError):
 _Outcome = asyncio.Future[UploaderError | None]
 
 
+@dataclass
+class _Push:
+    """The state of one push_infos call."""
+
+    infos: Mapping[str, PathInfo]
+    hint: frozenset[str]  # roots the caller just found absent
+    result: PushResult = field(default_factory=PushResult)
+    # Paths this call uploads (claimed in _inflight before their existence
+    # check, so no other call uploads them too), and paths another call had
+    # claimed first, whose outcome this call waits for.
+    claimed: dict[str, _Outcome] = field(default_factory=dict)
+    foreign: dict[str, _Outcome] = field(default_factory=dict)
+
+
 class Engine:
     """Uploads closures from a store view to a target, signing narinfos."""
 
@@ -238,16 +252,24 @@ class Engine:
         from earlier, else asked.  Lets a caller skip the Nix queries for
         work already done."""
         wanted = sorted(set(paths))
-        present: set[str] = set()
-        if self.known is not None:
-            known = self.known.known(hash_part(p) for p in wanted)
-            present = {p for p in wanted if hash_part(p) in known}
-        ask = [p for p in wanted if p not in present]
-        found = await self._lookup([narinfo_key(p) for p in ask])
-        new = [p for p in ask if narinfo_key(p) in found]
-        if self.known is not None and new:
-            self.known.remember(hash_part(p) for p in new)
-        return present.union(new)
+        known = self.known_present(wanted)
+        return known | await self._ask([p for p in wanted if p not in known])
+
+    def known_present(self, paths: Iterable[str]) -> set[str]:
+        """Those of ``paths`` the local memory says the cache holds (no request)."""
+        paths = list(paths)
+        if self.known is None:
+            return set()
+        hashes = self.known.known(hash_part(p) for p in paths)
+        return {p for p in paths if hash_part(p) in hashes}
+
+    async def _ask(self, paths: list[str]) -> set[str]:
+        """Those of ``paths`` the cache holds, asked of it (and remembered)."""
+        found = await self._lookup([narinfo_key(p) for p in paths])
+        present = {p for p in paths if narinfo_key(p) in found}
+        if self.known is not None and present:
+            self.known.remember(hash_part(p) for p in sorted(present))
+        return present
 
     async def push_infos(
         self,
@@ -261,19 +283,14 @@ class Engine:
         must hold that closure).  Paths another call is uploading right now
         are waited for, not uploaded twice.  Paths in ``absent`` were just
         found missing by ``find_present``: they are not asked about again."""
-        result = PushResult()
         await self.ensure_cache_info()
-        hint = frozenset(absent)
-        # Paths this call uploads (claimed in _inflight before their
-        # existence check, so no other call uploads them too), and paths
-        # another call had claimed first, whose outcome this call waits for.
-        claimed: dict[str, asyncio.Future[UploaderError | None]] = {}
-        foreign: dict[str, asyncio.Future[UploaderError | None]] = {}
+        push = _Push(infos, hint=frozenset(absent))
+        result = push.result
         tasks: list[asyncio.Task[None]] = []
         try:
-            missing = await self._plan(roots, infos, result, claimed, foreign, hint)
-            mine = [p for p in missing if p in claimed]
-            done = {**foreign, **claimed}
+            missing = await self._plan(roots, push)
+            mine = [p for p in missing if p in push.claimed]
+            done = {**push.foreign, **push.claimed}
             if progress:
                 progress.start(len(mine), sum(infos[p].nar_size for p in mine))
             tasks = [
@@ -281,7 +298,7 @@ class Engine:
                 for p in _largest_first(mine, infos)
             ]
             await asyncio.gather(*tasks)
-            for path, fut in foreign.items():
+            for path, fut in push.foreign.items():
                 error = await asyncio.shield(fut)
                 if error is None:
                     result.present.append(path)
@@ -290,22 +307,14 @@ class Engine:
         finally:
             for t in tasks:
                 t.cancel()
-            for p, fut in claimed.items():
+            for p, fut in push.claimed.items():
                 if not fut.done():
                     fut.set_result(UploaderError(f"{p}: upload interrupted", store_path=p))
                 if self._inflight.get(p) is fut:
                     del self._inflight[p]
         return result
 
-    async def _plan(
-        self,
-        roots: Iterable[str],
-        infos: Mapping[str, PathInfo],
-        result: PushResult,
-        claimed: dict[str, _Outcome],
-        foreign: dict[str, _Outcome],
-        hint: frozenset[str],
-    ) -> list[str]:
+    async def _plan(self, roots: Iterable[str], push: _Push) -> list[str]:
         """Walk the closure from the roots, level by level, and stop at paths
         the cache (or an upstream cache) has: a cache that holds a path holds
         its closure, so nothing below it needs a request."""
@@ -314,45 +323,33 @@ class Engine:
         frontier = sorted(set(roots))
         while frontier:
             seen.update(frontier)
-            absent = await self._absent(frontier, infos, result, claimed, foreign, hint)
+            absent = await self._absent(frontier, push)
             missing.extend(absent)
-            frontier = sorted({r for p in absent for r in infos[p].references} - seen)
+            frontier = sorted({r for p in absent for r in push.infos[p].references} - seen)
         return missing
 
-    async def _absent(
-        self,
-        candidates: list[str],
-        infos: Mapping[str, PathInfo],
-        result: PushResult,
-        claimed: dict[str, _Outcome],
-        foreign: dict[str, _Outcome],
-        hint: frozenset[str],
-    ) -> list[str]:
+    async def _absent(self, candidates: list[str], push: _Push) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
-        if self.known is not None:
-            known = self.known.known(hash_part(p) for p in candidates)
-            result.present.extend(p for p in candidates if hash_part(p) in known)
-            candidates = [p for p in candidates if hash_part(p) not in known]
+        known = self.known_present(candidates)
+        push.result.present.extend(p for p in candidates if p in known)
+        candidates = [p for p in candidates if p not in known]
         others = [p for p in candidates if p in self._inflight]
-        foreign.update((p, self._inflight[p]) for p in others)
+        push.foreign.update((p, self._inflight[p]) for p in others)
         candidates = [p for p in candidates if p not in self._inflight]
         loop = asyncio.get_running_loop()
         for p in candidates:
-            claimed[p] = self._inflight[p] = loop.create_future()
-        ask = [p for p in candidates if p not in hint]
-        found = await self._lookup([narinfo_key(p) for p in ask])
-        present = [p for p in candidates if narinfo_key(p) in found]
-        result.present.extend(present)
-        if self.known is not None and present:
-            self.known.remember(hash_part(p) for p in present)
-        absent = [p for p in candidates if narinfo_key(p) not in found]
+            push.claimed[p] = self._inflight[p] = loop.create_future()
+        found = await self._ask([p for p in candidates if p not in push.hint])
+        present = [p for p in candidates if p in found]
+        push.result.present.extend(present)
+        absent = [p for p in candidates if p not in found]
         if self.is_upstream is not None and absent:
-            upstream = await self._run(self.is_upstream, [infos[p] for p in absent])
-            result.skipped_upstream.extend(sorted(upstream))
+            upstream = await self._run(self.is_upstream, [push.infos[p] for p in absent])
+            push.result.skipped_upstream.extend(sorted(upstream))
             present += upstream
             absent = [p for p in absent if p not in upstream]
         for p in present:
-            self._release(claimed.pop(p), p)
+            self._release(push.claimed.pop(p), p)
         return absent + others
 
     async def _lookup(self, keys: list[str]) -> set[str]:

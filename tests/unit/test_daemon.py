@@ -22,7 +22,8 @@ from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
 from uploader.gcroots import GcRoots
 from uploader.spool import FORMAT_HEADER, Spool
-from uploader.state import read_status
+from uploader.state import KnownCache, read_status
+from uploader.storepath import hash_part
 
 KEY = signing.generate("test-cache-1")
 
@@ -43,6 +44,7 @@ class Setup:
             drain_timeout=settings.get("drain_timeout", 5.0),
         )
         self.roots: GcRoots | None = None
+        self.known: KnownCache | None = None
 
     def entry(self, name: str, *lines: str) -> str:
         tmp = Path(self.spool.path, f".tmp-{name}")
@@ -52,7 +54,7 @@ class Setup:
 
     def run_until(self, done: Callable[[Daemon], bool], timeout: float = 10) -> Daemon:
         """Run a daemon until ``done(daemon)`` holds, then stop it as SIGTERM would."""
-        engine = Engine(self.store, self.target, KEY, jobs=2)  # type: ignore[arg-type]
+        engine = Engine(self.store, self.target, KEY, jobs=2, known=self.known)  # type: ignore[arg-type]
         daemon = Daemon(
             self.settings,
             store=self.store,
@@ -256,7 +258,6 @@ def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     s.entry("first", f"out {out}")
     s.run_until(lambda d: not s.spool.pending())
     assert rooted == [out], "a new output is rooted while it uploads"
-    rooted.clear()
     queries: list[list[str]] = []
     original = s.store.path_infos
 
@@ -266,10 +267,18 @@ def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
 
     s.store.path_infos = recording  # type: ignore[method-assign,assignment]
     events = len(s.target.events)
-    s.entry("again", f"out {out}")
-    d = s.run_until(lambda d: not s.spool.pending())
+    # Without a memory of the cache, the output is rooted while the cache
+    # is asked; when remembered there, not even that.
+    remembered = KnownCache(str(tmp_path / "known.sqlite"), "memory")
+    remembered.remember([hash_part(out)])
+    for known in (None, remembered):
+        s.known = known
+        rooted.clear()
+        s.entry("again", f"out {out}")
+        d = s.run_until(lambda d: not s.spool.pending())
 
-    assert queries == [], "the cache had the output: Nix was not asked for its closure"
-    assert s.target.events[events:] == []
-    assert rooted == []
-    assert d._entry_roots == {} and not d._root_refs
+        assert queries == [], "the cache had the output: Nix was not asked for its closure"
+        assert s.target.events[events:] == []
+        assert rooted == ([out] if known is None else [])
+        assert d._entry_roots == {} and not d._root_refs
+        assert os.listdir(tmp_path / "roots") == []
