@@ -32,8 +32,8 @@ from typing import IO, Any, Protocol, TypeVar
 from uploader._exceptions import TargetError, UploaderError, VerificationError
 from uploader.compression import THREADED_ABOVE, extension, open_compressor
 from uploader.narinfo import NarInfo
+from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
-from uploader.nixbase32 import format_hash
 from uploader.signing import SecretKey
 from uploader.store import PathInfo
 from uploader.storepath import basename, hash_part
@@ -216,6 +216,9 @@ class Engine:
         # Paths being checked or uploaded right now, by any push_infos call,
         # with their outcome (None, or the error) once known.
         self._inflight: dict[str, _Outcome] = {}
+        # The share of the hash space one listing page spanned last time
+        # (1: the whole cache fits in a page; 0: the target does not list).
+        self._page_span = 1.0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -357,7 +360,10 @@ class Engine:
         there are many, else (and for what the listings left) a HEAD each."""
         found: set[str] = set()
         rest = sorted(set(keys))
-        if len(rest) >= _LIST_FROM:
+        # A page spans a share of the hash space; it settles about that share
+        # of the keys.  Learnt from the last full page: a cache much larger
+        # than the batch is not listed again.
+        if len(rest) >= _LIST_FROM and len(rest) * self._page_span >= _LIST_MIN_SETTLED:
             streams = min(_LIST_STREAMS, len(rest) // _LIST_FROM)
             size = -(-len(rest) // streams)
             ranges = [rest[i : i + size] for i in range(0, len(rest), size)]
@@ -372,9 +378,14 @@ class Engine:
         i = 0
         while i < len(keys):
             # Any string that sorts just before the key will do.
-            page = await self._run(self.target.list_keys, keys[i][:-1])
+            start = keys[i][:-1]
+            page = await self._run(self.target.list_keys, start)
             if page is None:
+                self._page_span = 0.0
                 break
+            self._page_span = (
+                1.0 if page.last is None else max(0.0, _position(page.last) - _position(start))
+            )
             settled = i
             while i < len(keys) and page.covers(keys[i]):
                 if keys[i] in page.keys:
@@ -571,6 +582,15 @@ class Engine:
             prepared.file_size,
             self.compression,
         )
+
+
+def _position(key: str) -> float:
+    """Where a key sorts in the space of nix32 hash parts, from 0 to 1."""
+    value, scale = 0.0, 1.0
+    for c in key[:10]:
+        scale /= 32
+        value += ALPHABET.find(c) * scale if c in ALPHABET else 0.0
+    return value
 
 
 def _largest_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> list[str]:
