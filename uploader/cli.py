@@ -40,6 +40,7 @@ from uploader.install import (
     service_command,
     service_path,
 )
+from uploader.malloc import limit_arenas
 from uploader.metrics import Metrics, parse_listen_address
 from uploader.priority import lower_priority
 from uploader.progress import TerminalProgress, human_bytes
@@ -99,6 +100,8 @@ def main() -> None:
     the background as an unprivileged user holding the signing key; `push`
     uploads given paths right away.  See `nix-cache-uploader COMMAND --help`.
     """
+    # Before any thread starts (see malloc.py).
+    limit_arenas()
 
 
 def make_engine(

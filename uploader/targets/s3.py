@@ -10,13 +10,12 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import IO, Any
 
 import boto3
 import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from s3transfer.manager import TransferConfig, TransferManager
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
 from uploader.targets import KeyPage
@@ -28,15 +27,13 @@ __all__ = ["S3Target"]
 log = logging.getLogger(__name__)
 
 _MiB = 1 << 20
-# Parts of 8 MiB (more for NARs over ~70 GiB, to stay under S3's 10,000
-# parts), 4 in flight: a large NAR uploads in parallel while about 32 MiB of
-# it is in memory.  Two multipart uploads run at a time; small objects go in
-# a single PUT alongside it.
+# Parts of 8 MiB (more for NARs over ~78 GiB, to stay under S3's 10,000
+# parts), 4 in flight across all the NARs uploading: large NARs upload in
+# parallel parts while about 32 MiB of them is in memory, however many there
+# are.  Small objects go in a single PUT alongside.
 MULTIPART_THRESHOLD = 16 * _MiB
 MULTIPART_CHUNK = 8 * _MiB
 MULTIPART_CONCURRENCY = 4
-MULTIPART_UPLOADS = 2
-_MAX_PARTS = 9000
 
 _TRANSIENT_CODES = {
     "InternalError",
@@ -91,17 +88,17 @@ def _status(e: botocore.exceptions.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def _transfer_config(size: int) -> TransferConfig:
-    config = TransferConfig(
+def _transfer_config() -> TransferConfig:
+    return TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=max(MULTIPART_CHUNK, -(-size // _MAX_PARTS)),
-        max_concurrency=MULTIPART_CONCURRENCY,
-        use_threads=True,
+        # s3transfer raises it for NARs that would need more than 10,000 parts.
+        multipart_chunksize=MULTIPART_CHUNK,
+        # Shared by every upload: at most this many parts are read and sent
+        # at once, however many NARs upload together.
+        max_request_concurrency=MULTIPART_CONCURRENCY,
+        # Parts of a file object read ahead into memory (10 by default).
+        max_in_memory_upload_chunks=MULTIPART_CONCURRENCY,
     )
-    # s3transfer reads up to this many parts of a file object ahead into
-    # memory (10 by default); no more than are being sent is needed.
-    config.max_in_memory_upload_chunks = MULTIPART_CONCURRENCY
-    return config
 
 
 class S3Target:
@@ -117,7 +114,7 @@ class S3Target:
             # Request-level retries only; the daemon's queue retries for longer.
             retries={"mode": "standard", "max_attempts": max_attempts},
             # Every caller thread, plus s3transfer's part uploads.
-            max_pool_connections=max_connections + MULTIPART_CONCURRENCY * MULTIPART_UPLOADS,
+            max_pool_connections=max_connections + MULTIPART_CONCURRENCY,
             # Checksums only where S3 requires them: the NAR's integrity is
             # already in the narinfo, and several S3-compatible servers reject
             # the newer checksum headers.
@@ -136,7 +133,7 @@ class S3Target:
             self._client: Any = session.client("s3", endpoint_url=endpoint, config=config)
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
-        self._large = threading.BoundedSemaphore(MULTIPART_UPLOADS)
+        self._transfers = TransferManager(self._client, _transfer_config())
         self._listable = True
         self._fast = (
             PresignedRequests(
@@ -242,7 +239,7 @@ class S3Target:
         if size < MULTIPART_THRESHOLD:
             self.put_bytes(key, body.read(size), content_type)
             return
-        self._multipart(self._client.upload_fileobj, body, key, size, content_type)
+        self._multipart(body, key, content_type)
 
     def put_file(self, key: str, filename: str, size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
@@ -251,20 +248,14 @@ class S3Target:
             return
         # By name, s3transfer reads each part in the thread that sends it:
         # about 50 MiB less memory than upload_fileobj, which reads ahead.
-        self._multipart(self._client.upload_file, filename, key, size, content_type)
+        self._multipart(filename, key, content_type)
 
-    def _multipart(
-        self, upload: Any, source: object, key: str, size: int, content_type: str
-    ) -> None:
+    def _multipart(self, source: object, key: str, content_type: str) -> None:
         try:
-            with self._large:
-                upload(
-                    source,
-                    self.bucket,
-                    key,
-                    ExtraArgs={"ContentType": content_type},
-                    Config=_transfer_config(size),
-                )
+            future = self._transfers.upload(
+                source, self.bucket, key, extra_args={"ContentType": content_type}
+            )
+            future.result()
         except Exception as e:
             raise self._failed_upload(e, key) from e
 
