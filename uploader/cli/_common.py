@@ -1,0 +1,133 @@
+"""What every command shares: the group, exit codes, logging, errors, option blocks.
+
+Every command catches UploaderError, prints one line saying what to do, and
+exits with one of the named codes below.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from uploader import __version__
+from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
+from uploader.engine import Engine, worker_threads
+from uploader.malloc import limit_arenas
+from uploader.signing import SecretKey
+from uploader.spool import DEFAULT_SPOOL
+from uploader.state import KnownCache
+from uploader.store import NixStore
+from uploader.targets import open_target, parse_store_url
+from uploader.upstream import Upstreams
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "fail",
+    "main",
+    "make_engine",
+    "queue_options",
+    "setup_logging",
+    "verbosity",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setup_logging(verbose: int) -> None:
+    """One line per event on stderr, no timestamps (journald adds its own)."""
+    level = logging.WARNING - 10 * verbose if verbose >= 0 else logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.DEBUG))
+    # botocore's debug output would echo request headers; keep it at warnings.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Stopping the spool watch races with watchdog's reader thread, which then
+    # logs a harmless "queue_events() called when the thread is inactive".
+    logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def verbosity(fn: F) -> F:
+    fn = click.option("-q", "--quiet", is_flag=True, help="Only print errors.")(fn)
+    return click.option(
+        "-v", "--verbose", count=True, help="Log each path (-v) or debug detail (-vv)."
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nix-cache-uploader")
+def main() -> None:
+    """Sign and upload Nix store paths to an S3-compatible binary cache.
+
+    A post-build-hook drops one spool entry per build; `run` uploads them in
+    the background as an unprivileged user holding the signing key; `push`
+    uploads given paths right away.  See `nix-cache-uploader COMMAND --help`.
+    """
+    # Before any thread starts (see malloc.py).
+    limit_arenas()
+
+
+def make_engine(
+    store_url: str,
+    key: SecretKey,
+    *,
+    compression: str | None,
+    compression_level: int | None,
+    jobs: int,
+    tmp_dir: str | None = None,
+    known: KnownCache | None = None,
+    upstreams: Upstreams | None = None,
+    store: NixStore | None = None,
+) -> Engine:
+    """The engine for a store URL; flags win over the URL's own parameters."""
+    url = parse_store_url(store_url)
+    level = compression_level
+    if level is None and "compression-level" in url.params:
+        level = int(url.params["compression-level"])
+    return Engine(
+        store or NixStore(),
+        open_target(url, max_connections=worker_threads(jobs)),
+        key,
+        compression=compression or url.compression or "zstd",
+        compression_level=level,
+        jobs=jobs,
+        tmp_dir=tmp_dir,
+        known=known,
+        is_upstream=upstreams.served if upstreams else None,
+    )
+
+
+def queue_options(fn: F) -> F:
+    """--config, --spool and --state-dir: where the queue commands look."""
+    fn = click.option(
+        "--state-dir", default=None, help=f"Daemon state directory [default: {DEFAULT_STATE_DIR}]."
+    )(fn)
+    fn = click.option("--spool", default=None, help=f"Spool directory [default: {DEFAULT_SPOOL}].")(
+        fn
+    )
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help=f"TOML config file [default: {DEFAULT_CONFIG} if present].",
+    )(fn)

@@ -1,0 +1,365 @@
+"""The queue commands: `run` (the daemon), `status`, `wait`, `retry`, `check-config`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import click
+
+from uploader._exceptions import ConfigError, UploaderError
+from uploader.cli._common import (
+    EXIT_FAILURE,
+    EXIT_TIMEOUT,
+    fail,
+    main,
+    make_engine,
+    queue_options,
+    setup_logging,
+    verbosity,
+)
+from uploader.compression import METHODS, check_level
+from uploader.config import DEFAULT_CONFIG, Settings, load_settings
+from uploader.daemon import Daemon
+from uploader.gcroots import GcRoots
+from uploader.metrics import Metrics, parse_listen_address
+from uploader.priority import lower_priority
+from uploader.progress import human_bytes
+from uploader.signing import SecretKey
+from uploader.spool import Spool
+from uploader.state import KnownCache, read_status
+from uploader.store import NixStore
+from uploader.targets import parse_store_url
+from uploader.upstream import Upstreams
+
+log = logging.getLogger("nix-cache-uploader")
+
+
+@main.command()
+@queue_options
+@click.option("--to", "store_url", metavar="STORE_URL", help="Binary cache URL (as for push).")
+@click.option("--secret-key-file", help="Signing key file (mode 0600, owned by this user).")
+@click.option("--compression", type=click.Choice(METHODS), default=None, help="NAR compression.")
+@click.option("--compression-level", type=int, default=None, help="Level for zstd or xz.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Paths at once [4].")
+@click.option(
+    "--upstream", multiple=True, metavar="URL",
+    help="Cache whose paths are not uploaded again (repeatable), e.g. https://cache.nixos.org.",
+)  # fmt: skip
+@click.option(
+    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME",
+    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
+)  # fmt: skip
+@click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
+@click.option(
+    "--low-priority/--normal-priority", "low_priority", default=None,
+    help="Run at nice 19, autogroup nice 19 and idle IO class, behind builds [default: low].",
+)  # fmt: skip
+@click.option(
+    "--metrics", default=None, metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (host defaults to 127.0.0.1).",
+)  # fmt: skip
+@verbosity
+def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> None:
+    """Upload every build the post-build-hook queues, until stopped.
+
+    Watches the spool (inotify, plus a scan at start-up), uploads each entry's
+    closure, and removes the entry once all of it is in the cache.  Failures
+    of the cache are retried with backoff, forever; malformed entries and
+    paths that cannot be uploaded go to the spool's quarantine/ with a reason.
+    SIGTERM finishes in-flight uploads first; a second SIGINT stops at once.
+    Run it as a dedicated unprivileged user in the spool's group.
+    """
+    setup_logging(-1 if quiet else verbose + 1)
+    overrides = {k.replace("_", "-"): v for k, v in flags.items()}
+    overrides["to"] = overrides.pop("store-url")
+    overrides["upstream-keys"] = overrides.pop("upstream-keys")
+    try:
+        settings = load_settings(config_file, overrides)
+        settings.require("to", "secret_key_file")
+        if os.geteuid() == 0:
+            log.warning(
+                "running as root: run the uploader as its own unprivileged user so that "
+                "the signing key is out of reach of everything else"
+            )
+        key = SecretKey.load(str(settings.secret_key_file))
+        if settings.low_priority:
+            # Before any thread starts: threads inherit the priority.
+            lowered = lower_priority()
+            log.info("running at low priority (%s)", ", ".join(lowered) or "refused")
+        daemon = _make_daemon(settings, key)
+    except UploaderError as e:
+        fail(str(e))
+    try:
+        asyncio.run(daemon.run())
+    except UploaderError as e:
+        fail(str(e))
+    if daemon.forced:
+        # A request may hang in a worker thread for its whole timeout; a
+        # forced stop does not wait for it (the entries are still queued).
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
+    daemon.engine.close()
+
+
+def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
+    spool = Spool(settings.spool)
+    if not os.path.isdir(spool.path) or not os.access(spool.path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"spool {spool.path} is missing or not writable by this user: create it with "
+            "`install -d -m 2770 -o root -g GROUP` where GROUP is this user's group"
+        )
+    try:
+        os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"state directory {settings.state_dir}: {e.strerror}") from None
+    assert settings.to is not None
+    known = KnownCache(
+        os.path.join(settings.state_dir, "state.sqlite"),
+        parse_store_url(settings.to).redacted(),
+        ttl=settings.known_ttl,
+    )
+    upstreams = Upstreams(settings.upstream, settings.upstream_keys, memory=known)
+    store = NixStore()
+    engine = make_engine(
+        settings.to,
+        key,
+        store=store,
+        compression=settings.compression,
+        compression_level=settings.compression_level,
+        jobs=settings.jobs,
+        tmp_dir=settings.tmp_dir,
+        known=known,
+        upstreams=upstreams if upstreams else None,
+    )
+    metrics = None
+    if settings.metrics:
+        metrics = Metrics()
+        host, port = metrics.serve(settings.metrics)
+        log.info("serving metrics at http://%s:%d/metrics", host, port)
+        record = metrics.uploaded
+        engine.on_uploaded = lambda info, seconds, size: record(seconds, info.nar_size, size)
+    roots = GcRoots(settings.gc_roots_dir)
+    return Daemon(settings, store=store, engine=engine, spool=spool, roots=roots, metrics=metrics)
+
+
+def _queue_settings(config_file: str | None, spool: str | None, state_dir: str | None) -> Settings:
+    try:
+        return load_settings(config_file, {"spool": spool, "state-dir": state_dir})
+    except UploaderError as e:
+        fail(str(e))
+        raise AssertionError("unreachable") from e
+
+
+def _spool_pending(settings: Settings) -> list[str] | None:
+    """Entries in the spool, or None when this user may not look."""
+    try:
+        return Spool(settings.spool).pending()
+    except OSError:
+        return None
+
+
+@main.command()
+@queue_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(
+    config_file: str | None, spool: str | None, state_dir: str | None, as_json: bool
+) -> None:
+    """Show the queue: depth, in flight, retrying, quarantined, last errors."""
+    settings = _queue_settings(config_file, spool, state_dir)
+    report = read_status(settings.state_dir) or {}
+    pending = _spool_pending(settings)
+    if pending is not None:
+        report["pending"] = len(pending)
+    try:
+        report["quarantined"] = [
+            {"entry": n, "reason": r} for n, r in Spool(settings.spool).quarantined()
+        ]
+    except OSError:
+        report.setdefault("quarantined", None)
+    report["daemon"] = _daemon_state(report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    _print_status(report)
+
+
+def _daemon_state(report: dict[str, Any]) -> str:
+    if "updated_at" not in report:
+        return "unknown"
+    if not report.get("running"):
+        return "stopped"
+    age = time.time() - float(report["updated_at"])
+    return "running" if age < _STALE_AFTER else "not responding"
+
+
+_STALE_AFTER = 15.0
+
+
+# Entries listed per section by `status`; --json lists them all.
+_SHOWN = 10
+
+
+def _more(items: list[Any]) -> None:
+    if len(items) > _SHOWN:
+        click.echo(f"  … and {len(items) - _SHOWN} more (see --json)")
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    daemon = r["daemon"]
+    if daemon == "unknown":
+        click.echo("daemon:      no status file (never started, or another --state-dir)")
+    else:
+        ago = time.time() - float(r["updated_at"])
+        click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
+        click.echo(f"target:      {r.get('target')}")
+    oldest = r.get("oldest_pending_age")
+    line = f"queue:       {r.get('pending', '?')} pending, {r.get('in_flight', 0)} in flight"
+    if oldest is not None and r.get("pending"):
+        line += f", oldest {oldest:.0f}s"
+    click.echo(line)
+    retrying = r.get("retrying") or []
+    click.echo(f"retrying:    {len(retrying)}")
+    for item in retrying[:_SHOWN]:
+        click.echo(
+            f"  {item['entry']}: attempt {item['attempts']}, next in "
+            f"{item['next_try_in']:.0f}s: {item['error']}"
+        )
+    _more(retrying)
+    quarantined = r.get("quarantined")
+    if quarantined is None:
+        click.echo("quarantined: (spool not readable by this user)")
+    else:
+        click.echo(f"quarantined: {len(quarantined)}")
+        for item in quarantined[:_SHOWN]:
+            click.echo(f"  {item['entry']}: {item['reason']}")
+        _more(quarantined)
+    if "uploaded_paths" in r:
+        click.echo(
+            f"uploaded:    {r['uploaded_paths']} paths, "
+            f"{human_bytes(r.get('uploaded_bytes', 0))} since start"
+        )
+    errors = r.get("last_errors") or []
+    if errors:
+        click.echo("last errors:")
+        for item in errors[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(item["time"]))
+            click.echo(f"  {when} {item.get('subject') or ''}: {item['error']}")
+
+
+@main.command()
+@queue_options
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=None, help="Give up after S seconds."
+)
+def wait(
+    config_file: str | None, spool: str | None, state_dir: str | None, timeout: float | None
+) -> None:
+    """Block until the spool is drained (for the end of a CI job).
+
+    Exits 0 once every queued entry is uploaded (or quarantined), 3 on
+    timeout.  Users who cannot read the spool are answered from the daemon's
+    status file.
+    """
+    settings = _queue_settings(config_file, spool, state_dir)
+    start = time.time()
+    warned = False
+    while True:
+        report = read_status(settings.state_dir)
+        pending = _spool_pending(settings)
+        if pending is not None:
+            left = len(pending)
+        elif report and float(report["updated_at"]) > start:
+            left = int(report["pending"]) + int(report["in_flight"])
+        else:
+            left = -1  # not known yet
+        if left == 0:
+            click.echo("spool drained", err=True)
+            return
+        state = _daemon_state(report or {})
+        if state != "running" and not warned and time.time() - start > 2:
+            click.echo(f"warning: the uploader daemon is {state}; waiting anyway", err=True)
+            warned = True
+        if timeout is not None and time.time() - start >= timeout:
+            what = f"{left} entries still queued" if left > 0 else "queue state unknown"
+            fail(f"timed out after {timeout:g}s: {what}; see `nix-cache-uploader status`",
+                 EXIT_TIMEOUT)  # fmt: skip
+        time.sleep(0.25)
+
+
+@main.command()
+@queue_options
+def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> None:
+    """Requeue quarantined entries and retry waiting ones now.
+
+    Quarantined entries move back into the spool; the daemon also skips the
+    backoff of entries waiting after a failure.
+    """
+    settings = _queue_settings(config_file, spool, state_dir)
+    try:
+        moved = Spool(settings.spool).requeue()
+    except OSError as e:
+        fail(f"cannot requeue in {settings.spool}: {e.strerror}; run as root or the uploader")
+    click.echo(f"requeued {moved} quarantined entries")
+    report = read_status(settings.state_dir)
+    if report and _daemon_state(report) == "running":
+        try:
+            os.kill(int(report["pid"]), signal.SIGUSR1)
+            click.echo(f"asked the daemon (pid {report['pid']}) to retry waiting entries now")
+        except ProcessLookupError:
+            click.echo("the daemon is not running; entries wait for its next start")
+        except PermissionError:
+            click.echo("not allowed to signal the daemon; waiting entries keep their backoff")
+
+
+@main.command("check-config")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"TOML config file [default: {DEFAULT_CONFIG}].",
+)
+def check_config(config_file: str | None) -> None:
+    """Check a config file without the network or the signing key.
+
+    Unknown settings, wrong types, a malformed store URL, compression, paths
+    and the metrics address are errors (exit 1).  A missing `to` and a key
+    file that is absent or unreadable here are warnings: at NixOS build time
+    the key is not there yet.
+    """
+    setup_logging(0)
+    path = config_file or DEFAULT_CONFIG
+    try:
+        settings = load_settings(path, {})
+        warnings = _settings_warnings(settings)
+    except UploaderError as e:
+        fail(str(e) if path in str(e) else f"{path}: {e}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{path}: ok")
+
+
+def _settings_warnings(settings: Settings) -> list[str]:
+    """Check what load_settings leaves to the moment of use; return warnings."""
+    warnings = []
+    if settings.to is None:
+        warnings.append("`to` is not set: `run` then needs --to")
+    else:
+        url = parse_store_url(settings.to)
+        check_level(settings.compression or url.compression or "zstd", settings.compression_level)
+    if settings.metrics:
+        parse_listen_address(settings.metrics)
+    key = settings.secret_key_file
+    if key is not None and not os.path.exists(key):
+        warnings.append(f"secret-key-file {key} does not exist (yet)")
+    elif key is not None and not os.access(key, os.R_OK):
+        warnings.append(f"secret-key-file {key} is not readable by this user; not checked")
+    elif key is not None:
+        SecretKey.load(key)
+    return warnings

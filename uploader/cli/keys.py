@@ -1,0 +1,30 @@
+"""`keygen`: signing key pairs in Nix's format."""
+
+from __future__ import annotations
+
+import click
+
+from uploader._exceptions import UploaderError
+from uploader.cli._common import fail, main
+from uploader.signing import generate, write_public_key, write_secret_key
+
+
+@main.command()
+@click.argument("name")
+@click.argument("secret_key_file", type=click.Path(dir_okay=False))
+@click.argument("public_key_file", type=click.Path(dir_okay=False))
+def keygen(name: str, secret_key_file: str, public_key_file: str) -> None:
+    """Create a signing key pair, like `nix-store --generate-binary-cache-key`.
+
+    NAME is the key's name, conventionally the cache's host name plus a
+    number (e.g. cache.example.org-1).  SECRET_KEY_FILE is created with mode
+    0600 and PUBLIC_KEY_FILE with 0644; existing files are never overwritten.
+    Put the public key into `trusted-public-keys` on machines that substitute.
+    """
+    try:
+        key = generate(name)
+        write_secret_key(secret_key_file, key)
+        write_public_key(public_key_file, key.public_key())
+    except (UploaderError, ValueError) as e:
+        fail(str(e))
+    click.echo(key.public_key().to_text())
