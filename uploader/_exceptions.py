@@ -47,7 +47,7 @@ class ConfigError(UploaderError):
 
 
 class KeyFileError(ConfigError):
-    """A key file is unreadable, malformed or readable by group/others."""
+    """A key file is unreadable, malformed or accessible to users besides its own."""
 
 
 class StoreError(UploaderError):

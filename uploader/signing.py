@@ -22,6 +22,7 @@ import nacl.exceptions
 import nacl.signing
 
 from uploader._exceptions import KeyFileError
+from uploader.fileaccess import other_accessors
 
 __all__ = [
     "PublicKey",
@@ -53,7 +54,7 @@ class SecretKey:
 
     @classmethod
     def parse(cls, text: str) -> SecretKey:
-        """Read ``name:base64(64 bytes)``; one trailing newline is tolerated."""
+        """Read ``name:base64(64 bytes)``; surrounding whitespace is ignored."""
         name, raw = _split_key(text, "secret", _SECRET_SIZE)
         signing_key = nacl.signing.SigningKey(raw[:_SEED_SIZE])
         if bytes(signing_key.verify_key) != raw[_SEED_SIZE:]:
@@ -96,7 +97,7 @@ class PublicKey:
 
     @classmethod
     def parse(cls, text: str) -> PublicKey:
-        """Read ``name:base64(32 bytes)``; one trailing newline is tolerated."""
+        """Read ``name:base64(32 bytes)``; surrounding whitespace is ignored."""
         return cls(*_split_key(text, "public", _PUBLIC_SIZE))
 
     @classmethod
@@ -158,8 +159,12 @@ def _check_name(name: str) -> None:
 
 
 def _split_key(text: str, kind: str, size: int) -> tuple[str, bytes]:
-    """Split ``name:base64`` and decode it; errors never quote the payload."""
-    text = text.removesuffix("\n")
+    """Split ``name:base64`` and decode it; errors never quote the payload.
+
+    Surrounding whitespace is ignored as Nix ignores it: a trailing blank
+    line, or CRLF line endings from an editor on another system.
+    """
+    text = text.strip()
     name, colon, payload = text.partition(":")
     if not colon or not name or not payload:
         raise KeyFileError(f"{kind} key is not in the form <name>:<base64>")
@@ -167,7 +172,8 @@ def _split_key(text: str, kind: str, size: int) -> tuple[str, bytes]:
     try:
         raw = base64.b64decode(payload, validate=True)
     except binascii.Error:
-        raise KeyFileError(f"{kind} key {name!r} is not valid base64") from None
+        where = " (it contains a carriage return)" if "\r" in payload else ""
+        raise KeyFileError(f"{kind} key {name!r} is not valid base64{where}") from None
     if len(raw) != size:
         # Handing over the wrong file of a key pair is the likely mistake.
         other = {_SECRET_SIZE: "secret", _PUBLIC_SIZE: "public"}.get(len(raw))
@@ -194,11 +200,15 @@ def _read_key_file(path: str, *, private: bool) -> str:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise KeyFileError(f"key file {path} is not a regular file")
-        if private and mode & 0o077:
-            access = "readable" if mode & 0o044 else "accessible"
+        others = other_accessors(fd) if private else []
+        if others:
+            fix = (
+                f"setfacl -b {path}; chmod 600 {path}"
+                if "(ACL)" in "".join(others)
+                else (f"chmod 600 {path}")
+            )
             raise KeyFileError(
-                f"secret key file {path} is {access} by group/others "
-                f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}"
+                f"secret key file {path} is accessible by {', '.join(others)}; run {fix}"
             )
         data = os.read(fd, _MAX_KEY_FILE + 1)
     except OSError as e:

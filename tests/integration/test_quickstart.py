@@ -26,6 +26,7 @@ import pwd
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -139,6 +140,7 @@ class Quickstart:
     hook: str | None = None
     built: str | None = None
     service: subprocess.Popen[bytes] | None = None
+    credentials: Path | None = None
     log: list[str] = field(default_factory=list)
 
     @property
@@ -268,13 +270,19 @@ class Quickstart:
             if re.match(r"^[A-Z]\w*=", line):
                 key, value = line.split("=", 1)
                 values.setdefault(key, []).append(value)
-        credentials = self.root / "credentials"
-        credentials.mkdir(mode=0o700)
+        # As systemd does for a non-root User=: root-owned files on a tmpfs, 0500
+        # and 0400, with read access granted to the user by an ACL (so the key
+        # shows as mode 0440).
+        credentials = Path(tempfile.mkdtemp(prefix="ncu-credentials-", dir="/dev/shm"))
+        self.credentials = credentials
         (name, source), user = values["LoadCredential"][0].split(":", 1), values["User"][0]
         shutil.copy(source, credentials / name)
         os.chmod(credentials / name, 0o400)
-        for path in (credentials, credentials / name):
-            shutil.chown(path, user, values["Group"][0])
+        os.chmod(credentials, 0o500)
+        setfacl = require_binary("setfacl")
+        subprocess.run([setfacl, "-m", f"u:{user}:r", str(credentials / name)], check=True)
+        subprocess.run([setfacl, "-m", f"u:{user}:rx", str(credentials)], check=True)
+        assert stat.S_IMODE((credentials / name).stat().st_mode) == 0o440
         env = [v for v in values["Environment"]]
         environment_file = values["EnvironmentFile"][0].removeprefix("-")
         if os.path.exists(environment_file):
@@ -328,7 +336,7 @@ class Quickstart:
 def quickstart(seaweedfs: SeaweedFS, nix_daemon: NixDaemon) -> Iterator[Quickstart]:
     if os.geteuid() != 0:
         pytest.skip("the quick start runs as root")
-    for tool in ("setpriv", "useradd", "userdel", "systemd-analyze", "aws"):
+    for tool in ("setpriv", "setfacl", "useradd", "userdel", "systemd-analyze", "aws"):
         require_binary(tool)
     root = Path(tempfile.mkdtemp(prefix="ncu-quickstart-", dir="/var/tmp"))
     root.chmod(0o755)
@@ -346,6 +354,8 @@ def quickstart(seaweedfs: SeaweedFS, nix_daemon: NixDaemon) -> Iterator[Quicksta
         with contextlib.suppress(KeyError):
             grp.getgrnam(USER)
             subprocess.run(["groupdel", USER], check=True)
+        if run.credentials is not None:
+            shutil.rmtree(run.credentials, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
 

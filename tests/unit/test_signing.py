@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import traceback
 from pathlib import Path
@@ -68,11 +69,24 @@ def test_nix_key_pair_matches_ours() -> None:
     assert public.verify(FINGERPRINT, secret.sign(FINGERPRINT))
 
 
-def test_one_trailing_newline_is_tolerated() -> None:
-    assert signing.SecretKey.parse(NIX_SECRET + "\n").to_text() == NIX_SECRET
-    assert signing.PublicKey.parse(NIX_PUBLIC + "\n").to_text() == NIX_PUBLIC
-    with pytest.raises(KeyFileError):
-        signing.SecretKey.parse(NIX_SECRET + "\n\n")
+@pytest.mark.parametrize(
+    "suffix", ["\n", "\n\n", "\r\n", " \t\n"], ids=["newline", "blank-line", "crlf", "spaces"]
+)
+def test_key_files_nix_accepts_are_accepted(tmp_path: Path, suffix: str) -> None:
+    """Nix reads these key files (checked by signing with it); so do we."""
+    path = tmp_path / "sk"
+    path.write_bytes((NIX_SECRET + suffix).encode())
+    os.chmod(path, 0o600)
+    store_path = add_path_with_references()
+    run_nix("nix", "store", "sign", "--key-file", str(path), store_path)
+    assert signing.SecretKey.load(str(path)).to_text() == NIX_SECRET
+    assert signing.PublicKey.parse(NIX_PUBLIC + suffix).to_text() == NIX_PUBLIC
+
+
+def test_a_carriage_return_inside_a_key_is_named() -> None:
+    name, payload = NIX_SECRET.split(":")
+    with pytest.raises(KeyFileError, match="carriage return"):
+        signing.SecretKey.parse(f"{name}:{payload[:20]}\r{payload[20:]}")
 
 
 PAYLOAD = NIX_SECRET.split(":", 1)[1]
@@ -138,13 +152,14 @@ def test_load_accepts_owner_only_key_files(tmp_path: Path, mode: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "access"), [(0o644, "readable"), (0o640, "readable"), (0o620, "accessible")]
+    ("mode", "who"),
+    [(0o644, "group root (mode 0644), others"), (0o640, "group root"), (0o620, "group root")],
 )
 def test_load_refuses_key_files_open_to_group_or_others(
-    tmp_path: Path, mode: int, access: str
+    tmp_path: Path, mode: int, who: str
 ) -> None:
     path = write(tmp_path / "sk", NIX_SECRET, mode)
-    with pytest.raises(KeyFileError, match=f"is {access} by group/others") as info:
+    with pytest.raises(KeyFileError, match=re.escape(f"is accessible by {who}")) as info:
         signing.SecretKey.load(path)
     assert f"chmod 600 {path}" in str(info.value)
 
