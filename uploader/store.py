@@ -125,26 +125,35 @@ class NixStore:
                 store_path=first,
             )
         infos: dict[str, PathInfo] = {}
-        for chunk in _chunks(items):
-            args = [self._nix, "path-info", *_NIX_FLAGS, "--json", "--sigs"]
-            if closure:
-                args.append("--recursive")
-            data = json.loads(self._run([*args, *chunk]))
-            # Nix < 2.19 prints a list of objects; newer Nix an object keyed by path.
-            records = (
-                [{"path": p, **v} for p, v in data.items() if v is not None]
-                if isinstance(data, dict)
-                else data
-            )
-            for raw in records:
-                if raw.get("valid", True) is False:
-                    raise InvalidPathError(
-                        f"{raw['path']} is not valid in the local Nix store",
-                        store_path=raw["path"],
-                    )
-                info = _parse_info(raw)
-                infos[info.path] = info
+        # `nix path-info` answers a .drv with its outputs unless told
+        # --derivation, which in turn would answer other paths with their
+        # derivers: ask about the two kinds apart.
+        derivations = [p for p in items if p.endswith(".drv")]
+        others = [p for p in items if not p.endswith(".drv")]
+        for flags, group in (([], others), (["--derivation"], derivations)):
+            for chunk in _chunks(group):
+                self._add_infos(infos, [*flags, *(["--recursive"] if closure else [])], chunk)
         return infos
+
+    def _add_infos(
+        self, infos: dict[str, PathInfo], flags: list[str], paths: Sequence[str]
+    ) -> None:
+        args = [self._nix, "path-info", *_NIX_FLAGS, "--json", "--sigs", *flags]
+        data = json.loads(self._run([*args, *paths]))
+        # Nix < 2.19 prints a list of objects; newer Nix an object keyed by path.
+        records = (
+            [{"path": p, **v} for p, v in data.items() if v is not None]
+            if isinstance(data, dict)
+            else data
+        )
+        for raw in records:
+            if raw.get("valid", True) is False:
+                raise InvalidPathError(
+                    f"{raw['path']} is not valid in the local Nix store",
+                    store_path=raw["path"],
+                )
+            info = _parse_info(raw)
+            infos[info.path] = info
 
     def dump(self, path: str) -> Iterator[bytes]:
         """The NAR serialisation of a store path, read straight from disk."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import KeyPair, make_keys, run_cli
-from tests.support.nix import build, multi_output_expr, nix_path_info, substitute
+from tests.support.nix import build, instantiate, multi_output_expr, nix_path_info, substitute
 from tests.support.services import NixDaemon, SeaweedFS
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
@@ -193,3 +193,22 @@ def _vm_hwm_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def test_pushing_a_derivation_uploads_it_and_its_closure_like_nix_copy_derivation(
+    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, nix_daemon: NixDaemon, tmp_path: Path
+) -> None:
+    """A .drv (here never built) is a store path like any other: its closure
+    is the derivations and sources it was made from."""
+    drv = instantiate(multi_output_expr())
+    closure = nix_path_info([drv], recursive=True, derivation=True)
+    assert len(closure) == 2 and all(p.endswith(".drv") for p in closure)
+    result = run_cli("push", "--to", seaweedfs.store_url(bucket),
+                     "--secret-key-file", keys.secret_file, drv)  # fmt: skip
+    assert "uploaded 2 paths" in result.stderr
+    for path in closure:
+        assert seaweedfs.get(bucket, f"{hash_part(path)}.narinfo") is not None
+    dest = str(tmp_path / "fresh")
+    copied = substitute(seaweedfs.http_url(bucket), [drv], keys.public, dest=dest, derivation=True)
+    assert copied.returncode == 0, copied.stderr
+    assert Path(dest + drv).read_bytes() == Path(drv).read_bytes()

@@ -14,6 +14,7 @@ from tests.support.services import nix_client_env
 
 __all__ = [
     "build",
+    "instantiate",
     "multi_output_expr",
     "nix_path_info",
     "substitute",
@@ -45,8 +46,12 @@ def build(
     return out.stdout.split()
 
 
-def nix_path_info(paths: Sequence[str], *, recursive: bool = False) -> dict[str, dict[str, object]]:
-    cmd = ["nix", "path-info", "--json", *(["-r"] if recursive else []), *paths]
+def nix_path_info(
+    paths: Sequence[str], *, recursive: bool = False, derivation: bool = False
+) -> dict[str, dict[str, object]]:
+    """What Nix registered for ``paths``; with ``derivation``, .drv files themselves."""
+    flags = [*(["-r"] if recursive else []), *(["--derivation"] if derivation else [])]
+    cmd = ["nix", "path-info", "--json", *flags, *paths]
     out = subprocess.run(cmd, env=nix_client_env(), check=True, capture_output=True, text=True)
     data = json.loads(out.stdout)
     if isinstance(data, dict):
@@ -55,7 +60,7 @@ def nix_path_info(paths: Sequence[str], *, recursive: bool = False) -> dict[str,
 
 
 def substitute(
-    http_url: str, paths: Sequence[str], public_key: str, *, dest: str
+    http_url: str, paths: Sequence[str], public_key: str, *, dest: str, derivation: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Copy paths from the cache into a fresh store at ``dest`` with signature
     checks on; the returned process says whether Nix accepted them."""
@@ -64,9 +69,16 @@ def substitute(
     cmd = [
         "nix", "copy", "--from", http_url, "--to", dest, *paths,
         "--option", "trusted-public-keys", public_key,
-        "--option", "require-sigs", "true",
+        "--option", "require-sigs", "true", *(["--derivation"] if derivation else []),
     ]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def instantiate(expr: str) -> str:
+    """Instantiate (not build) a Nix expression through the daemon; return its .drv."""
+    out = subprocess.run(["nix-instantiate", "-E", expr], env=nix_client_env(), check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip()
 
 
 def _salt() -> str:
