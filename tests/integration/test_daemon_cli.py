@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -164,3 +165,32 @@ def test_an_unknown_setting_in_the_config_file_is_a_clear_error(
     assert "unknown setting(s) secret_key_file" in result.stderr
     assert "secret-key-file" in result.stderr.split("known:")[1]
     assert not (uploader.state_dir / "status.json").exists()
+
+
+def test_a_second_daemon_on_the_same_spool_refuses_naming_the_first(
+    uploader: UploaderRun, tmp_path: Path
+) -> None:
+    uploader.start()
+    assert uploader.process is not None
+    second = subprocess.run(uploader.argv(), capture_output=True, text=True, timeout=60,
+                            cwd=uploader.cwd)  # fmt: skip
+    assert second.returncode == EXIT_FAILURE
+    assert f"another nix-cache-uploader run (pid {uploader.process.pid})" in second.stderr
+    assert str(uploader.spool) in second.stderr
+    # The refused one wrote no status over the first one's.
+    assert _status(uploader)["daemon"] == "running"
+    assert _status(uploader)["pid"] == uploader.process.pid
+
+    # Another spool but the same state directory: refused as well.
+    other = UploaderRun(root=tmp_path / "other", store_url=uploader.store_url,
+                        secret_key_file=uploader.secret_key_file)  # fmt: skip
+    argv = other.argv()
+    argv[argv.index("--state-dir") + 1] = str(uploader.state_dir)
+    third = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=other.cwd)
+    assert third.returncode == EXIT_FAILURE
+    assert "already uses the state directory" in third.stderr
+
+    # Once the first stops, the lock is gone with it.
+    assert uploader.stop() == 0
+    uploader.process = None
+    uploader.start()

@@ -27,6 +27,7 @@ from uploader.compression import METHODS, check_level
 from uploader.config import DEFAULT_CONFIG, Settings, load_settings
 from uploader.daemon import Daemon
 from uploader.gcroots import GcRoots
+from uploader.lock import DirectoryLock
 from uploader.metrics import Metrics, parse_listen_address
 from uploader.priority import lower_priority
 from uploader.progress import human_bytes
@@ -92,7 +93,7 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
             # Before any thread starts: threads inherit the priority.
             lowered = lower_priority()
             log.info("running at low priority (%s)", ", ".join(lowered) or "refused")
-        daemon = _make_daemon(settings, key)
+        daemon, locks = _make_daemon(settings, key)
     except UploaderError as e:
         fail(str(e))
     try:
@@ -105,9 +106,11 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
         logging.shutdown()
         os._exit(EXIT_FAILURE)
     daemon.engine.close()
+    for lock in locks:
+        lock.release()
 
 
-def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
+def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[DirectoryLock]]:
     spool = Spool(settings.spool)
     if not os.path.isdir(spool.path) or not os.access(spool.path, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError(
@@ -118,6 +121,11 @@ def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
         os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"state directory {settings.state_dir}: {e.strerror}") from None
+    # Before anything reads the spool or writes the status: one daemon each.
+    locks = [
+        DirectoryLock(spool.path, "spool"),
+        DirectoryLock(settings.state_dir, "state directory"),
+    ]
     assert settings.to is not None
     known = KnownCache(
         os.path.join(settings.state_dir, "state.sqlite"),
@@ -145,7 +153,8 @@ def _make_daemon(settings: Settings, key: SecretKey) -> Daemon:
         record = metrics.uploaded
         engine.on_uploaded = lambda info, seconds, size: record(seconds, info.nar_size, size)
     roots = GcRoots(settings.gc_roots_dir)
-    return Daemon(settings, store=store, engine=engine, spool=spool, roots=roots, metrics=metrics)
+    daemon = Daemon(settings, store=store, engine=engine, spool=spool, roots=roots, metrics=metrics)
+    return daemon, locks
 
 
 def _queue_settings(config_file: str | None, spool: str | None, state_dir: str | None) -> Settings:
