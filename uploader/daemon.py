@@ -135,6 +135,15 @@ class Daemon:
         log.info("retrying every waiting entry now")
         self._wakeup.set()
 
+    def hangup(self) -> None:
+        """SIGHUP, which operators send out of habit: no reload, but not a death either."""
+        log.warning(
+            "SIGHUP: rescanning the spool; settings are read at start only, "
+            "restart the service to change them"
+        )
+        self._rescan()
+        self._wakeup.set()
+
     def _discover(self, name: str) -> None:
         if name not in self._pending:
             self._pending[name] = _Pending(name)
@@ -160,6 +169,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, self.retry_now)
+        loop.add_signal_handler(signal.SIGHUP, self.hangup)
         stale = self.spool.remove_stale_temp_files()
         if stale:
             log.warning("removed %d stale hook temp files from the spool", len(stale))
@@ -187,7 +197,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await status
             self._write_status(running=False)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             log.info("stopped; %d entries left in the spool", len(self._pending))
 

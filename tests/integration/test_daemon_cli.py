@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import time
 import uuid
@@ -194,3 +196,20 @@ def test_a_second_daemon_on_the_same_spool_refuses_naming_the_first(
     assert uploader.stop() == 0
     uploader.process = None
     uploader.start()
+
+
+def test_sighup_is_answered_with_a_line_and_the_daemon_keeps_serving(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str
+) -> None:
+    uploader.start()
+    assert uploader.process is not None
+    os.kill(uploader.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "SIGHUP: rescanning the spool" not in uploader.log():
+        assert uploader.process.poll() is None, uploader.log()
+        assert time.monotonic() < deadline, uploader.log()
+        time.sleep(0.05)
+    (out,) = build(trivial_expr("after-hup"), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+    assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
+    assert _status(uploader)["daemon"] == "running"
