@@ -9,6 +9,7 @@ flags given on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -90,11 +91,23 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError("a number")
             return float(value)
+        if key == "metrics" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # metrics = 9100: a port alone
         if not isinstance(value, str):
             raise TypeError("a string")
         return value
     except TypeError as e:
         raise ConfigError(f"setting {key!r} must be {e}, not {value!r}") from None
+
+
+# Lower bounds (inclusive) of the numeric settings; every number must be finite.
+_AT_LEAST = {
+    "batch_size": 1,
+    "retry_min": 0.001,
+    "retry_max": 0.001,
+    "drain_timeout": 0,
+    "known_ttl": 0,
+}
 
 
 def _check(settings: Settings) -> Settings:
@@ -104,8 +117,14 @@ def _check(settings: Settings) -> Settings:
         )
     if not 1 <= settings.jobs <= 64:
         raise ConfigError(f"jobs must be between 1 and 64, not {settings.jobs}")
-    if settings.retry_min <= 0 or settings.retry_max < settings.retry_min:
-        raise ConfigError("retry-min must be positive and at most retry-max")
+    for name, least in _AT_LEAST.items():
+        value = getattr(settings, name)
+        if not math.isfinite(value) or value < least:
+            raise ConfigError(f"{name.replace('_', '-')} must be a number ≥ {least}, not {value}")
+    if settings.retry_max < settings.retry_min:
+        raise ConfigError(
+            f"retry-min ({settings.retry_min:g}) must be at most retry-max ({settings.retry_max:g})"
+        )
     for url in settings.upstream:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"upstream {url!r} must be an http:// or https:// binary cache URL")
@@ -128,6 +147,14 @@ def read_config_file(path: str | None) -> dict[str, Any]:
         return {}
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     return data
@@ -137,23 +164,29 @@ def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Sett
     """Settings from the config file with ``overrides`` (flag values that are
     not None, keyed by setting name with dashes) applied on top."""
     data = read_config_file(config_file)
+    where = f"config file {config_file or DEFAULT_CONFIG}"
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _FIELDS:
-            values[_FIELDS[key].name] = _coerce(key, value)
-        else:
-            extra[key] = value
-    if extra:
-        known = ", ".join(sorted(_FIELDS))
-        raise ConfigError(
-            f"config file {config_file or DEFAULT_CONFIG}: unknown setting(s) "
-            f"{', '.join(sorted(extra))} (known: {known})"
-        )
+    try:
+        for key, value in data.items():
+            if key in _FIELDS:
+                values[_FIELDS[key].name] = _coerce(key, value)
+            else:
+                extra[key] = value
+        if extra:
+            known = ", ".join(sorted(_FIELDS))
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(extra))} (known: {known})")
+        _check(Settings(**values))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     for key, value in overrides.items():
         if value is None or value == ():
             continue
         if key not in _FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
         values[_FIELDS[key].name] = _coerce(key, value)
-    return _check(Settings(**values))
+    try:
+        return _check(Settings(**values))
+    except ConfigError as e:
+        # Only a flag can have made valid file settings invalid.
+        raise ConfigError(f"{e} (from the command line)") from None

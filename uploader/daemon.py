@@ -40,6 +40,7 @@ from uploader.config import Settings
 from uploader.engine import DependencyFailed, Engine, PushResult
 from uploader.gcroots import GcRoots
 from uploader.metrics import Metrics
+from uploader.progress import plural
 from uploader.spool import Entry, Spool
 from uploader.state import write_status
 from uploader.store import NixStore, PathInfo
@@ -172,7 +173,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.hangup)
         stale = self.spool.remove_stale_temp_files()
         if stale:
-            log.warning("removed %d stale hook temp files from the spool", len(stale))
+            log.warning("removed %s from the spool", plural(len(stale), "stale hook temp file"))
 
         def on_entry(name: str) -> None:  # on watchdog's thread
             loop.call_soon_threadsafe(self._discover, name)
@@ -182,11 +183,11 @@ class Daemon:
         if self.roots is not None:
             self.roots.keep_only(self._rooted_outputs())
         log.info(
-            "nix-cache-uploader %s serving %s → %s (%d entries waiting)",
+            "nix-cache-uploader %s serving %s → %s (%s waiting)",
             __version__,
             self.spool.path,
             self.engine.target.url,
-            len(self._pending),
+            plural(len(self._pending), "entry", "entries"),
         )
         status = asyncio.create_task(self._status_loop())
         try:
@@ -199,7 +200,9 @@ class Daemon:
             self._write_status(running=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            log.info("stopped; %d entries left in the spool", len(self._pending))
+            log.info(
+                "stopped; %s left in the spool", plural(len(self._pending), "entry", "entries")
+            )
 
     async def _main_loop(self) -> None:
         last_scan = time.monotonic()
@@ -323,10 +326,10 @@ class Daemon:
                 self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
                 return
             log.debug(
-                "batch of %d entries: Nix queries %.2fs, upload of %d paths %.2fs",
-                len(entries),
+                "batch of %s: Nix queries %.2fs, upload of %s %.2fs",
+                plural(len(entries), "entry", "entries"),
                 queried - started,
-                len(result.uploaded),
+                plural(len(result.uploaded), "path"),
                 time.monotonic() - queried,
             )
         self._settle(ready, infos, result)
@@ -390,7 +393,7 @@ class Daemon:
                 self.spool.ack(name)
                 self._pending.pop(name, None)
                 self._unroot(name)
-                log.info("%s: %d outputs in the cache", name, len(outputs))
+                log.info("%s: %s in the cache", name, plural(len(outputs), "output"))
                 continue
             root_causes = [_root_cause(e) for e in failed]
             permanent = [

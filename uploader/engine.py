@@ -40,7 +40,6 @@ from uploader.storepath import basename, hash_part
 from uploader.targets import Target
 
 __all__ = [
-    "CACHE_INFO",
     "DependencyFailed",
     "Engine",
     "Progress",
@@ -53,7 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CACHE_INFO = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 NAR_TYPE = "application/x-nix-nar"
 # NARs up to this size are uploaded up to _SMALL_JOBS at a time, besides
 # the ``jobs`` larger ones.
@@ -238,7 +236,7 @@ class Engine:
             await self._run(
                 self.target.put_bytes,
                 "nix-cache-info",
-                CACHE_INFO.encode(),
+                self.target.url.cache_info().encode(),
                 "text/x-nix-cache-info",
             )
             log.info("wrote nix-cache-info to %s", self.target.url)

@@ -34,6 +34,7 @@ from uploader.nixconf import (
     hook_settings,
     remove_hook,
 )
+from uploader.progress import plural
 from uploader.signing import generate, write_public_key, write_secret_key
 from uploader.spool import DEFAULT_SPOOL
 from uploader.targets import parse_store_url
@@ -464,14 +465,32 @@ def _plan_hook_removal(plan: Plan, host: Host, layout: Layout, named: list[str],
 
 
 def _plan_purge(plan: Plan, host: Host, layout: Layout, settings: Settings) -> None:
+    """Remove what this installation (its --user) created, and nothing else."""
+    account = host.account(layout.user)
+    ours = []
     for directory, what in ((settings.spool, "spool"), (settings.state_dir, "state"),
                             (settings.gc_roots_dir, "GC roots")):  # fmt: skip
         if not os.path.lexists(directory):
             continue
+        user, group = host.owner(directory)
+        if layout.user not in (user, group) and layout.group not in (user, group):
+            # Another installation's (another --user), or not an uploader's at all.
+            plan.notes.append(
+                f"kept {directory} ({what}): it belongs to {user}:{group}, "
+                f"not to {layout.user} of this installation"
+            )
+        else:
+            ours.append((directory, what))
+    if account is None and not ours:
+        plan.notes.append(f"user {layout.user} is not installed here: nothing to purge")
+        return
+    for directory, what in ours:
         if what == "spool":
             queued = [n for n in os.listdir(directory) if n.endswith(".entry")]
             if queued:
-                plan.notes.append(f"{len(queued)} builds queued in {directory} are not uploaded")
+                plan.notes.append(
+                    f"{plural(len(queued), 'build')} queued in {directory} not uploaded"
+                )
         plan.add(f"remove {directory} ({what})", partial(_remove, directory))
     if os.path.exists(layout.config):
         plan.add(f"remove {layout.config}", lambda: _remove(layout.config))
@@ -479,7 +498,6 @@ def _plan_purge(plan: Plan, host: Host, layout: Layout, settings: Settings) -> N
     kept = [p for p in (key, public_key_path(key), layout.environment_file) if os.path.exists(p)]
     if kept:
         plan.notes.append(f"kept {', '.join(kept)}: delete the key and credentials yourself")
-    account = host.account(layout.user)
     if account is not None:
         if account.uid == 0 or account.uid >= 1000:
             plan.notes.append(f"user {layout.user} (uid {account.uid}) is not a system user: kept")

@@ -12,7 +12,12 @@ from typing import TextIO
 
 from uploader.store import PathInfo
 
-__all__ = ["TerminalProgress", "human_bytes"]
+__all__ = ["TerminalProgress", "human_bytes", "plural"]
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 path``, ``2 paths``; ``many`` for irregular plurals (``entries``)."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def human_bytes(n: float) -> str:

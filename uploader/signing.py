@@ -231,7 +231,7 @@ def _write_new_file(path: str, text: str, mode: int) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise KeyFileError(f"cannot create {tmp}: {e.strerror}") from None
+        raise KeyFileError(f"cannot create {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, mode)  # the umask may have taken bits away

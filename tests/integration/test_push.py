@@ -212,3 +212,19 @@ def test_pushing_a_derivation_uploads_it_and_its_closure_like_nix_copy_derivatio
     copied = substitute(seaweedfs.http_url(bucket), [drv], keys.public, dest=dest, derivation=True)
     assert copied.returncode == 0, copied.stderr
     assert Path(dest + drv).read_bytes() == Path(drv).read_bytes()
+
+
+def test_nix_store_url_parameters_are_honoured(
+    keys: KeyPair, multi: dict[str, str], tmp_path: Path
+) -> None:
+    """secret-key= signs (Nix's own way), priority= and want-mass-query= reach nix-cache-info."""
+    cache = tmp_path / "cache"
+    url = f"file://{cache}?secret-key={keys.secret_file}&priority=30&want-mass-query=false"
+    result = run_cli("push", "--to", url, multi["lib"])
+    assert "uploaded 1 path (" in result.stderr
+    assert (cache / "nix-cache-info").read_text() == (
+        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 30\n"
+    )
+    dest = str(tmp_path / "fresh")
+    copied = substitute(f"file://{cache}", [multi["lib"]], keys.public, dest=dest)
+    assert copied.returncode == 0, copied.stderr

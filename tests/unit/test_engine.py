@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from uploader import signing
 from uploader._exceptions import TransientTargetError, UploaderError, VerificationError
-from uploader.engine import CACHE_INFO, DependencyFailed, Engine, PushResult, narinfo_key
+from uploader.engine import DependencyFailed, Engine, PushResult, narinfo_key
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
@@ -37,6 +37,8 @@ from uploader.storepath import basename, hash_part
 
 KEY = signing.generate("test-cache-1")
 PUBLIC = KEY.public_key()
+
+DEFAULT_CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 
 
 class MemoryKnown:
@@ -381,7 +383,7 @@ def test_engine_recovers_after_an_upload_crashes(tmp_path: Path) -> None:
     # The spool directory vanished: the 9 MiB NAR cannot spill to disk.
     spool = tmp_path / "spool"
     target = RecordingTarget(delay=0.5)
-    target.objects["nix-cache-info"] = CACHE_INFO.encode()
+    target.objects["nix-cache-info"] = DEFAULT_CACHE_INFO
     engine = Engine(store, target, KEY, compression="none", jobs=2, tmp_dir=str(spool))
 
     async def crash_then_retry() -> PushResult:
@@ -486,7 +488,7 @@ def test_cache_info_is_written_when_missing(tmp_path: Path) -> None:
 
     push(store, target, [path])
 
-    assert target.objects["nix-cache-info"] == CACHE_INFO.encode()
+    assert target.objects["nix-cache-info"] == DEFAULT_CACHE_INFO
     assert target.content_types["nix-cache-info"] == "text/x-nix-cache-info"
     assert target.puts()[0] == "nix-cache-info"
 

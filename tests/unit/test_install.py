@@ -3,6 +3,7 @@ path points into tmp_path, and accounts and systemd live in a FakeHost."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -477,7 +478,7 @@ def test_uninstall_restores_nix_conf_and_purge_removes_the_rest(
 
     (tmp_path / "spool" / "x.drv.1.entry").write_text("nix-cache-uploader-spool 1\n")
     lines = run(plan_uninstall(layout, host, purge=True, force=False))
-    assert f"note: 1 builds queued in {tmp_path / 'spool'} are not uploaded" in lines
+    assert f"note: 1 build queued in {tmp_path / 'spool'} not uploaded" in lines
     for gone in ("spool", "state", "gcroots", "etc/config.toml"):
         assert not (tmp_path / gone).exists()
     assert host.account("ncu") is None and host.group_members("ncu") is None
@@ -716,3 +717,19 @@ def test_check_config_needs_the_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check-config", "--config", str(tmp_path / "none.toml")])
     assert result.exit_code == 1
     assert "does not exist" in result.stderr
+
+
+def test_purge_for_another_user_removes_nothing_of_this_installation(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    run(plan_install(layout, request(tmp_path, generate_key="test-1"), host))
+    before = tree(tmp_path)
+    stranger = dataclasses.replace(layout, user="someone", group="someone")
+    plan = plan_uninstall(stranger, host, purge=True, force=False)
+    assert [text for text, _ in plan.actions if "spool" in text or "state" in text] == []
+    assert f"kept {tmp_path / 'state'} (state): it belongs to ncu:ncu, not to someone" in " ".join(
+        plan.notes
+    )
+    assert "user someone is not installed here: nothing to purge" in plan.notes
+    assert not any("config.toml" in text for text, _ in plan.actions)
+    assert tree(tmp_path / "state") == {k: v for k, v in before.items() if "/state/" in k}

@@ -14,6 +14,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from uploader import __version__
+from uploader._exceptions import ConfigError
+from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.engine import Engine, worker_threads
 from uploader.malloc import limit_arenas
@@ -33,6 +35,7 @@ __all__ = [
     "main",
     "make_engine",
     "queue_options",
+    "secret_key_file",
     "setup_logging",
     "verbosity",
 ]
@@ -73,7 +76,36 @@ def verbosity(fn: F) -> F:
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """click's group, with its own errors in our one style (``error: …``, as Nix)."""
+
+    def main(  # type: ignore[override]
+        self, args: Any = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
+        if extra.pop("standalone_mode", True) is False:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if e.ctx is not None:
+                click.echo(e.ctx.get_usage(), err=True)
+                hint = e.ctx.help_option_names[0]
+                click.echo(f"Try '{e.ctx.command_path} {hint}' for help.", err=True)
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(EXIT_FAILURE)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="nix-cache-uploader")
 def main() -> None:
     """Sign and upload Nix store paths to an S3-compatible binary cache.
@@ -103,17 +135,30 @@ def make_engine(
     level = compression_level
     if level is None and "compression-level" in url.params:
         level = int(url.params["compression-level"])
+    method = compression or url.compression or "zstd"
+    check_level(method, level)  # before anything touches the cache
     return Engine(
         store or NixStore(),
         open_target(url, max_connections=worker_threads(jobs)),
         key,
-        compression=compression or url.compression or "zstd",
+        compression=method,
         compression_level=level,
         jobs=jobs,
         tmp_dir=tmp_dir,
         known=known,
         is_upstream=upstreams.served if upstreams else None,
     )
+
+
+def secret_key_file(flag: str | None, store_url: str) -> str:
+    """The signing key's file: the flag, else the store URL's ``secret-key=``."""
+    path = flag or parse_store_url(store_url).secret_key_file
+    if path is None:
+        raise ConfigError(
+            "--secret-key-file is required (or secret-key=PATH in the store URL, "
+            "or secret-key-file in the config file)"
+        )
+    return path
 
 
 def queue_options(fn: F) -> F:
@@ -127,7 +172,7 @@ def queue_options(fn: F) -> F:
     return click.option(
         "--config",
         "config_file",
-        type=click.Path(dir_okay=False),
+        metavar="FILE",
         default=None,
         help=f"TOML config file [default: {DEFAULT_CONFIG} if present].",
     )(fn)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import signal
+import stat
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from uploader.cli._common import (
     main,
     make_engine,
     queue_options,
+    secret_key_file,
     setup_logging,
     verbosity,
 )
@@ -30,12 +33,13 @@ from uploader.gcroots import GcRoots
 from uploader.lock import DirectoryLock
 from uploader.metrics import Metrics, parse_listen_address
 from uploader.priority import lower_priority
-from uploader.progress import human_bytes
+from uploader.progress import human_bytes, plural
 from uploader.signing import SecretKey
 from uploader.spool import Spool
 from uploader.state import KnownCache, read_status
 from uploader.store import NixStore
 from uploader.targets import parse_store_url
+from uploader.targets.s3 import profile_exists
 from uploader.upstream import Upstreams
 
 log = logging.getLogger("nix-cache-uploader")
@@ -82,13 +86,14 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
     overrides["upstream-keys"] = overrides.pop("upstream-keys")
     try:
         settings = load_settings(config_file, overrides)
-        settings.require("to", "secret_key_file")
+        settings.require("to")
+        assert settings.to is not None
         if os.geteuid() == 0:
             log.warning(
                 "running as root: run the uploader as its own unprivileged user so that "
                 "the signing key is out of reach of everything else"
             )
-        key = SecretKey.load(str(settings.secret_key_file))
+        key = SecretKey.load(secret_key_file(settings.secret_key_file, settings.to))
         if settings.low_priority:
             # Before any thread starts: threads inherit the priority.
             lowered = lower_priority()
@@ -117,10 +122,20 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
             f"spool {spool.path} is missing or not writable by this user: create it with "
             "`install -d -m 2770 -o root -g GROUP` where GROUP is this user's group"
         )
-    try:
-        os.makedirs(settings.state_dir, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"state directory {settings.state_dir}: {e.strerror}") from None
+    for what, directory in (
+        ("state directory", settings.state_dir),
+        ("gc-roots-dir", settings.gc_roots_dir),
+    ):
+        # Uploads must not run unprotected from the Nix GC: no roots, no start.
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"{what} {directory} is missing and cannot be created ({e.strerror}): "
+                "create it owned by this user (`install` does)"
+            ) from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} {directory} is not writable by this user")
     # Before anything reads the spool or writes the status: one daemon each.
     locks = [
         DirectoryLock(spool.path, "spool"),
@@ -158,11 +173,29 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
 
 
 def _queue_settings(config_file: str | None, spool: str | None, state_dir: str | None) -> Settings:
+    """Where the queue commands look; a spool that does not exist is an error.
+
+    Without --spool, the spool is the one the daemon of that state directory
+    serves (its status file says), so `--state-dir X` alone answers for X.
+    """
     try:
-        return load_settings(config_file, {"spool": spool, "state-dir": state_dir})
+        settings = load_settings(config_file, {"spool": spool, "state-dir": state_dir})
     except UploaderError as e:
         fail(str(e))
-        raise AssertionError("unreachable") from e
+    recorded = (read_status(settings.state_dir) or {}).get("spool")
+    if spool is None and isinstance(recorded, str) and recorded != settings.spool:
+        settings = dataclasses.replace(settings, spool=recorded)
+    try:
+        if not stat.S_ISDIR(os.stat(settings.spool).st_mode):
+            fail(f"spool {settings.spool} is not a directory")
+    except FileNotFoundError:
+        fail(
+            f"spool {settings.spool} does not exist: give the uploader's --spool "
+            "(or --config), or install it first (`nix-cache-uploader install`)"
+        )
+    except PermissionError:
+        pass  # this user may not look inside; the status file still answers
+    return settings
 
 
 def _spool_pending(settings: Settings) -> list[str] | None:
@@ -192,6 +225,10 @@ def status(
     except OSError:
         report.setdefault("quarantined", None)
     report["daemon"] = _daemon_state(report)
+    # The documented fields are there even before a daemon ever ran.
+    report.setdefault("pending", None)
+    for key, empty in (("in_flight", 0), ("retrying", []), ("last_errors", [])):
+        report.setdefault(key, empty)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -250,7 +287,7 @@ def _print_status(r: dict[str, Any]) -> None:
         _more(quarantined)
     if "uploaded_paths" in r:
         click.echo(
-            f"uploaded:    {r['uploaded_paths']} paths, "
+            f"uploaded:    {plural(r['uploaded_paths'], 'path')}, "
             f"{human_bytes(r.get('uploaded_bytes', 0))} since start"
         )
     errors = r.get("last_errors") or []
@@ -258,22 +295,27 @@ def _print_status(r: dict[str, Any]) -> None:
         click.echo("last errors:")
         for item in errors[-5:]:
             when = time.strftime("%H:%M:%S", time.localtime(item["time"]))
-            click.echo(f"  {when} {item.get('subject') or ''}: {item['error']}")
+            subject = f"{item['subject']}: " if item.get("subject") else ""
+            click.echo(f"  {when} {subject}{item['error']}")
 
 
 @main.command()
 @queue_options
 @click.option(
-    "--timeout", type=click.FloatRange(min=0), default=None, help="Give up after S seconds."
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="S",
+    help="Give up after S seconds (exit 3) [default: wait forever].",
 )
 def wait(
     config_file: str | None, spool: str | None, state_dir: str | None, timeout: float | None
 ) -> None:
     """Block until the spool is drained (for the end of a CI job).
 
-    Exits 0 once every queued entry is uploaded (or quarantined), 3 on
-    timeout.  Users who cannot read the spool are answered from the daemon's
-    status file.
+    Waits as long as it takes unless --timeout is given.  Exits 0 once every
+    queued entry is uploaded (or quarantined), 3 on timeout.  Users who
+    cannot read the spool are answered from the daemon's status file.
     """
     settings = _queue_settings(config_file, spool, state_dir)
     start = time.time()
@@ -292,10 +334,19 @@ def wait(
             return
         state = _daemon_state(report or {})
         if state != "running" and not warned and time.time() - start > 2:
-            click.echo(f"warning: the uploader daemon is {state}; waiting anyway", err=True)
+            why = {
+                "unknown": f"has written no status in {settings.state_dir} (not started yet?)",
+                "stopped": "is stopped",
+                "not responding": "is not responding",
+            }[state]
+            click.echo(f"warning: the uploader daemon {why}; waiting anyway", err=True)
             warned = True
         if timeout is not None and time.time() - start >= timeout:
-            what = f"{left} entries still queued" if left > 0 else "queue state unknown"
+            what = (
+                f"{plural(left, 'entry', 'entries')} still queued"
+                if left > 0
+                else ("queue state unknown")
+            )
             fail(f"timed out after {timeout:g}s: {what}; see `nix-cache-uploader status`",
                  EXIT_TIMEOUT)  # fmt: skip
         time.sleep(0.25)
@@ -314,7 +365,7 @@ def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> 
         moved = Spool(settings.spool).requeue()
     except OSError as e:
         fail(f"cannot requeue in {settings.spool}: {e.strerror}; run as root or the uploader")
-    click.echo(f"requeued {moved} quarantined entries")
+    click.echo(f"requeued {plural(moved, 'quarantined entry', 'quarantined entries')}")
     report = read_status(settings.state_dir)
     if report and _daemon_state(report) == "running":
         try:
@@ -330,7 +381,7 @@ def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> 
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(dir_okay=False),
+    metavar="FILE",
     default=None,
     help=f"TOML config file [default: {DEFAULT_CONFIG}].",
 )
@@ -364,6 +415,9 @@ def _settings_warnings(settings: Settings) -> list[str]:
         check_level(settings.compression or url.compression or "zstd", settings.compression_level)
     if settings.metrics:
         parse_listen_address(settings.metrics)
+    profile = parse_store_url(settings.to).params.get("profile") if settings.to else None
+    if profile and not profile_exists(profile):
+        warnings.append(f"AWS profile {profile!r} is not configured for this user (yet)")
     key = settings.secret_key_file
     if key is not None and not os.path.exists(key):
         warnings.append(f"secret-key-file {key} does not exist (yet)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from uploader._exceptions import UploaderError
@@ -18,13 +20,19 @@ def keygen(name: str, secret_key_file: str, public_key_file: str) -> None:
 
     NAME is the key's name, conventionally the cache's host name plus a
     number (e.g. cache.example.org-1).  SECRET_KEY_FILE is created with mode
-    0600 and PUBLIC_KEY_FILE with 0644; existing files are never overwritten.
+    0600 and PUBLIC_KEY_FILE with 0644; existing files are never overwritten,
+    and when either cannot be written neither is left behind.
     Put the public key into `trusted-public-keys` on machines that substitute.
     """
     try:
         key = generate(name)
         write_secret_key(secret_key_file, key)
-        write_public_key(public_key_file, key.public_key())
     except (UploaderError, ValueError) as e:
         fail(str(e))
+    try:
+        write_public_key(public_key_file, key.public_key())
+    except UploaderError as e:
+        # Both files or neither: a retry must not find half a pair in its way.
+        os.unlink(secret_key_file)
+        fail(f"{e}; {secret_key_file} was not kept")
     click.echo(key.public_key().to_text())

@@ -9,9 +9,10 @@ import click
 
 from uploader._exceptions import UploaderError
 from uploader.cli._common import EXIT_FAILURE, fail, main, make_engine, setup_logging, verbosity
+from uploader.cli._common import secret_key_file as cli_key_file
 from uploader.compression import METHODS
 from uploader.engine import PushResult
-from uploader.progress import TerminalProgress, human_bytes
+from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.signing import SecretKey
 from uploader.storepath import to_store_path
 
@@ -26,9 +27,9 @@ from uploader.storepath import to_store_path
 )
 @click.option(
     "--secret-key-file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Signing key in Nix's format (mode 0600 or stricter).",
+    default=None,
+    metavar="FILE",
+    help="Signing key in Nix's format (mode 0600 or stricter) [default: the URL's secret-key=].",
 )
 @click.option(
     "--compression",
@@ -45,7 +46,7 @@ from uploader.storepath import to_store_path
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 def push(
     store_url: str,
-    secret_key_file: str,
+    secret_key_file: str | None,
     compression: str | None,
     compression_level: int | None,
     jobs: int,
@@ -63,7 +64,7 @@ def push(
     try:
         engine = make_engine(
             store_url,
-            SecretKey.load(secret_key_file),
+            SecretKey.load(cli_key_file(secret_key_file, store_url)),
             compression=compression,
             compression_level=compression_level,
             jobs=jobs,
@@ -92,7 +93,7 @@ def _report(result: PushResult, method: str, quiet: bool) -> None:
     if quiet and result.ok:
         return
     line = (
-        f"uploaded {len(result.uploaded)} paths ({human_bytes(result.nar_bytes)} NAR, "
+        f"uploaded {plural(len(result.uploaded), 'path')} ({human_bytes(result.nar_bytes)} NAR, "
         f"{human_bytes(result.file_bytes)} {method}), "
         f"{len(result.present)} already in the cache"
     )

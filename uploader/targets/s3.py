@@ -10,6 +10,7 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 from __future__ import annotations
 
 import logging
+import os
 from typing import IO, Any
 
 import boto3
@@ -107,7 +108,14 @@ class S3Target:
     def __init__(self, url: StoreUrl, *, max_connections: int = 16, max_attempts: int = 4) -> None:
         self.url = url
         self.bucket = url.bucket
-        session = boto3.session.Session(profile_name=url.params.get("profile") or None)
+        try:
+            session = boto3.session.Session(profile_name=url.params.get("profile") or None)
+        except botocore.exceptions.ProfileNotFound:
+            raise ConfigError(
+                f"store URL {url}: AWS profile {url.params['profile']!r} is not in "
+                f"{_aws_files()}: add it there, or drop profile= to use the environment "
+                "or an instance role"
+            ) from None
         endpoint = url.endpoint_url
         config = Config(
             region_name=url.params.get("region", "us-east-1"),
@@ -269,3 +277,15 @@ class S3Target:
                 )
         except Exception as e:
             raise self._failed_upload(e, key) from e
+
+
+def _aws_files() -> str:
+    """Where boto3 looks for profiles, as the user can check them."""
+    config = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    return f"{config} or {credentials}"
+
+
+def profile_exists(name: str) -> bool:
+    """Whether boto3 finds the AWS profile ``name`` in this user's files."""
+    return name in boto3.session.Session().available_profiles

@@ -3,12 +3,14 @@
 ``s3://BUCKET?region=R&endpoint=http://HOST:PORT&profile=P&compression=zstd``
 (also the older ``endpoint=HOST:PORT&scheme=http``) and ``file:///DIR``.
 Parameters Nix knows but that change nothing here are accepted with a
-warning; anything else is an error, so a typo never goes unnoticed.
+warning; anything else is an error, so a typo never goes unnoticed.  The
+ones honoured are checked here, before anything touches the cache.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -20,6 +22,9 @@ __all__ = ["StoreUrl", "parse_store_url"]
 log = logging.getLogger(__name__)
 
 _S3_PARAMS = {"region", "endpoint", "scheme", "profile", "addressing-style"}
+_ADDRESSING_STYLES = ("auto", "path", "virtual")
+# Nix's spellings of a boolean setting.
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 _COMMON_PARAMS = {"compression", "compression-level", "secret-key", "priority", "want-mass-query"}
 # Accepted for compatibility with URLs written for `nix copy`; they tune Nix's
 # own writer and have no counterpart here.
@@ -62,6 +67,20 @@ class StoreUrl:
     @property
     def compression(self) -> str | None:
         return self.params.get("compression")
+
+    @property
+    def secret_key_file(self) -> str | None:
+        """Nix's own way to name the signing key: ``secret-key=PATH``."""
+        return self.params.get("secret-key") or None
+
+    def cache_info(self) -> str:
+        """The ``nix-cache-info`` to write, with ``priority=`` and ``want-mass-query=``."""
+        mass_query = _BOOLEANS[self.params.get("want-mass-query", "true")]
+        return (
+            "StoreDir: /nix/store\n"
+            f"WantMassQuery: {int(mass_query)}\n"
+            f"Priority: {self.params.get('priority', '40')}\n"
+        )
 
     def redacted(self) -> str:
         """The URL for logs: without a secret-key parameter's path."""
@@ -123,6 +142,7 @@ def parse_store_url(url: str) -> StoreUrl:
             raise ConfigError(f"store URL {url!r}: parameter {key!r} is empty")
     if "scheme" in params and params["scheme"] not in ("http", "https"):
         raise ConfigError(f"store URL {url!r}: scheme must be http or https")
+    _check_values(url, result)
     level: int | None = None
     if "compression-level" in params:
         # int() is what reads the level later; isdigit() would let "--3" or "³" by.
@@ -136,3 +156,34 @@ def parse_store_url(url: str) -> StoreUrl:
         except ConfigError as e:
             raise ConfigError(f"store URL {url!r}: {e}") from None
     return result
+
+
+def _check_values(url: str, result: StoreUrl) -> None:
+    """What boto3 or Nix would only refuse later, with a traceback or silently."""
+    params = result.params
+    style = params.get("addressing-style")
+    if style is not None and style not in _ADDRESSING_STYLES:
+        raise ConfigError(
+            f"store URL {url!r}: addressing-style must be one of {', '.join(_ADDRESSING_STYLES)}"
+        )
+    endpoint = result.endpoint_url
+    if endpoint is not None:
+        parts = urllib.parse.urlsplit(endpoint)
+        try:
+            parts.port  # noqa: B018 - raises ValueError when out of range
+        except ValueError:
+            raise ConfigError(
+                f"store URL {url!r}: endpoint {endpoint!r} has an invalid port"
+            ) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"store URL {url!r}: endpoint must be http(s)://HOST[:PORT] or HOST[:PORT]"
+            )
+    priority = params.get("priority")
+    if priority is not None and not (priority.isascii() and priority.isdigit()):
+        raise ConfigError(f"store URL {url!r}: priority must be a non-negative integer")
+    mass_query = params.get("want-mass-query")
+    if mass_query is not None and mass_query not in _BOOLEANS:
+        raise ConfigError(f"store URL {url!r}: want-mass-query must be true or false")
+    if "secret-key" in params and not os.path.isabs(params["secret-key"]):
+        raise ConfigError(f"store URL {url!r}: secret-key must be an absolute path")

@@ -1,0 +1,208 @@
+"""The command line's answers to mistakes a new user makes: one line, the
+right exit code, nothing touched.  (Found trying it as a new user would.)"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from uploader.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+
+KEY = (
+    "test-1:vMCqoKal2x7X6MtoWVCQXuI6TNQDazPxGAbkTl6o"
+    "mef9CYNTelmRELB1wsGTNmQXQfwecGeEoKEj8xQg4MEj1A=="
+)
+STORE_PATH = "/nix/store/gxs9hr309n6jrgv3dzmbklh6rcf9iw7v-x"
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_error_line(result: Result, *fragments: str) -> None:
+    """A clean failure: ``error: …`` naming the fragments, and no traceback."""
+    assert result.exit_code == EXIT_FAILURE, result.output
+    assert "Traceback" not in result.output, result.output
+    assert isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], result.output
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> str:
+    path = tmp_path / "sk"
+    path.write_text(KEY)
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    (path / "quarantine").mkdir(parents=True)
+    return path
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_URLS = [
+    ("s3://bucket?endpoint=http://127.0.0.1:8333&addressing-style=bogus", "addressing-style"),
+    ("s3://bucket?endpoint=http://127.0.0.1:99999", "invalid port"),
+    ("s3://bucket?endpoint=ftp://127.0.0.1:8333", "endpoint must be"),
+    ("file:///tmp/cache?priority=abc", "priority must be"),
+    ("file:///tmp/cache?want-mass-query=maybe", "want-mass-query must be"),
+    ("file:///tmp/cache?secret-key=relative/key", "secret-key must be an absolute path"),
+]
+
+
+@pytest.mark.parametrize(("url", "said"), BAD_URLS)
+def test_bad_store_urls_are_one_line_in_push_run_and_check_config(
+    tmp_path: Path, key: str, spool: Path, url: str, said: str
+) -> None:
+    one_error_line(cli("push", "--to", url, "--secret-key-file", key, STORE_PATH), said)
+    one_error_line(cli("run", "--config", write_config(tmp_path / "c.toml", ""), "--to", url,
+                       "--secret-key-file", key, "--spool", str(spool),
+                       "--state-dir", str(tmp_path / "state")), said)  # fmt: skip
+    config = write_config(tmp_path / "c.toml", f'to = "{url}"\n')
+    one_error_line(cli("check-config", "--config", config), said, config)
+
+
+def test_an_unknown_aws_profile_is_an_error_to_push_and_a_warning_to_check_config(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    url = "s3://bucket?endpoint=http://127.0.0.1:8333&profile=nosuchprofile"
+    one_error_line(cli("push", "--to", url, "--secret-key-file", key, STORE_PATH),
+                   "profile 'nosuchprofile'", str(tmp_path / "aws-config"))  # fmt: skip
+    config = write_config(tmp_path / "c.toml", f'to = "{url}"\n')
+    result = cli("check-config", "--config", config)
+    assert result.exit_code == EXIT_OK, result.output
+    assert "warning: AWS profile 'nosuchprofile' is not configured" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ("batch-size = 0", "batch-size must be a number ≥ 1"),
+        ("batch-size = -5", "batch-size must be a number ≥ 1"),
+        ("retry-min = nan", "retry-min must be"),
+        ("retry-max = inf", "retry-max must be"),
+        ("known-ttl = -1", "known-ttl must be"),
+        ("drain-timeout = -1", "drain-timeout must be"),
+        ('drain-timeout = "60"', "'drain-timeout' must be a number, not '60'"),
+        ("retry-min = 10\nretry-max = 5", "retry-min (10) must be at most retry-max (5)"),
+    ],
+)
+def test_values_that_would_break_the_daemon_are_refused_naming_the_file(
+    tmp_path: Path, key: str, spool: Path, setting: str, said: str
+) -> None:
+    config = write_config(tmp_path / "c.toml", setting + "\n")
+    one_error_line(cli("check-config", "--config", config), said, config)
+    one_error_line(cli("run", "--config", config, "--to", "file:///tmp/x", "--secret-key-file",
+                       key, "--spool", str(spool)), said, config)  # fmt: skip
+
+
+def test_metrics_may_be_a_bare_port_number(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", "metrics = 9100\n")
+    result = cli("check-config", "--config", config)
+    assert result.exit_code == EXIT_OK, result.output
+
+
+def test_config_files_that_cannot_be_read_exit_1_not_2(tmp_path: Path, spool: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('to = "file:///tmp/caf\xe9"\n'.encode("latin-1"))
+    for config, said in ((tmp_path / "dir.toml", "is a directory"),
+                         (latin1, "is not UTF-8")):  # fmt: skip
+        for command in ("check-config", "status", "run"):
+            one_error_line(cli(command, "--config", str(config)), said, str(config))
+
+
+def test_compression_level_is_checked_before_the_cache_is_touched(tmp_path: Path, key: str) -> None:
+    cache = tmp_path / "cache"
+    result = cli("push", "--to", f"file://{cache}", "--secret-key-file", key,
+                 "--compression-level", "99", STORE_PATH)  # fmt: skip
+    one_error_line(result, "level")
+    assert not cache.exists()
+
+
+def test_a_spool_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nonexistent")
+    for command in ("status", "retry", "wait"):
+        one_error_line(cli(command, "--spool", missing), f"spool {missing} does not exist")
+    one_error_line(cli("status", "--json", "--spool", missing), "does not exist")
+
+
+def test_status_json_has_the_documented_fields_before_any_daemon_ran(
+    tmp_path: Path, spool: Path
+) -> None:
+    result = cli("status", "--json", "--spool", str(spool), "--state-dir", str(tmp_path / "st"))
+    assert result.exit_code == EXIT_OK, result.output
+    report = json.loads(result.stdout)
+    assert report["daemon"] == "unknown"
+    for field in ("pending", "in_flight", "retrying", "quarantined", "last_errors"):
+        assert field in report
+    assert report["pending"] == 0 and report["quarantined"] == []
+
+
+def test_status_of_a_state_directory_reports_the_spool_its_daemon_serves(
+    tmp_path: Path, spool: Path
+) -> None:
+    (spool / "quarantine" / "bad.entry").write_text("x")
+    (spool / "quarantine" / "bad.entry.reason").write_text("malformed")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "status.json").write_text(json.dumps({"spool": str(spool), "updated_at": 0}))
+    result = cli("status", "--json", "--state-dir", str(state))
+    assert result.exit_code == EXIT_OK, result.output
+    assert [q["entry"] for q in json.loads(result.stdout)["quarantined"]] == ["bad.entry"]
+
+
+def test_keygen_leaves_no_half_pair_behind(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    result = cli("keygen", "test-1", str(secret), "/proc/nix-cache-uploader-test.pub")
+    one_error_line(result, "/proc/nix-cache-uploader-test.pub", "was not kept")
+    assert not secret.exists()
+    # So that the retry, with a good path, works.
+    assert cli("keygen", "test-1", str(secret), str(tmp_path / "public")).exit_code == EXIT_OK
+
+
+def test_a_gc_roots_dir_that_cannot_be_created_stops_the_daemon_at_start(
+    tmp_path: Path, key: str, spool: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli("run", "--config", write_config(tmp_path / "c.toml", ""), "--to",
+                 f"file://{tmp_path}/cache", "--secret-key-file", key, "--spool", str(spool),
+                 "--state-dir", str(tmp_path / "state"),
+                 "--gc-roots-dir", str(blocker / "roots"))  # fmt: skip
+    one_error_line(result, f"gc-roots-dir {blocker / 'roots'} is missing and cannot be created")
+
+
+def test_usage_errors_read_like_every_other_error() -> None:
+    result = cli("push", "--no-such-flag")
+    assert result.exit_code == EXIT_USAGE
+    assert "error: No such option" in result.output and "Error:" not in result.output
+
+
+def test_wait_says_that_it_waits_forever_by_default() -> None:
+    assert "wait forever" in cli("wait", "--help").output
+
+
+def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) -> None:
+    """Nix's own secret-key= is honoured (the path is then checked as a key)."""
+    os.chmod(key, 0o644)
+    result = cli("push", "--to", f"file://{tmp_path}/cache?secret-key={key}", STORE_PATH)
+    one_error_line(result, f"secret key file {key} is accessible by")
+    result = cli("push", "--to", f"file://{tmp_path}/cache", STORE_PATH)
+    one_error_line(result, "--secret-key-file is required (or secret-key=PATH")
