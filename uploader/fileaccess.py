@@ -40,7 +40,7 @@ _RWX = 0o7
 def other_accessors(fd: int, *, me: int | None = None) -> list[str]:
     """Who but the owner and user ``me`` (default: this process) may access the file.
 
-    Returns descriptions such as ``"group (mode 0440)"`` or ``"user alice (ACL)"``;
+    Returns descriptions such as ``"group wheel"`` or ``"user alice (ACL)"``;
     an empty list means the file is private to its owner and ``me``.
     """
     st = os.fstat(fd)
@@ -50,9 +50,9 @@ def other_accessors(fd: int, *, me: int | None = None) -> list[str]:
     if entries is None:
         found = []
         if mode & 0o070:
-            found.append(f"group {_group_name(st.st_gid)} (mode {mode:04o})")
+            found.append(f"group {_group_name(st.st_gid)}")
         if mode & 0o007:
-            found.append(f"others (mode {mode:04o})")
+            found.append("others")
         return found
     mask = next((perm for tag, perm, _ in entries if tag == _MASK), _RWX)
     found = []
@@ -67,7 +67,7 @@ def other_accessors(fd: int, *, me: int | None = None) -> list[str]:
         elif tag == _GROUP:
             found.append(f"group {_group_name(ident)} (ACL)")
         elif tag == _OTHER:
-            found.append(f"others (mode {mode:04o})")
+            found.append("others")
     return found
 
 

@@ -208,7 +208,8 @@ def _read_key_file(path: str, *, private: bool) -> str:
                 else (f"chmod 600 {path}")
             )
             raise KeyFileError(
-                f"secret key file {path} is accessible by {', '.join(others)}; run {fix}"
+                f"secret key file {path} (mode {stat.S_IMODE(mode):04o}) is accessible by "
+                f"{' and '.join(others)}; run {fix}"
             )
         data = os.read(fd, _MAX_KEY_FILE + 1)
     except OSError as e:

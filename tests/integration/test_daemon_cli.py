@@ -111,7 +111,7 @@ def test_wait_times_out_with_exit_3_when_entries_are_stuck(uploader: UploaderRun
     _drop_entry(uploader.spool, "stuck.entry", _ghost_path())
     result = run_cli("wait", *uploader.queue_args(), "--timeout", "1", check=False, timeout=30)
     assert result.returncode == EXIT_TIMEOUT
-    assert "timed out after 1s: 1 entries still queued" in result.stderr
+    assert "timed out after 1s: 1 entry still queued" in result.stderr
 
 
 def test_run_without_a_target_says_to_is_required(uploader: UploaderRun, tmp_path: Path) -> None:

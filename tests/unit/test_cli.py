@@ -203,6 +203,6 @@ def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) ->
     """Nix's own secret-key= is honoured (the path is then checked as a key)."""
     os.chmod(key, 0o644)
     result = cli("push", "--to", f"file://{tmp_path}/cache?secret-key={key}", STORE_PATH)
-    one_error_line(result, f"secret key file {key} is accessible by")
+    one_error_line(result, f"secret key file {key} (mode 0644) is accessible by")
     result = cli("push", "--to", f"file://{tmp_path}/cache", STORE_PATH)
     one_error_line(result, "--secret-key-file is required (or secret-key=PATH")
