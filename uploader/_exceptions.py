@@ -9,6 +9,7 @@
     ├── VerificationError         streamed NarHash/NarSize differ from the Nix DB
     ├── TargetError               the binary cache refused or failed a request
     │   └── TransientTargetError  worth retrying later (network, 5xx, throttling)
+    │       └── CredentialsError  no AWS credentials, or rejected ones (may be fixed later)
     ├── SpoolError                a spool entry is malformed (goes to quarantine)
     └── InstallError              a step of `install`/`uninstall` failed
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CredentialsError",
     "InstallError",
     "InvalidPathError",
     "KeyFileError",
@@ -81,6 +83,14 @@ class TransientTargetError(TargetError):
     ) -> None:
         super().__init__(message, store_path=store_path)
         self.retry_after = retry_after
+
+
+class CredentialsError(TransientTargetError):
+    """No credentials for the cache, or the cache rejected them.
+
+    Transient for the daemon (an instance role or a filled-in environment
+    file can fix it without a restart); `push` and the other one-shot
+    commands report it in one line."""
 
 
 class SpoolError(UploaderError):

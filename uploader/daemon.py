@@ -29,9 +29,11 @@ from typing import Any
 
 from uploader import __version__
 from uploader._exceptions import (
+    CredentialsError,
     InvalidPathError,
     SpoolError,
     StoreError,
+    TargetError,
     TransientTargetError,
     UploaderError,
     VerificationError,
@@ -93,6 +95,7 @@ class Daemon:
                 queue_depth=lambda: len(self._pending),
                 in_flight=lambda: len(self._in_flight),
                 oldest_age=lambda: self._oldest_age() or 0.0,
+                cache_usable=lambda: 0.0 if self._cache_problem else 1.0,
             )
         self._pending: dict[str, _Pending] = {}
         self._in_flight: set[str] = set()
@@ -108,6 +111,11 @@ class Daemon:
         self._uploaded_bytes = 0
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        # Set while the cache cannot be used at all (no credentials, rejected
+        # ones, unreachable): entries wait, and it is asked again with backoff.
+        self._cache_problem: str | None = None
+        self._cache_attempts = 0
+        self._cache_retry_at = 0.0
 
     # -- control -------------------------------------------------------
 
@@ -206,11 +214,14 @@ class Daemon:
 
     async def _main_loop(self) -> None:
         last_scan = time.monotonic()
+        await self._check_cache()
         while not self._stopping.is_set():
             now = time.monotonic()
             if now - last_scan > _RESCAN_EVERY:
                 self._rescan()
                 last_scan = now
+            if self._cache_problem is not None and now >= self._cache_retry_at:
+                await self._check_cache()
             batch = self._due(now)
             if not batch:
                 await self._sleep_until_due(now)
@@ -242,10 +253,59 @@ class Daemon:
 
     async def _sleep_until_due(self, now: float) -> None:
         waits = [p.next_try - now for p in self._pending.values()]
-        timeout = min([_RESCAN_EVERY, *waits])
+        if self._cache_problem is not None:
+            waits.append(self._cache_retry_at - now)
+        await self._sleep(min([_RESCAN_EVERY, *waits]))
+
+    async def _sleep(self, timeout: float) -> None:
+        """Until ``timeout`` passes or something wakes the loop (an entry, a signal)."""
         self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout, 0.01))
+
+    # -- the cache as a whole ------------------------------------------
+
+    async def _check_cache(self) -> None:
+        """Ask the cache whether it takes our credentials (at start, and with
+        backoff while it does not), so that the problem shows before any
+        build is queued and clears even when none is."""
+        try:
+            await self.engine.probe()
+        except CredentialsError as e:
+            self._cache_down(e, [])
+            return
+        except TargetError:
+            return  # unreachable: batches retry with their own backoff and say so
+        self._cache_up()
+
+    def _cache_up(self) -> None:
+        if self._cache_problem is not None:
+            log.warning("the cache takes the credentials now; uploading the waiting entries")
+            self._cache_problem = None
+            self._dirty = True
+            self._wakeup.set()
+
+    def _cache_down(self, error: CredentialsError, names: Iterable[str]) -> None:
+        """No entry can be uploaded: they wait (no attempt counted against
+        them) until the cache is asked again, with backoff; one log line."""
+        if self._cache_problem is None:
+            log.warning("%s; entries stay queued, asking again with backoff", error)
+            self._count_failure(_kind(error))
+            self._note_error(None, error)
+            self._cache_attempts = 0
+        self._cache_attempts += 1
+        delay = min(
+            self.settings.retry_max, self.settings.retry_min * 2 ** (self._cache_attempts - 1)
+        )
+        if isinstance(error, TransientTargetError) and error.retry_after:
+            delay = max(delay, error.retry_after)
+        log.debug("cache still unusable (attempt %d): %s", self._cache_attempts, error)
+        self._cache_problem = str(error)
+        self._cache_retry_at = time.monotonic() + delay
+        for name in names:
+            if name in self._pending:
+                self._pending[name].next_try = self._cache_retry_at
+        self._dirty = True
 
     # -- one batch -----------------------------------------------------
 
@@ -297,12 +357,18 @@ class Daemon:
         # rooted before the cache is asked, which may take long.
         present = self.engine.known_present(all_outputs)
         self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
+        unknown = [p for p in all_outputs if p not in present]
         try:
-            present |= await self.engine.find_present(p for p in all_outputs if p not in present)
+            present |= await self.engine.find_present(unknown)
+        except CredentialsError as e:
+            self._cache_down(e, ready)
+            return
         except UploaderError as e:
             retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
             self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
             return
+        if unknown:
+            self._cache_up()  # it answered
         todo = [p for p in all_outputs if p not in present]
         infos: dict[str, PathInfo] = {}
         result = PushResult(present=sorted(present))
@@ -319,6 +385,9 @@ class Daemon:
             queried = time.monotonic()
             try:
                 result = await self.engine.push_infos(todo, infos, absent=todo)
+            except CredentialsError as e:
+                self._cache_down(e, ready)
+                return
             except UploaderError as e:
                 # Failures before any path (e.g. the cache unreachable while
                 # checking nix-cache-info) concern the whole batch.
@@ -537,6 +606,7 @@ class Daemon:
             "uploaded_bytes": self._uploaded_bytes,
             "failures": dict(self._failures),
             "last_errors": list(self._last_errors),
+            "cache_problem": self._cache_problem,
         }
 
     def _write_status(self, *, running: bool) -> None:

@@ -224,6 +224,13 @@ class Engine:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def probe(self) -> None:
+        """Ask the cache (again) for ``nix-cache-info``, writing it when missing:
+        raises TargetError while the cache cannot be used."""
+        async with self._cache_info_lock:
+            self._cache_info_checked = False
+            await self._ensure_cache_info()
+
     async def ensure_cache_info(self) -> None:
         """Write ``nix-cache-info`` unless the cache has one."""
         async with self._cache_info_lock:

@@ -9,6 +9,7 @@ Bound to 127.0.0.1 unless an address says otherwise.  Series:
 - ``nix_cache_uploader_bytes_uploaded_total``      compressed NAR bytes uploaded
 - ``nix_cache_uploader_nar_bytes_uploaded_total``  uncompressed NAR bytes uploaded
 - ``nix_cache_uploader_failures_total{kind}``      failures by error kind
+- ``nix_cache_uploader_cache_usable``              0 while the cache cannot be used
 - ``nix_cache_uploader_upload_seconds``            per-path upload latency (histogram)
 """
 
@@ -50,6 +51,11 @@ class Metrics:
         self.oldest_age = Gauge(
             _PREFIX + "oldest_entry_age_seconds", "Age of the oldest waiting entry", registry=r
         )
+        self.cache_usable = Gauge(
+            _PREFIX + "cache_usable",
+            "1 while the cache answers; 0 while it cannot be used (credentials, network)",
+            registry=r,
+        )
         self.paths_uploaded = Counter(
             _PREFIX + "paths_uploaded", "Store paths uploaded", registry=r
         )
@@ -75,8 +81,10 @@ class Metrics:
         queue_depth: Callable[[], float],
         in_flight: Callable[[], float],
         oldest_age: Callable[[], float],
+        cache_usable: Callable[[], float],
     ) -> None:
         """Read the gauges from the daemon's state at scrape time."""
+        self.cache_usable.set_function(cache_usable)
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
         self.oldest_age.set_function(oldest_age)

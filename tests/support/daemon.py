@@ -48,6 +48,8 @@ class UploaderRun:
     # When set, `run`, `wait` and `status` get only --config: the file names
     # this run's directories, URL and key (the test writes it).
     config_file: Path | None = None
+    # The daemon's environment (default: this process's).
+    env: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         for d in (self.spool, self.state_dir, self.gc_roots):
@@ -105,6 +107,7 @@ class UploaderRun:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv(extra),
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,

@@ -135,6 +135,8 @@ class RecordingTarget:
         self.page = page
         self.list_calls: list[str] = []
         self.fail: set[str] = set()
+        # When set, every request raises it (the whole cache is unusable).
+        self.refuse: Exception | None = None
         self.spilled: dict[str, bool] = {}
         # Up to this many seconds of sleep per put, at random.
         self.delay = delay
@@ -143,7 +145,12 @@ class RecordingTarget:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
+    def _check_usable(self) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+
     def exists(self, key: str) -> bool:
+        self._check_usable()
         hook = self.before_exists.get(key)
         if hook is not None:
             hook()
@@ -152,6 +159,7 @@ class RecordingTarget:
             return key in self.objects
 
     def list_keys(self, start_after: str) -> KeyPage | None:
+        self._check_usable()
         if self.page is None:
             return None
         with self._lock:
@@ -182,6 +190,7 @@ class RecordingTarget:
         self._store(key, lambda: data, content_type)
 
     def _store(self, key: str, read: Callable[[], bytes], content_type: str) -> None:
+        self._check_usable()
         with self._lock:
             self.events.append(("begin", key))
             pause = self._random.uniform(0, self.delay) if self.delay else 0.0

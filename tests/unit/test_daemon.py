@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.fakes import FakeStore, RecordingTarget
 from uploader import signing
-from uploader._exceptions import TransientTargetError
+from uploader._exceptions import CredentialsError, TransientTargetError
 from uploader.config import Settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
@@ -118,6 +118,40 @@ def test_cache_failures_are_retried_with_backoff_and_never_dropped(tmp_path: Pat
     s.target.fail.clear()
     s.run_until(lambda d: not s.spool.pending())
     assert s.target.narinfo(out) is not None
+
+
+def test_without_credentials_entries_wait_with_one_line_until_they_appear(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, retry_min=0.05, retry_max=0.1)
+    outs = [s.store.add(f"waiting-{i}") for i in range(3)]
+    for i, out in enumerate(outs):
+        s.entry(f"waiting-{i}", f"out {out}")
+    s.target.refuse = CredentialsError("checking nix-cache-info: no AWS credentials found")
+    d = s.run_until(lambda d: d._cache_attempts >= 4)
+    assert d.status(running=True)["cache_problem"] == (
+        "checking nix-cache-info: no AWS credentials found"
+    )
+    assert sorted(s.spool.pending()) == [f"waiting-{i}.entry" for i in range(3)]
+    assert s.spool.quarantined() == [] and all(p.attempts == 0 for p in d._pending.values())
+    problem_lines = [r for r in caplog.records if "no AWS credentials" in r.getMessage()
+                     and r.levelname == "WARNING"]  # fmt: skip
+    assert len(problem_lines) == 1, "one line per episode, not one per attempt or entry"
+    assert d._failures == {"CredentialsError": 1}
+
+    # They appear while a daemon waits (a filled-in environment file, an
+    # instance role): the same daemon resumes, and says so.
+    caplog.clear()
+
+    def appear_then_drain(d: Daemon) -> bool:
+        if d._cache_attempts >= 2:
+            s.target.refuse = None
+        return not s.spool.pending()
+
+    d = s.run_until(appear_then_drain)
+    assert all(s.target.narinfo(out) is not None for out in outs)
+    assert d.status(running=True)["cache_problem"] is None
+    assert any("the cache takes the credentials now" in r.getMessage() for r in caplog.records)
 
 
 def test_retry_after_sets_the_earliest_next_attempt(tmp_path: Path) -> None:

@@ -269,6 +269,9 @@ def _print_status(r: dict[str, Any]) -> None:
     if oldest is not None and r.get("pending"):
         line += f", oldest {oldest:.0f}s"
     click.echo(line)
+    if r.get("cache_problem") and daemon == "running":
+        click.echo(f"problem:     {r['cache_problem']}")
+        click.echo("             (entries wait; the daemon asks the cache again with backoff)")
     retrying = r.get("retrying") or []
     click.echo(f"retrying:    {len(retrying)}")
     for item in retrying[:_SHOWN]:

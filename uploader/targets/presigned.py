@@ -51,17 +51,10 @@ class PresignedRequests:
         self, client: Any, session: Any, bucket: str, *, max_connections: int, max_attempts: int
     ) -> None:
         self._session = session
+        self._client = client
+        self._bucket = bucket
         self._region = client.meta.region_name
-        # Where objects live (endpoint, addressing style) does not depend on
-        # the key: resolved once, by botocore, from a presigned URL for a
-        # placeholder key.  Resolving it per request was a fifth of the CPU.
-        probe = client.generate_presigned_url(
-            "head_object", Params={"Bucket": bucket, "Key": _PROBE}, ExpiresIn=_EXPIRES
-        )
-        base = probe.split("?", 1)[0]
-        if not base.endswith("/" + _PROBE):
-            raise ValueError(f"unexpected presigned URL shape: {base}")
-        self._prefix = base[: -len(_PROBE)]
+        self._base: str | None = None
         retries = urllib3.Retry(
             total=max_attempts - 1,
             backoff_factor=0.2,
@@ -76,6 +69,22 @@ class PresignedRequests:
             timeout=urllib3.Timeout(connect=10, read=60),
             ca_certs=os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True),
         )
+
+    @property
+    def _prefix(self) -> str:
+        """Where objects live (endpoint, addressing style): it does not depend
+        on the key, so botocore resolves it once, from a presigned URL for a
+        placeholder key (per request, that was a fifth of the CPU).  On first
+        use, not at start: signing needs credentials, which may come later."""
+        if self._base is None:
+            probe = self._client.generate_presigned_url(
+                "head_object", Params={"Bucket": self._bucket, "Key": _PROBE}, ExpiresIn=_EXPIRES
+            )
+            base = probe.split("?", 1)[0]
+            if not base.endswith("/" + _PROBE):
+                raise ValueError(f"unexpected presigned URL shape: {base}")
+            self._base = base[: -len(_PROBE)]
+        return self._base
 
     def head(self, key: str) -> None:
         """Succeeds when the object exists; raises ClientError (404, 403…) otherwise."""

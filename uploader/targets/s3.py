@@ -10,7 +10,6 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 from __future__ import annotations
 
 import logging
-import os
 from typing import IO, Any
 
 import boto3
@@ -20,6 +19,12 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
 from uploader.targets import KeyPage
+from uploader.targets.credentials import (
+    REJECTED_CODES,
+    missing_credentials,
+    rejected_credentials,
+    session_for,
+)
 from uploader.targets.presigned import LIST_PAGE, Listing, PresignedRequests, usable_for
 from uploader.targets.url import StoreUrl
 
@@ -58,17 +63,16 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _describe(e: Exception, action: str, where: str) -> TargetError:
+def _describe(e: Exception, action: str, where: str, profile: str | None = None) -> TargetError:
     """Turn a botocore failure into our error, transient or not."""
     if isinstance(e, botocore.exceptions.NoCredentialsError):
-        return TargetError(
-            f"{action} {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, a profile (…&profile=NAME) or an instance role"
-        )
+        return missing_credentials(action, where, profile)
     if isinstance(e, botocore.exceptions.ClientError):
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = _status(e)
+        if code in REJECTED_CODES:
+            return rejected_credentials(action, where, code)
         msg = f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip()
         if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
             headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -109,13 +113,9 @@ class S3Target:
         self.url = url
         self.bucket = url.bucket
         try:
-            session = boto3.session.Session(profile_name=url.params.get("profile") or None)
-        except botocore.exceptions.ProfileNotFound:
-            raise ConfigError(
-                f"store URL {url}: AWS profile {url.params['profile']!r} is not in "
-                f"{_aws_files()}: add it there, or drop profile= to use the environment "
-                "or an instance role"
-            ) from None
+            session = session_for(url.params.get("profile") or None)
+        except ConfigError as e:
+            raise ConfigError(f"store URL {url}: {e}") from None
         endpoint = url.endpoint_url
         config = Config(
             region_name=url.params.get("region", "us-east-1"),
@@ -155,6 +155,9 @@ class S3Target:
             else None
         )
 
+    def _describe(self, e: Exception, action: str, where: str) -> TargetError:
+        return _describe(e, action, where, self.url.params.get("profile"))
+
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
@@ -170,7 +173,7 @@ class S3Target:
             and self._bucket_missing()
         ):
             return _no_bucket("uploading", where)
-        return _describe(e, "uploading", where)
+        return self._describe(e, "uploading", where)
 
     def _bucket_missing(self) -> bool:
         try:
@@ -191,9 +194,9 @@ class S3Target:
             # An unlistable bucket answers 403 for a missing key: treat both as absent.
             if _status(e) in (403, 404):
                 return False
-            raise _describe(e, "checking", self._where(key)) from e
+            raise self._describe(e, "checking", self._where(key)) from e
         except Exception as e:
-            raise _describe(e, "checking", self._where(key)) from e
+            raise self._describe(e, "checking", self._where(key)) from e
         return True
 
     def list_keys(self, start_after: str) -> KeyPage | None:
@@ -221,9 +224,9 @@ class S3Target:
                     _status(e),
                 )
                 return None
-            raise _describe(e, "listing", self._where("")) from e
+            raise self._describe(e, "listing", self._where("")) from e
         except Exception as e:
-            raise _describe(e, "listing", self._where("")) from e
+            raise self._describe(e, "listing", self._where("")) from e
         keys = sorted(page.keys)
         if page.truncated and not keys:
             raise TransientTargetError(
@@ -239,9 +242,9 @@ class S3Target:
         except botocore.exceptions.ClientError as e:
             if _status(e) in (403, 404):
                 return None
-            raise _describe(e, "reading", self._where(key)) from e
+            raise self._describe(e, "reading", self._where(key)) from e
         except Exception as e:
-            raise _describe(e, "reading", self._where(key)) from e
+            raise self._describe(e, "reading", self._where(key)) from e
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
@@ -277,13 +280,6 @@ class S3Target:
                 )
         except Exception as e:
             raise self._failed_upload(e, key) from e
-
-
-def _aws_files() -> str:
-    """Where boto3 looks for profiles, as the user can check them."""
-    config = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
-    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
-    return f"{config} or {credentials}"
 
 
 def profile_exists(name: str) -> bool:

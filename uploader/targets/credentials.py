@@ -1,0 +1,125 @@
+"""AWS credentials that may appear after start, and what to say when there are none.
+
+boto3 resolves credentials once, when a client is made; a client made with
+none fails every request forever.  A service started at boot before its
+instance role is attached, or before an operator fills in its `environment`
+file, must instead pick them up when they appear.  So the session's
+credential provider hands out a stand-in that asks the usual chain again on
+each use until it finds something, then keeps what it found (which refreshes
+itself, as instance-role credentials do).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import botocore.session
+
+from uploader._exceptions import ConfigError, CredentialsError
+
+__all__ = ["ENVIRONMENT_FILE", "missing_credentials", "rejected_credentials", "session_for"]
+
+# Where `install` and the NixOS module have the service read its credentials.
+ENVIRONMENT_FILE = "/etc/nix-cache-uploader/environment"
+
+# S3 error codes that mean "these credentials are not (or no longer) good".
+REJECTED_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+    }
+)
+
+
+class _DeferredCredentials:
+    """Credentials looked up on first use, and again on each use until found."""
+
+    def __init__(self, resolver: Any, profile: str | None) -> None:
+        self._resolver = resolver
+        self._profile = profile
+        self._found: Any = None
+        self._lock = threading.Lock()
+
+    def _credentials(self) -> Any:
+        with self._lock:
+            if self._found is None:
+                self._found = self._resolver.load_credentials()
+            if self._found is None:
+                raise botocore.exceptions.NoCredentialsError()
+            return self._found
+
+    def get_frozen_credentials(self) -> Any:
+        return self._credentials().get_frozen_credentials()
+
+    @property
+    def method(self) -> str:
+        """How they were found (botocore reads it while making a client)."""
+        with self._lock:
+            found = self._found
+        return str(found.method) if found is not None else "deferred"
+
+    def get_deferred_property(self, name: str) -> Callable[[], Any]:
+        """What botocore asks for while building a client (e.g. ``account_id``)."""
+
+        def get() -> Any:
+            with self._lock:
+                found = self._found
+            return getattr(found, name, None) if found is not None else None
+
+        return get
+
+
+class _DeferredProvider:
+    """Stands in for botocore's credential resolver (the session component)."""
+
+    def __init__(self, resolver: Any, profile: str | None) -> None:
+        self._credentials = _DeferredCredentials(resolver, profile)
+
+    def load_credentials(self) -> _DeferredCredentials:
+        return self._credentials
+
+
+def session_for(profile: str | None) -> boto3.session.Session:
+    """A boto3 session (profile ``profile``) whose credentials may come later."""
+    core = botocore.session.Session(profile=profile)
+    if profile is not None and profile not in core.available_profiles:
+        raise ConfigError(
+            f"AWS profile {profile!r} is not in {aws_files()}: add it there, or drop "
+            "profile= to use the environment or an instance role"
+        )
+    resolver = core.get_component("credential_provider")
+    core.register_component("credential_provider", _DeferredProvider(resolver, profile))
+    return boto3.session.Session(botocore_session=core)
+
+
+def aws_files() -> str:
+    """Where boto3 looks for profiles, as the user can check them."""
+    config = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    return f"{config} or {credentials}"
+
+
+def missing_credentials(action: str, where: str, profile: str | None) -> CredentialsError:
+    return CredentialsError(
+        f"{action} {where}: no AWS credentials found (looked for AWS_ACCESS_KEY_ID and "
+        f"AWS_SECRET_ACCESS_KEY in the environment, profile {profile or 'default'!r} in "
+        f"{aws_files()}, a web identity token, and instance or container metadata); "
+        f"export them, or for the service put them into {ENVIRONMENT_FILE}"
+    )
+
+
+def rejected_credentials(action: str, where: str, code: str) -> CredentialsError:
+    why = "have expired" if "Expired" in code or "Refresh" in code else "were refused"
+    return CredentialsError(
+        f"{action} {where}: the AWS credentials {why} ({code}); check or renew them "
+        f"(for the service: {ENVIRONMENT_FILE}) and the region"
+    )
