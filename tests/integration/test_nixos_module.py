@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,10 +284,11 @@ def test_the_module_and_the_installed_unit_agree(
 # -- the post-build hook -------------------------------------------------------
 
 
-def hook_wrapper(config: dict[str, Any]) -> tuple[str, str]:
-    """The text of the wrapper nix.conf names, and the hook it runs."""
+def hook_wrapper(config: dict[str, Any], modules: Sequence[str] = ()) -> tuple[str, str]:
+    """The text of the script nix.conf names, and the hook it should run."""
     found = evaluate(
         config,
+        modules=modules,
         select="""{
           setting = toString config.nix.settings.post-build-hook;
           text = config.nix.settings.post-build-hook.text;
@@ -334,6 +336,20 @@ def test_the_post_build_hook_is_exclusive() -> None:
         select="config.nix.settings.post-build-hook",
     )
     assert "nix.settings.post-build-hook" in message
+
+
+def test_the_readmes_two_hooks_recipe_runs_both(tmp_path: Path) -> None:
+    readme = (REPO / "nixos-module" / "README.md").read_text()
+    (recipe,) = [block for block in readme.split("```nix\n") if "lib.mkForce" in block]
+    recipe = recipe.split("```", 1)[0].replace("/path/to/the/other/hook", str(tmp_path / "other"))
+    text, hook = hook_wrapper(BASE, [recipe])
+    (tmp_path / "other").write_text("#!/bin/sh\necho other\n")
+    (tmp_path / "other").chmod(0o755)
+    stand_in = tmp_path / "hook"
+    stand_in.write_text('#!/bin/sh\necho "uploader $NIX_CACHE_UPLOADER_SPOOL"\n')
+    stand_in.chmod(0o755)
+    out = run_wrapper(text, hook, stand_in)
+    assert (out.returncode, out.stdout) == (0, f"uploader {DEFAULT_SPOOL}\nother\n")
 
 
 # -- metrics -------------------------------------------------------------------

@@ -491,6 +491,20 @@ def test_install_makes_a_missing_file_cache_and_leaves_one_alone(
     assert not any(str(shared) in text for text, _ in plan.actions)
 
 
+def test_install_makes_a_missing_tmp_dir(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
+    scratch = tmp_path / "scratch"
+    Path(layout.config).parent.mkdir()
+    req = request(tmp_path)
+    Path(layout.config).write_text(
+        render_config({"to": STORE_URL, "spool": req.spool, "state-dir": req.state_dir,
+                       "gc-roots-dir": req.gc_roots_dir, "tmp-dir": str(scratch)})
+    )  # fmt: skip
+    run(plan_install(layout, req, host))
+    assert scratch.is_dir()
+    assert host.owner(str(scratch)) == ("ncu", "ncu")
+    assert f" -{scratch}\n" in Path(layout.unit_path).read_text()
+
+
 def test_install_repairs_what_drifted(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
     run(plan_install(layout, request(tmp_path), host))
     (tmp_path / "spool").chmod(0o755)
