@@ -19,17 +19,19 @@ let
 
   # TOML has no null: unset settings are left out, so the program's own
   # default applies (e.g. compression: the URL's compression=, else zstd).
+  # metrics is written as the string the program reads, also when given as
+  # a port number.
   configFile = format.generate "nix-cache-uploader.toml" (
-    lib.filterAttrs (_: value: value != null) cfg.settings
+    lib.filterAttrs (_: value: value != null) (cfg.settings // { inherit metrics; })
   );
 
   # The settings checked when the system is built, as atticd does: an unknown
   # setting or a malformed store URL fails the build instead of the service.
   # check-config needs neither the network nor the key (which only exists
   # on the machine).
-  checkedConfigFile = pkgs.runCommand "nix-cache-uploader-checked.toml" { } ''
-    ${cfg.package}/bin/nix-cache-uploader check-config --config ${configFile}
-    cp ${configFile} $out
+  checkedConfigFile = pkgs.runCommand "nix-cache-uploader-checked.toml" { inherit configFile; } ''
+    ${cfg.package}/bin/nix-cache-uploader check-config --config "$configFile"
+    cp "$configFile" $out
   '';
 
   # One fact in several places: the default spool is also in

@@ -78,6 +78,22 @@ def test_defaults_are_the_programs_and_the_hooks() -> None:
     assert settings["tmp-dir"] is settings["metrics"] is settings["compression"] is None
 
 
+CONFIG_FILE = 'config.environment.etc."nix-cache-uploader/config.toml".source'
+
+
+def test_the_config_file_is_checked_and_holds_the_settings_given() -> None:
+    found = evaluate(
+        with_settings(metrics=9100, compression=None, jobs=8),
+        select=f"{{ script = {CONFIG_FILE}.script; toml = {CONFIG_FILE}.env.configFile.value; }}",
+    ).value
+    assert 'check-config --config "$configFile"' in found["script"]
+    toml = found["toml"]
+    # TOML has no null: an unset setting is left out, so the program's default holds.
+    assert "compression" not in toml and "tmp-dir" not in toml
+    assert toml["jobs"] == 8
+    assert toml["metrics"] == "9100"  # the program reads "[HOST:]PORT"
+
+
 def test_the_service_waits_for_the_drain() -> None:
     assert service(BASE)["TimeoutStopSec"] == math.ceil(Settings.drain_timeout) + 30
     assert service(with_settings(**{"drain-timeout": 45.5}))["TimeoutStopSec"] == 76
