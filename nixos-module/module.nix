@@ -49,7 +49,8 @@ let
   drainTimeout = if cfg.settings.drain-timeout == null then 60 else cfg.settings.drain-timeout;
 
   # The nix-daemon runs this after every build.  It only tells the hook where
-  # the spool is.  Run, not exec'd: a non-zero exit fails the build, so a hook
+  # the spool is.  Run, not exec'd: a failing post-build-hook stops the
+  # nix-daemon's builds, and bash exits 126/127 when exec fails, so a hook
   # that is missing or cannot run (a custom `package` without it) must cost
   # the cache an entry, never the build.
   hook = "${cfg.package}/libexec/nix-cache-uploader/post-build-hook";
@@ -64,8 +65,8 @@ let
 
   # Secrets are named by a string: a path value ends up in the store as soon
   # as something interpolates it (and in a flake, `./key` is in the store
-  # already).  `externalPath` (nixpkgs 25.11) refuses path values and store
-  # paths; older nixpkgs get the same check here.
+  # already).  lib.types.externalPath refuses path values and store paths;
+  # nixpkgs older than it get the same check here.
   secretPath =
     lib.types.externalPath or (
       lib.types.addCheck lib.types.str (path: lib.hasPrefix "/" path && !inStore path)
@@ -286,8 +287,8 @@ in
         The binary cache signing key, in Nix's format (as made by
         `nix-cache-uploader keygen` or `nix-store --generate-binary-cache-key`).
         A string with an absolute path outside the Nix store, which every
-        user can read: a path literal (`./key`) is refused, because it would
-        put the key into the store.  The file may stay readable by root
+        user can read.  A path value (`./key`) is refused: it is copied into
+        the store as soon as something interpolates it.  The file may stay readable by root
         only: systemd passes a copy to the service through `LoadCredential`.
       '';
     };
