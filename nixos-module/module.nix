@@ -19,17 +19,19 @@ let
 
   # TOML has no null: unset settings are left out, so the program's own
   # default applies (e.g. compression: the URL's compression=, else zstd).
+  # metrics is written as the string the program reads, also when given as
+  # a port number.
   configFile = format.generate "nix-cache-uploader.toml" (
-    lib.filterAttrs (_: value: value != null) cfg.settings
+    lib.filterAttrs (_: value: value != null) (cfg.settings // { inherit metrics; })
   );
 
   # The settings checked when the system is built, as atticd does: an unknown
   # setting or a malformed store URL fails the build instead of the service.
   # check-config needs neither the network nor the key (which only exists
   # on the machine).
-  checkedConfigFile = pkgs.runCommand "nix-cache-uploader-checked.toml" { } ''
-    ${cfg.package}/bin/nix-cache-uploader check-config --config ${configFile}
-    cp ${configFile} $out
+  checkedConfigFile = pkgs.runCommand "nix-cache-uploader-checked.toml" { inherit configFile; } ''
+    ${cfg.package}/bin/nix-cache-uploader check-config --config "$configFile"
+    cp "$configFile" $out
   '';
 
   # One fact in several places: the default spool is also in
@@ -44,19 +46,89 @@ let
   stateDir = cfg.settings.state-dir;
   gcRootsDir = cfg.settings.gc-roots-dir;
   # The program's default drain-timeout (uploader/config.py) when unset.
-  drainTimeout = cfg.settings.drain-timeout or 60;
+  drainTimeout = if cfg.settings.drain-timeout == null then 60 else cfg.settings.drain-timeout;
 
   # The nix-daemon runs this after every build.  It only tells the hook where
-  # the spool is; the hook itself never fails a build.
+  # the spool is.  Run, not exec'd: a failing post-build-hook stops the
+  # nix-daemon's builds, and bash exits 126/127 when exec fails, so a hook
+  # that is missing or cannot run (a custom `package` without it) must cost
+  # the cache an entry, never the build.
+  hook = "${cfg.package}/libexec/nix-cache-uploader/post-build-hook";
   postBuildHook = pkgs.writeShellScript "nix-cache-uploader-post-build-hook" ''
     export NIX_CACHE_UPLOADER_SPOOL=${lib.escapeShellArg spool}
-    exec ${cfg.package}/libexec/nix-cache-uploader/post-build-hook
+    ${lib.escapeShellArg hook} && exit 0
+    echo "nix-cache-uploader: hook "${lib.escapeShellArg hook}" is missing or failed; build not queued" >&2
+    exit 0
   '';
 
-  # toString, not interpolation: "${./key}" would copy the file into the store.
   inStore = path: lib.hasPrefix builtins.storeDir (toString path);
+
+  # Secrets are named by a string: a path value ends up in the store as soon
+  # as something interpolates it (and in a flake, `./key` is in the store
+  # already).  lib.types.externalPath refuses path values and store paths;
+  # nixpkgs older than it get the same check here.
+  secretPath =
+    lib.types.externalPath or (
+      lib.types.addCheck lib.types.str (path: lib.hasPrefix "/" path && !inStore path)
+      // {
+        description = "absolute path not in the Nix store";
+      }
+    );
+
+  # systemd expands specifiers (%h, %d...) in paths, in unit files and in
+  # tmpfiles.d alike: a literal % is written %%.
+  escapeSpecifiers = lib.replaceStrings [ "%" ] [ "%%" ];
+  # One word of ExecStart=: literal, as a shell word would be (systemd also
+  # expands $VAR there).
+  execWord =
+    word:
+    let
+      escaped = lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] word;
+    in
+    if builtins.match "[^[:space:]\"'\\;]+" escaped != null then
+      escaped
+    else
+      "\"" + lib.replaceStrings [ "\\" "\"" ] [ "\\\\" "\\\"" ] escaped + "\"";
+
+  # The directories the service writes besides its state: systemd must
+  # find each one when it sets up the namespace (ProtectSystem=strict), or
+  # the unit fails before the program can say what is wrong.
+  # A file:// cache: the directory of the URL, without its parameters.
+  fileCacheDir =
+    let
+      to = cfg.settings.to;
+      rest = lib.removePrefix "file://" to;
+      path = builtins.head (lib.splitString "?" (lib.removePrefix "localhost" rest));
+    in
+    if to != null && lib.hasPrefix "file://" to then
+      (if path == "/" then path else lib.removeSuffix "/" path)
+    else
+      null;
+  # /tmp and /var/tmp are private and writable already (PrivateTmp=).
+  tmpDir =
+    if cfg.settings.tmp-dir == null || lib.elem cfg.settings.tmp-dir [ "/tmp" "/var/tmp" ] then
+      null
+    else
+      cfg.settings.tmp-dir;
+  # Created when missing, owned by the service; an existing directory keeps
+  # its owner and mode (the ':' prefixes), since it may be shared.
+  createdDirs = lib.filter (dir: dir != null) [
+    fileCacheDir
+    tmpDir
+  ];
+
+  # `metrics = "[HOST:]PORT"`; the host defaults to 127.0.0.1.
+  metrics = if cfg.settings.metrics == null then null else toString cfg.settings.metrics;
+  metricsPort = lib.toInt (lib.last (lib.splitString ":" metrics));
+  metricsLoopback =
+    !(lib.hasInfix ":" metrics)
+    || lib.hasPrefix "127." metrics
+    || lib.hasPrefix "localhost:" metrics
+    || lib.hasPrefix "[::1]:" metrics;
 in
 {
+  meta.maintainers = [ ];
+
   options.services.nix-cache-uploader = {
     enable = lib.mkEnableOption "nix-cache-uploader, which signs every build of this machine and uploads it to a binary cache";
 
@@ -77,9 +149,11 @@ in
         passed with `--config`; the same file is installed as
         /etc/nix-cache-uploader/config.toml, so `nix-cache-uploader status`,
         `wait` and `retry` find the same spool and state directory.  Every
-        setting is listed in docs/configuration.md; unknown names are an
-        error when the service starts.  The signing key is not a setting here:
-        use {option}`services.nix-cache-uploader.secretKeyFile`.
+        setting is listed in docs/configuration.md.  The file is checked
+        with `nix-cache-uploader check-config` when the system is built, so
+        an unknown name or a bad value fails the build, not the service.
+        The signing key is not a setting here: use
+        {option}`services.nix-cache-uploader.secretKeyFile`.
       '';
       example = lib.literalExpression ''
         {
@@ -159,33 +233,77 @@ in
               here (created as `root:<group>` with mode 2770).
             '';
           };
+
+          tmp-dir = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            example = "/var/cache/nix-cache-uploader";
+            description = ''
+              Where compressed NARs larger than 8 MiB wait for their upload.
+              `null`: the service's private /tmp.  Created, owned by the
+              service's user, when it does not exist.
+            '';
+          };
+
+          low-priority = lib.mkOption {
+            type = lib.types.bool;
+            default = true;
+            description = ''
+              Run behind builds and interactive users: nice 19, a low CPU
+              weight and the idle IO class.  `false` gives the uploader the
+              same share as everything else.
+            '';
+          };
+
+          drain-timeout = lib.mkOption {
+            type = lib.types.nullOr lib.types.number;
+            default = null;
+            description = ''
+              Seconds that in-flight uploads may run on stop.  `null`: the
+              program's default, 60.  The unit's `TimeoutStopSec` is this
+              plus 30.
+            '';
+          };
+
+          metrics = lib.mkOption {
+            type = lib.types.nullOr (lib.types.either lib.types.str lib.types.port);
+            default = null;
+            example = "0.0.0.0:9100";
+            description = ''
+              Serve Prometheus metrics at `http://HOST:PORT/metrics`, given
+              as `"[HOST:]PORT"`; the host defaults to 127.0.0.1.  See
+              {option}`services.nix-cache-uploader.openFirewall`.
+            '';
+          };
         };
       };
     };
 
     secretKeyFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr secretPath;
       default = null;
       example = "/var/lib/secrets/nix-cache-uploader.key";
       description = ''
         The binary cache signing key, in Nix's format (as made by
         `nix-cache-uploader keygen` or `nix-store --generate-binary-cache-key`).
-        It must not be in the Nix store, which every user can read.  The file
-        may stay readable by root only: systemd passes a copy to the service
-        through `LoadCredential`.
+        A string with an absolute path outside the Nix store, which every
+        user can read.  A path value (`./key`) is refused: it is copied into
+        the store as soon as something interpolates it.  The file may stay readable by root
+        only: systemd passes a copy to the service through `LoadCredential`.
       '';
     };
 
     environmentFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr secretPath;
       default = null;
       example = "/var/lib/secrets/nix-cache-uploader.env";
       description = ''
         Environment file with the S3 credentials, e.g. `AWS_ACCESS_KEY_ID=…`
         and `AWS_SECRET_ACCESS_KEY=…` (or `AWS_PROFILE` with
         `AWS_SHARED_CREDENTIALS_FILE`).  Leave it `null` when the machine
-        has an instance role, or for `file://` caches.  Keep it out of the
-        Nix store.
+        has an instance role, or for `file://` caches.  Like
+        {option}`services.nix-cache-uploader.secretKeyFile`, a string
+        outside the Nix store.
       '';
     };
 
@@ -206,6 +324,28 @@ in
         default.  Its members can read what was built and requeue entries.
       '';
     };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "-v" ];
+      description = ''
+        More arguments of `nix-cache-uploader run`, each one word, taken
+        literally: `[ "-v" ]` logs each path, `[ "-vv" ]` debug detail,
+        `[ "-q" ]` errors only.  Settings belong in
+        {option}`services.nix-cache-uploader.settings`.
+      '';
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Open the TCP port of `settings.metrics` in the firewall, for a
+        Prometheus server on another machine (give `metrics` a host that
+        is not the loopback, e.g. `"0.0.0.0:9100"`).
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -223,27 +363,33 @@ in
           services.nix-cache-uploader.secretKeyFile is not set.  Create a key
           pair outside the Nix store, e.g.
             nix-cache-uploader keygen cache.example.org-1 /var/lib/secrets/nix-cache-uploader.key /var/lib/secrets/nix-cache-uploader.pub
-          and set secretKeyFile to the quoted absolute path of the secret
-          key ("/var/lib/secrets/nix-cache-uploader.key"; a path literal
-          without quotes would copy the key into the store).
+          and set secretKeyFile to the secret key's absolute path, as a
+          string: "/var/lib/secrets/nix-cache-uploader.key" (with sops-nix or
+          agenix: config.sops.secrets.<name>.path / config.age.secrets.<name>.path).
         '';
       }
       {
-        assertion = cfg.secretKeyFile == null || !inStore cfg.secretKeyFile;
+        assertion = !(cfg.settings ? secret-key-file);
         message = ''
-          services.nix-cache-uploader.secretKeyFile (${toString cfg.secretKeyFile})
-          is in the Nix store, where every user and every build can read it
-          and poison the cache.  Keep the key in a root-only file outside the
-          store and give its path as a string, e.g.
-          "/var/lib/secrets/nix-cache-uploader.key" (with sops-nix or agenix:
-          config.sops.secrets.<name>.path / config.age.secrets.<name>.path).
+          services.nix-cache-uploader.settings.secret-key-file is set, but the
+          service passes the key it gets from secretKeyFile (through
+          LoadCredential), which would override it.  Set
+          services.nix-cache-uploader.secretKeyFile instead.
+        '';
+      }
+      {
+        assertion = cfg.openFirewall -> metrics != null;
+        message = ''
+          services.nix-cache-uploader.openFirewall is set, but settings.metrics
+          is not: there is no port to open.  Set e.g. settings.metrics = "0.0.0.0:9100".
         '';
       }
     ];
 
-    warnings = lib.optional (cfg.environmentFile != null && inStore cfg.environmentFile) ''
-      services.nix-cache-uploader.environmentFile (${toString cfg.environmentFile}) is in the
-      Nix store, so every local user can read the S3 credentials in it; keep it outside the store.
+    warnings = lib.optional (cfg.openFirewall && metrics != null && metricsLoopback) ''
+      services.nix-cache-uploader.openFirewall opens port ${toString metricsPort}, but
+      settings.metrics (${metrics}) listens on the loopback only; give it a host
+      such as "0.0.0.0:${toString metricsPort}" for other machines to reach it.
     '';
 
     services.nix-cache-uploader.settings = {
@@ -251,12 +397,18 @@ in
       gc-roots-dir = lib.mkDefault defaultGcRootsDir;
     };
 
+    # nix.conf has one post-build-hook: another module that sets one
+    # conflicts with this one (see nixos-module/README.md).
     nix.settings = {
       post-build-hook = postBuildHook;
       # The uploader asks the nix-daemon about store paths.  A no-op while
       # allowed-users is the default "*"; needed when it is restricted.
       extra-allowed-users = [ cfg.user ];
     };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && metrics != null) [
+      metricsPort
+    ];
 
     environment.etc."nix-cache-uploader/config.toml".source = checkedConfigFile;
     environment.systemPackages = [ cfg.package ];
@@ -273,15 +425,20 @@ in
       nix-cache-uploader = { };
     };
 
-    systemd.tmpfiles.rules = [
-      # setgid: the hook (root) creates entries that the uploader's group can
-      # read; nobody else can see what was built.
-      "d ${spool} 2770 root ${cfg.group} -"
-      # Roots that keep queued outputs alive until they are uploaded.
-      "d ${gcRootsDir} 0755 ${cfg.user} ${cfg.group} -"
-    ]
-    # StateDirectory= below only manages /var/lib/nix-cache-uploader.
-    ++ lib.optional (stateDir != defaultStateDir) "d ${stateDir} 0755 ${cfg.user} ${cfg.group} -";
+    systemd.tmpfiles.rules =
+      map escapeSpecifiers (
+        [
+          # setgid: the hook (root) creates entries that the uploader's group can
+          # read; nobody else can see what was built.
+          "d ${spool} 2770 root ${cfg.group} -"
+          # Roots that keep queued outputs alive until they are uploaded.
+          "d ${gcRootsDir} 0755 ${cfg.user} ${cfg.group} -"
+        ]
+        # StateDirectory= below only manages /var/lib/nix-cache-uploader.
+        ++ lib.optional (stateDir != defaultStateDir) "d ${stateDir} 0755 ${cfg.user} ${cfg.group} -"
+        # ':' applies mode and owner only when tmpfiles creates the directory.
+        ++ map (dir: "d ${dir} :0755 :${cfg.user} :${cfg.group} -") createdDirs
+      );
 
     systemd.services.nix-cache-uploader = {
       description = "Upload Nix builds to a signed binary cache";
@@ -301,16 +458,18 @@ in
       };
 
       serviceConfig = {
-        ExecStart = lib.concatStringsSep " " [
-          "${cfg.package}/bin/nix-cache-uploader run"
-          "--config ${checkedConfigFile}"
-          # %d is the service's credentials directory; the key arrives there
-          # readable by the service user only, wherever the original lives.
-          "--secret-key-file %d/secret-key"
-        ];
-        # toString: interpolating a path literal would copy the key into the store.
-        LoadCredential = "secret-key:${toString cfg.secretKeyFile}";
-        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) (toString cfg.environmentFile);
+        ExecStart = lib.concatStringsSep " " (
+          [
+            "${cfg.package}/bin/nix-cache-uploader run"
+            "--config ${checkedConfigFile}"
+            # %d is the service's credentials directory; the key arrives there
+            # readable by the service user only, wherever the original lives.
+            "--secret-key-file %d/secret-key"
+          ]
+          ++ map execWord cfg.extraArgs
+        );
+        LoadCredential = "secret-key:${escapeSpecifiers cfg.secretKeyFile}";
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) (escapeSpecifiers cfg.environmentFile);
 
         User = cfg.user;
         Group = cfg.group;
@@ -329,9 +488,9 @@ in
         TimeoutStopSec = builtins.ceil drainTimeout + 30;
 
         # Background work: builds and interactive users come first.
-        Nice = 19;
-        CPUWeight = 20;
-        IOSchedulingClass = "idle";
+        Nice = lib.mkIf cfg.settings.low-priority 19;
+        CPUWeight = lib.mkIf cfg.settings.low-priority 20;
+        IOSchedulingClass = lib.mkIf cfg.settings.low-priority "idle";
 
         # Hardening.  The service reads the store, writes only the spool, its
         # GC roots and its state, and talks to the nix-daemon and to S3.
@@ -339,12 +498,17 @@ in
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
         ProtectSystem = "strict";
-        ReadWritePaths = [
-          spool
-          gcRootsDir
-        ]
-        ++ lib.optional (stateDir != defaultStateDir) stateDir
-        ++ lib.optional ((cfg.settings.tmp-dir or null) != null) cfg.settings.tmp-dir;
+        ReadWritePaths = map escapeSpecifiers (
+          [
+            spool
+            gcRootsDir
+          ]
+          ++ lib.optional (stateDir != defaultStateDir) stateDir
+          # '-': a directory that is gone (removed since boot, or on a
+          # mount that failed) must not stop systemd from starting the
+          # program, which then says what is missing.
+          ++ map (dir: "-${dir}") createdDirs
+        );
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;

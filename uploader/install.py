@@ -38,7 +38,15 @@ from uploader.progress import plural
 from uploader.signing import generate, write_public_key, write_secret_key
 from uploader.spool import DEFAULT_SPOOL
 from uploader.targets import parse_store_url
-from uploader.unit import HEADER, UNIT_NAME, UnitParams, render_config, render_unit, render_wrapper
+from uploader.unit import (
+    HEADER,
+    UNIT_NAME,
+    UnitParams,
+    render_config,
+    render_unit,
+    render_wrapper,
+    service_directories,
+)
 
 __all__ = [
     "DEFAULT_HOOK_PATH",
@@ -362,6 +370,10 @@ def plan_install(layout: Layout, req: Request, host: Host) -> Plan:
     _plan_dir(plan, host, settings.spool, "root", group, 0o2770)
     _plan_dir(plan, host, settings.state_dir, user, group, 0o755)
     _plan_dir(plan, host, settings.gc_roots_dir, user, group, 0o755)
+    # A file:// cache and tmp-dir may be shared: made when missing, else left alone.
+    for directory in service_directories(settings)[1]:
+        if not os.path.lexists(directory):
+            _plan_dir(plan, host, directory, user, group, 0o755)
     has_key = _plan_key(plan, host, layout, req, key)
 
     hook = layout.hook_path

@@ -4,7 +4,8 @@ file and the hook wrapper.
 Pure functions of their parameters, with no I/O: install writes their output,
 and docs/quickstart.md shows the unit rendered for the default paths (a test
 compares the two).  The unit mirrors the service of nixos-module/module.nix,
-directive for directive; tests/integration/test_nix_files.py compares them.
+directive for directive; tests/integration/test_nixos_module.py compares
+them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from uploader.config import DEFAULT_STATE_DIR, Settings
+from uploader.targets.url import parse_store_url
 
 __all__ = [
     "HEADER",
@@ -25,6 +27,7 @@ __all__ = [
     "render_config",
     "render_unit",
     "render_wrapper",
+    "service_directories",
 ]
 
 UNIT_NAME = "nix-cache-uploader.service"
@@ -59,6 +62,24 @@ def _word(word: str, *, command: bool = False) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def service_directories(settings: Settings) -> tuple[list[str], list[str]]:
+    """The directories the service writes besides StateDirectory=: those
+    install makes, and those it makes only when missing (the file:// cache
+    and tmp-dir, which may be shared with others).  The unit names the
+    second kind with '-', so that one that is gone does not stop systemd from
+    starting the program, which then says what is missing."""
+    made = [settings.spool, settings.gc_roots_dir]
+    if settings.state_dir != DEFAULT_STATE_DIR:  # StateDirectory= covers the default
+        made.append(settings.state_dir)
+    if_missing = []
+    if settings.to is not None and settings.to.startswith("file:"):
+        if_missing.append(parse_store_url(settings.to).path)
+    # /tmp and /var/tmp are private and writable already (PrivateTmp=).
+    if settings.tmp_dir and settings.tmp_dir not in ("/tmp", "/var/tmp"):
+        if_missing.append(settings.tmp_dir)
+    return made, if_missing
+
+
 def render_unit(p: UnitParams, settings: Settings) -> str:
     """The hardened nix-cache-uploader.service, as the NixOS module runs it."""
     # %d: the credentials directory, where systemd puts the service's private
@@ -73,11 +94,10 @@ def render_unit(p: UnitParams, settings: Settings) -> str:
             "%d/secret-key",
         ]
     )
-    writable = [settings.spool, settings.gc_roots_dir]
-    if settings.state_dir != DEFAULT_STATE_DIR:  # StateDirectory= covers the default
-        writable.append(settings.state_dir)
-    if settings.tmp_dir:
-        writable.append(settings.tmp_dir)
+    made, if_missing = service_directories(settings)
+    writable = [*made, *("-" + d for d in if_missing)]
+    # Background work: builds and interactive users come first.
+    priority = "Nice=19\nCPUWeight=20\nIOSchedulingClass=idle\n" if settings.low_priority else ""
     stop_timeout = math.ceil(settings.drain_timeout) + 30
     return f"""\
 {HEADER}; the next install overwrites it.
@@ -104,10 +124,7 @@ RestartSec=10
 KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec={stop_timeout}
-Nice=19
-CPUWeight=20
-IOSchedulingClass=idle
-NoNewPrivileges=yes
+{priority}NoNewPrivileges=yes
 CapabilityBoundingSet=
 AmbientCapabilities=
 ProtectSystem=strict
@@ -164,12 +181,14 @@ def render_config(values: Mapping[str, object]) -> str:
 def render_wrapper(hook: str, spool: str) -> str:
     """The post-build-hook nix.conf names when the spool is not the default:
     it tells the hook where the spool is, as the NixOS module's wrapper does.
-    Like the hook, it never fails a build, even when the hook is missing."""
+    Like the hook, it never fails a build, even when the hook is missing or
+    cannot run: it runs the hook rather than exec it, since a shell whose
+    exec fails exits 126 or 127."""
     return f"""\
 #!/bin/sh
 {HEADER}: the nix-daemon's post-build-hook.
 export NIX_CACHE_UPLOADER_SPOOL={shlex.quote(spool)}
-[ -x {shlex.quote(hook)} ] && exec {shlex.quote(hook)}
-echo "nix-cache-uploader: hook "{shlex.quote(hook)}" is missing; build not queued" >&2
+{shlex.quote(hook)} && exit 0
+echo "nix-cache-uploader: hook "{shlex.quote(hook)}" is missing or failed; build not queued" >&2
 exit 0
 """

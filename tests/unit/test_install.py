@@ -238,8 +238,32 @@ def test_unit_runs_this_command_with_the_key_as_a_credential() -> None:
 def test_unit_makes_other_directories_writable_and_waits_for_the_drain() -> None:
     settings = Settings(state_dir="/srv/state", tmp_dir="/srv/tmp", drain_timeout=45.5)
     found = directives(render_unit(unit_params(), settings))
-    assert found["ReadWritePaths"] == [f"{DEFAULT_SPOOL} {DEFAULT_GC_ROOTS} /srv/state /srv/tmp"]
+    # '-': a tmp-dir that is missing must not stop systemd at namespace setup.
+    assert found["ReadWritePaths"] == [f"{DEFAULT_SPOOL} {DEFAULT_GC_ROOTS} /srv/state -/srv/tmp"]
     assert found["TimeoutStopSec"] == ["76"]
+
+
+@pytest.mark.parametrize(
+    ("to", "tmp_dir", "extra"),
+    [
+        ("file:///srv/nix-cache", None, " -/srv/nix-cache"),
+        ("file://localhost/srv/nix%cache/?compression=xz", None, " -/srv/nix%%cache"),
+        ("file:///srv/nix-cache", "/var/cache/ncu", " -/srv/nix-cache -/var/cache/ncu"),
+        (STORE_URL, "/tmp", ""),  # PrivateTmp= makes /tmp writable already
+        (STORE_URL, "/var/tmp", ""),
+    ],
+)
+def test_unit_makes_a_file_cache_and_tmp_dir_writable(
+    to: str, tmp_dir: str | None, extra: str
+) -> None:
+    found = directives(render_unit(unit_params(), Settings(to=to, tmp_dir=tmp_dir)))
+    assert found["ProtectSystem"] == ["strict"]
+    assert found["ReadWritePaths"] == [f"{DEFAULT_SPOOL} {DEFAULT_GC_ROOTS}{extra}"]
+
+
+def test_unit_runs_at_normal_priority_when_asked() -> None:
+    found = directives(render_unit(unit_params(), Settings(low_priority=False)))
+    assert not {"Nice", "CPUWeight", "IOSchedulingClass"} & set(found)
 
 
 def test_unit_quotes_what_systemd_would_expand_or_split() -> None:
@@ -253,15 +277,6 @@ def test_unit_quotes_what_systemd_would_expand_or_split() -> None:
     assert exec_start.startswith(
         '/usr/bin/python3 -m uploader run --config "/etc/my conf/100%%.toml"'
     )
-
-
-def test_unit_sets_what_the_nixos_module_sets() -> None:
-    module = (REPO / "nixos-module" / "module.nix").read_text()
-    in_module = set(re.findall(r"^\s+([A-Z][A-Za-z]*[a-z][A-Za-z]*) =", module, re.M))
-    unit = render_unit(unit_params(), Settings())
-    service = unit.split("[Service]", 1)[1].split("[Install]", 1)[0]
-    # The module sets the environment through `environment` and `path`.
-    assert set(directives(service)) - {"Environment"} == in_module
 
 
 def test_the_quickstart_shows_the_unit_install_writes() -> None:
@@ -288,6 +303,12 @@ def test_wrapper_passes_the_spool_and_never_fails(tmp_path: Path) -> None:
     out = subprocess.run(["sh", str(wrapper)], capture_output=True, text=True)
     assert out.returncode == 0
     assert "is missing" in out.stderr
+    # Executable but cannot run: a shell whose exec fails would exit 127.
+    hook.write_text("#!/nonexistent/interpreter\n")
+    hook.chmod(0o755)
+    out = subprocess.run(["sh", str(wrapper)], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "is missing or failed" in out.stderr
 
 
 def test_config_file_reads_back() -> None:
@@ -451,6 +472,38 @@ def test_install_sets_everything_up_once(tmp_path: Path, layout: Layout, host: F
         f"  - check the uploader: nix-cache-uploader status --config {layout.config}",
     ]
     assert tree(tmp_path) == before
+
+
+def test_install_makes_a_missing_file_cache_and_leaves_one_alone(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    cache = tmp_path / "cache"
+    run(plan_install(layout, request(tmp_path, to=f"file://{cache}"), host))
+    assert cache.is_dir()
+    assert host.owner(str(cache)) == ("ncu", "ncu")
+    # '-': the unit starts should the directory go missing.
+    assert f" -{cache}\n" in Path(layout.unit_path).read_text()
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o775)
+    os.chmod(shared, 0o775)
+    Path(layout.config).unlink()
+    plan = plan_install(layout, request(tmp_path, to=f"file://{shared}"), host)
+    assert not any(str(shared) in text for text, _ in plan.actions)
+
+
+def test_install_makes_a_missing_tmp_dir(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
+    scratch = tmp_path / "scratch"
+    Path(layout.config).parent.mkdir()
+    req = request(tmp_path)
+    Path(layout.config).write_text(
+        render_config({"to": STORE_URL, "spool": req.spool, "state-dir": req.state_dir,
+                       "gc-roots-dir": req.gc_roots_dir, "tmp-dir": str(scratch)})
+    )  # fmt: skip
+    run(plan_install(layout, req, host))
+    assert scratch.is_dir()
+    assert host.owner(str(scratch)) == ("ncu", "ncu")
+    assert f" -{scratch}\n" in Path(layout.unit_path).read_text()
 
 
 def test_install_repairs_what_drifted(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
