@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +187,18 @@ def test_repair_says_what_the_store_lacks(cache: Cache, tmp_path: Path) -> None:
         engine.close()
     assert result.not_repaired == {cache.lib: "not valid in the local Nix store"}
     assert not result.complete
+
+
+def test_repair_rewrites_a_large_nar_at_the_same_url(tmp_path: Path) -> None:
+    """Above the size where the engine skips a NAR whose URL exists, a
+    truncated NAR under the right name must still be written again."""
+    cache = Cache(tmp_path)
+    big = cache.store.add("big", contents=os.urandom(6 << 20))
+    cache.push(big)
+    nar = cache.nar_file(big)
+    nar.write_bytes(nar.read_bytes()[: 1 << 20])
+    report = cache.verify()
+    assert kinds(report) == {"wrong-nar-size": big}
+    assert cache.repair(report).complete
+    assert cache.nar_file(big) == nar  # same bytes, same URL
+    assert cache.verify(deep=True).clean
