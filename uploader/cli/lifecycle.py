@@ -115,7 +115,8 @@ def verify_command(
                 f"the key in {secret_key_file} ({secret.name}) is not among --public-key: "
                 "what --repair signs would not verify"
             )
-        target = open_target(store_url, max_connections=jobs)
+        # The narinfo fetches, the NAR listing beside them, and a spare.
+        target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
     show = sys.stderr.isatty() and not quiet and not as_json
