@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +205,39 @@ def test_repair_rewrites_a_large_nar_at_the_same_url(tmp_path: Path) -> None:
     assert cache.repair(report).complete
     assert cache.nar_file(big) == nar  # same bytes, same URL
     assert cache.verify(deep=True).clean
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP binary cache on 127.0.0.1 serving a directory, as cache.nixos.org would."""
+    directory = tmp_path / "upstream"
+    directory.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", directory
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_reference_an_upstream_serves_is_not_damage(
+    cache: Cache, upstream: tuple[str, Path]
+) -> None:
+    url, directory = upstream
+    narinfo = f"{hash_part(cache.base)}.narinfo"
+    (cache.dir / narinfo).rename(directory / narinfo)
+    options = VerifyOptions(keys=(KEY.public_key(),), upstream_urls=(url,))
+    report = verify(cache.target, options)
+    assert report.clean, report.problems
+    assert report.upstream_references == 1
+    # Only when signed by an upstream key, once upstream keys are given.
+    trusted = VerifyOptions(**{**options.__dict__, "upstream_keys": (KEY.public_key(),)})
+    assert verify(cache.target, trusted).clean
+    other = VerifyOptions(**{**options.__dict__, "upstream_keys": (OTHER.public_key(),)})
+    assert kinds(verify(cache.target, other)) == {"missing-reference": cache.base}

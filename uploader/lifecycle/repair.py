@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from uploader.engine import Engine
-from uploader.lifecycle.verify import Report
+from uploader.lifecycle.report import Report
 
 __all__ = ["RepairResult", "repair"]
 

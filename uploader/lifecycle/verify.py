@@ -13,16 +13,11 @@ first, narinfo last) cannot make a narinfo look as if its NAR were missing.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import logging
-import urllib.error
-import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from uploader.lifecycle.deep import check_nar
 from uploader.lifecycle.listing import (
@@ -33,24 +28,14 @@ from uploader.lifecycle.listing import (
     narinfo_key,
     to_record,
 )
+from uploader.lifecycle.report import Problem, Report
+from uploader.lifecycle.upstream import served_upstream, signature_problem
 from uploader.narinfo import NarInfo
 from uploader.signing import PublicKey
 from uploader.storepath import HASH_LENGTH, STORE_DIR
 from uploader.targets import Target
 
-__all__ = ["KINDS", "Problem", "Progress", "Report", "VerifyOptions", "verify"]
-
-log = logging.getLogger(__name__)
-
-# Every kind of damage, with what it means for a client.
-KINDS = {
-    "unreadable-narinfo": "the narinfo does not parse: clients fail on it",
-    "bad-signature": "no signature verifies with the given keys: clients refuse the path",
-    "missing-nar": "the NAR its URL names is not in the cache: substitution fails",
-    "wrong-nar-size": "the NAR is not FileSize bytes (truncated?): substitution fails",
-    "missing-reference": "a referenced path has no narinfo here or upstream: its closure breaks",
-    "corrupt-nar": "(--deep) the NAR's bytes differ from FileHash, NarHash or NarSize",
-}
+__all__ = ["Progress", "VerifyOptions", "verify"]
 
 
 class Progress(Protocol):
@@ -71,65 +56,6 @@ class VerifyOptions:
     deep: bool = False
     jobs: int = 32  # narinfo GETs at once
     deep_jobs: int = 4  # NAR downloads at once
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding.  ``key`` is the narinfo's key; ``store_path`` the path it
-    is about (for a missing reference, the missing path), None when an
-    unreadable narinfo does not say."""
-
-    kind: str
-    key: str
-    store_path: str | None
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "key": self.key,
-            "store_path": self.store_path,
-            "detail": self.detail,
-        }
-
-
-@dataclass
-class Report:
-    store_url: str
-    deep: bool
-    signatures_checked: bool
-    narinfos: int = 0
-    nars: int = 0
-    nar_bytes: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    orphans: dict[str, int] = field(default_factory=dict)
-    upstream_references: int = 0
-
-    @property
-    def clean(self) -> bool:
-        return not self.problems
-
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(KINDS, 0)
-        for p in self.problems:
-            counts[p.kind] += 1
-        return counts
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "store_url": self.store_url,
-            "deep": self.deep,
-            "signatures": "checked" if self.signatures_checked else "unchecked",
-            "narinfos": self.narinfos,
-            "nars": self.nars,
-            "nar_bytes": self.nar_bytes,
-            "clean": self.clean,
-            "counts": self.counts(),
-            "problems": [p.to_json() for p in self.problems],
-            "orphans": [{"key": k, "bytes": n} for k, n in sorted(self.orphans.items())],
-            "orphan_bytes": sum(self.orphans.values()),
-            "upstream_references": self.upstream_references,
-        }
 
 
 def verify(
@@ -187,44 +113,23 @@ def _check_narinfo(
         if not info.store_path.startswith(f"{STORE_DIR}/{hash_part}-"):
             raise ValueError(f"its StorePath {info.store_path} is not the path {key} is for")
     except (ValueError, UnicodeDecodeError) as e:
-        report.problems.append(Problem("unreadable-narinfo", key, _store_path_line(data), str(e)))
+        path = _store_path_line(data, hash_part)
+        report.problems.append(Problem("unreadable-narinfo", key, path, str(e)))
         return None
-    bad_signature = _signature_problem(info, keys)
+    bad_signature = signature_problem(info, keys)
     if bad_signature:
         report.problems.append(Problem("bad-signature", key, info.store_path, bad_signature))
     return to_record(info)
 
 
-def _store_path_line(data: bytes) -> str | None:
-    """The StorePath an unreadable narinfo names, if it names one (for repair)."""
+def _store_path_line(data: bytes, hash_part: str) -> str | None:
+    """The store path an unreadable narinfo is for, if its StorePath line
+    says so (then --repair can upload it again)."""
     for line in data.decode(errors="replace").splitlines():
-        if line.startswith("StorePath: /"):
-            return line.removeprefix("StorePath: ").strip()
+        path = line.removeprefix("StorePath: ").strip()
+        if line.startswith("StorePath: ") and path.startswith(f"{STORE_DIR}/{hash_part}-"):
+            return path
     return None
-
-
-def _signature_problem(info: NarInfo, keys: tuple[PublicKey, ...]) -> str | None:
-    if not info.sigs:
-        return "it has no signature"
-    if not keys:
-        # Unchecked: a well-formed Sig is all that can be asked.
-        malformed = [s for s in info.sigs if not _well_formed(s)]
-        return f"malformed signature {malformed[0]!r}" if malformed else None
-    fingerprint = info.fingerprint()
-    if any(k.verify(fingerprint, s) for s in info.sigs for k in keys):
-        return None
-    names = ", ".join(sorted({s.partition(":")[0] for s in info.sigs}))
-    return f"no signature verifies with the given keys (signed by {names})"
-
-
-def _well_formed(sig: str) -> bool:
-    name, _, payload = sig.partition(":")
-    if not name or any(c.isspace() for c in name):
-        return False
-    try:
-        return len(base64.b64decode(payload, validate=True)) == 64
-    except binascii.Error:
-        return False
 
 
 def _check_nar_object(
@@ -254,8 +159,11 @@ def _check_references(
 ) -> None:
     # Asked again one by one: a push running meanwhile may have added them
     # after the listing passed their place.
-    absent = [r for r in sorted(missing) if not target.exists(narinfo_key(r[:HASH_LENGTH]))]
-    served = _served_upstream(options.upstream_urls, options.upstream_keys, absent, options.jobs)
+    refs = sorted(missing)
+    with ThreadPoolExecutor(max_workers=options.jobs, thread_name_prefix="recheck") as pool:
+        there = pool.map(lambda r: target.exists(narinfo_key(r[:HASH_LENGTH])), refs)
+        absent = [r for r, present in zip(refs, there, strict=True) if not present]
+    served = served_upstream(options.upstream_urls, options.upstream_keys, absent, options.jobs)
     report.upstream_references = len(served)
     for ref in absent:
         if ref in served:
@@ -270,47 +178,6 @@ def _check_references(
                 f"referenced by {', '.join(referrers[:3])}{more}",
             )
         )
-
-
-def _served_upstream(
-    urls: Iterable[str], keys: tuple[PublicKey, ...], names: list[str], jobs: int
-) -> set[str]:
-    """Those of the store path basenames an upstream cache serves, with a
-    signature by one of ``keys`` when keys are given."""
-    urls = [u.rstrip("/") for u in urls]
-    if not urls or not names:
-        return set()
-
-    def served(name: str) -> bool:
-        for url in urls:
-            data = _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo")
-            if data is None:
-                continue
-            if not keys:
-                return True
-            try:
-                info = NarInfo.parse(data.decode())
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if info.store_path == f"{STORE_DIR}/{name}" and _signature_problem(info, keys) is None:
-                return True
-        return False
-
-    with ThreadPoolExecutor(max_workers=min(jobs, 16), thread_name_prefix="upstream") as pool:
-        return {n for n, ok in zip(names, pool.map(served, names), strict=True) if ok}
-
-
-def _http_get(url: str) -> bytes | None:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            data: bytes = response.read()
-            return data
-    except urllib.error.HTTPError as e:
-        if e.code not in (403, 404):
-            log.warning("upstream %s answered %s", url, e.code)
-    except (urllib.error.URLError, OSError) as e:
-        log.warning("upstream %s unreachable: %s", url, e)
-    return None
 
 
 def _deep(
