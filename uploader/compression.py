@@ -7,14 +7,23 @@ NAR as is.
 
 from __future__ import annotations
 
+import bz2
 import lzma
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
 from uploader._exceptions import ConfigError
 
-__all__ = ["METHODS", "Compressor", "check_level", "check_method", "extension", "open_compressor"]
+__all__ = [
+    "METHODS",
+    "Compressor",
+    "check_level",
+    "check_method",
+    "extension",
+    "open_compressor",
+    "open_decompressor",
+]
 
 METHODS = ("zstd", "xz", "none")
 _EXTENSIONS = {"zstd": ".zst", "xz": ".xz", "none": ""}
@@ -110,3 +119,21 @@ def open_compressor(
     cctx = zstandard.ZstdCompressor(compression_params=params)
     writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)
     return writer
+
+
+def open_decompressor(method: str, source: IO[bytes]) -> IO[bytes]:
+    """A reader of the NAR inside ``source`` compressed with ``method`` (any
+    a narinfo may name: also bzip2, Nix's oldest default).  Reads across
+    zstd frames and xz streams, as Nix does: Nix ≥ 2.35 writes several."""
+    if method == "none":
+        return source
+    if method == "zstd":
+        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(
+            source, read_across_frames=True, closefd=False
+        )
+        return reader
+    if method == "xz":
+        return lzma.LZMAFile(source)
+    if method == "bzip2":
+        return bz2.BZ2File(source)
+    raise ValueError(f"unknown compression {method!r}")

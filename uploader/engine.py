@@ -165,6 +165,9 @@ class _Push:
 
     infos: Mapping[str, PathInfo]
     hint: frozenset[str]  # roots the caller just found absent
+    # Uploaded again even though the cache has them (repairs): NAR first,
+    # then the narinfo replaced.
+    force: frozenset[str] = frozenset()
     result: PushResult = field(default_factory=PushResult)
     # Paths this call uploads (claimed in _inflight before their existence
     # check, so no other call uploads them too), and paths another call had
@@ -249,11 +252,16 @@ class Engine:
             log.info("wrote nix-cache-info to %s", self.target.url)
         self._cache_info_checked = True
 
-    async def push(self, paths: Iterable[str], progress: Progress | None = None) -> PushResult:
-        """Upload the closure of ``paths``; per-path failures land in the result."""
-        roots = sorted(set(paths))
+    async def push(
+        self, paths: Iterable[str], progress: Progress | None = None, *, force: Iterable[str] = ()
+    ) -> PushResult:
+        """Upload the closure of ``paths``; per-path failures land in the result.
+        Paths in ``force`` are uploaded even if the cache has them (a damaged
+        NAR or narinfo), and their NAR is written again whatever is there."""
+        forced = frozenset(force)
+        roots = sorted(set(paths) | forced)
         infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
-        return await self.push_infos(roots, infos, progress)
+        return await self.push_infos(roots, infos, progress, force=forced)
 
     async def find_present(self, paths: Iterable[str]) -> set[str]:
         """Those of ``paths`` the cache holds (so does their closure): known
@@ -286,13 +294,15 @@ class Engine:
         progress: Progress | None = None,
         *,
         absent: Iterable[str] = (),
+        force: frozenset[str] = frozenset(),
     ) -> PushResult:
         """Upload what the cache lacks of the closure of ``roots`` (``infos``
         must hold that closure).  Paths another call is uploading right now
         are waited for, not uploaded twice.  Paths in ``absent`` were just
-        found missing by ``find_present``: they are not asked about again."""
+        found missing by ``find_present``: they are not asked about again;
+        paths in ``force`` are uploaded whatever the cache has (see push)."""
         await self.ensure_cache_info()
-        push = _Push(infos, hint=frozenset(absent))
+        push = _Push(infos, hint=frozenset(absent) | force, force=force)
         result = push.result
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -302,7 +312,9 @@ class Engine:
             if progress:
                 progress.start(len(mine), sum(infos[p].nar_size for p in mine))
             tasks = [
-                asyncio.create_task(self._upload_one(infos[p], done, result, progress))
+                asyncio.create_task(
+                    self._upload_one(infos[p], done, result, progress, p in push.force)
+                )
                 for p in _largest_first(mine, infos)
             ]
             await asyncio.gather(*tasks)
@@ -338,7 +350,7 @@ class Engine:
 
     async def _absent(self, candidates: list[str], push: _Push) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
-        known = self.known_present(candidates)
+        known = self.known_present(candidates) - push.force
         push.result.present.extend(p for p in candidates if p in known)
         candidates = [p for p in candidates if p not in known]
         others = [p for p in candidates if p in self._inflight]
@@ -351,8 +363,10 @@ class Engine:
         present = [p for p in candidates if p in found]
         push.result.present.extend(present)
         absent = [p for p in candidates if p not in found]
-        if self.is_upstream is not None and absent:
-            upstream = await self._run(self.is_upstream, [push.infos[p] for p in absent])
+        if self.is_upstream is not None and set(absent) - push.force:
+            upstream = await self._run(
+                self.is_upstream, [push.infos[p] for p in absent if p not in push.force]
+            )
             push.result.skipped_upstream.extend(sorted(upstream))
             present += upstream
             absent = [p for p in absent if p not in upstream]
@@ -411,13 +425,14 @@ class Engine:
         done: Mapping[str, asyncio.Future[UploaderError | None]],
         result: PushResult,
         progress: Progress | None,
+        overwrite: bool = False,
     ) -> None:
         path = info.path
         started = time.monotonic()
         try:
             slots = self._small_slots if info.nar_size <= _SMALL_NAR else self._slots
             async with slots:
-                url, prepared = await self._upload_nar(info)
+                url, prepared = await self._upload_nar(info, overwrite)
             # Slot released first: a path waiting on its references must not
             # hold a place its references need.
             for ref in info.references:
@@ -454,12 +469,12 @@ class Engine:
         if progress:
             progress.advance(info, True)
 
-    async def _upload_nar(self, info: PathInfo) -> tuple[str, _Prepared]:
+    async def _upload_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
         started = time.monotonic()
         if info.nar_size <= _SMALL_NAR:
             # One trip to a worker thread for the lot: for thousands of tiny
             # paths the hand-offs cost more than the work.
-            return await self._run(self._upload_small_nar, info)
+            return await self._run(self._upload_small_nar, info, overwrite)
         if info.nar_size > THREADED_ABOVE:
             # zstd compresses a large NAR on every core: one at a time, while
             # the NARs compressed before it upload.
@@ -470,7 +485,7 @@ class Engine:
         compressed = time.monotonic()
         try:
             url = self._nar_url(prepared)
-            await self._run(self._put_nar, url, prepared)
+            await self._run(self._put_nar, url, prepared, overwrite)
         finally:
             prepared.body.close()
         log.debug(
@@ -484,11 +499,11 @@ class Engine:
     def _nar_url(self, prepared: _Prepared) -> str:
         return f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
 
-    def _upload_small_nar(self, info: PathInfo) -> tuple[str, _Prepared]:
+    def _upload_small_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
         prepared = self._compress_and_verify(info)
         try:
             url = self._nar_url(prepared)
-            self._put_nar(url, prepared)
+            self._put_nar(url, prepared, overwrite)
         finally:
             prepared.body.close()
         return url, prepared
@@ -549,8 +564,9 @@ class Engine:
             body.close()
             raise
 
-    def _put_nar(self, url: str, prepared: _Prepared) -> None:
-        if prepared.file_size > _HEAD_NAR_ABOVE and self.target.exists(url):
+    def _put_nar(self, url: str, prepared: _Prepared, overwrite: bool) -> None:
+        # An object at this URL may be the damaged NAR being repaired.
+        if not overwrite and prepared.file_size > _HEAD_NAR_ABOVE and self.target.exists(url):
             return
         if prepared.filename is not None:
             self.target.put_file(url, prepared.filename, prepared.file_size, NAR_TYPE)

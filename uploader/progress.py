@@ -29,11 +29,15 @@ def human_bytes(n: float) -> str:
 
 
 class TerminalProgress:
-    """``[3/12] 40.1 MiB / 1.2 GiB  12.3 MiB/s`` redrawn on stderr."""
+    """``[3/12] 40.1 MiB / 1.2 GiB  12.3 MiB/s`` redrawn on stderr (with no
+    bytes to count, ``narinfos [3/12]  310/s``)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, *, min_interval: float = 0.1) -> None:
+    def __init__(
+        self, stream: TextIO = sys.stderr, *, min_interval: float = 0.1, label: str = ""
+    ) -> None:
         self.stream = stream
         self.min_interval = min_interval
+        self.label = label
         self.total_paths = 0
         self.total_bytes = 0
         self.done_paths = 0
@@ -48,8 +52,11 @@ class TerminalProgress:
         self._draw(force=True)
 
     def advance(self, info: PathInfo, uploaded: bool) -> None:
-        self.done_paths += 1
-        self.done_bytes += info.nar_size
+        self.step(1, info.nar_size)
+
+    def step(self, items: int, nbytes: int) -> None:
+        self.done_paths += items
+        self.done_bytes += nbytes
         self._draw(force=self.done_paths == self.total_paths)
 
     def _draw(self, *, force: bool = False) -> None:
@@ -57,12 +64,16 @@ class TerminalProgress:
         if not force and now - self._last_draw < self.min_interval:
             return
         self._last_draw = now
-        rate = self.done_bytes / max(now - self._started, 1e-6)
-        line = (
-            f"[{self.done_paths}/{self.total_paths}] "
-            f"{human_bytes(self.done_bytes)} / {human_bytes(self.total_bytes)}  "
-            f"{human_bytes(rate)}/s"
-        )
+        elapsed = max(now - self._started, 1e-6)
+        line = f"{self.label} " if self.label else ""
+        line += f"[{self.done_paths}/{self.total_paths}] "
+        if self.total_bytes:
+            line += (
+                f"{human_bytes(self.done_bytes)} / {human_bytes(self.total_bytes)}  "
+                f"{human_bytes(self.done_bytes / elapsed)}/s"
+            )
+        else:
+            line += f" {self.done_paths / elapsed:.0f}/s"
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
 

@@ -139,6 +139,36 @@ def test_listing_pages_through_the_top_level(seaweedfs: SeaweedFS, bucket: str, 
     assert middle.last is None
 
 
+@pytest.mark.parametrize("route", ["presigned", "boto3"])
+def test_object_listing_pages_with_sizes(seaweedfs: SeaweedFS, bucket: str, route: str) -> None:
+    target = s3_target(seaweedfs, bucket)
+    if route == "boto3":
+        target._fast = None
+    nars = {f"nar/{nix32(os.urandom(32))}.nar.zst": n for n in range(1, 1031)}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: target.put_bytes(kv[0], b"n" * kv[1], NAR), nars.items()))
+    target.put_bytes("nix-cache-info", b"StoreDir: /nix/store\n", "text/plain")
+    target.put_bytes("log/x.drv", b"log", "text/plain")
+
+    def walk(prefix: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        start = ""
+        while True:
+            page = target.list_objects(prefix, start)
+            found.update(page.objects)
+            if page.last is None:
+                return found
+            start = page.last
+
+    assert walk("nar/") == nars
+    assert walk("") == {"nix-cache-info": 21}  # nar/ and log/ are not objects at the top
+    assert target.get("nix-cache-info") == b"StoreDir: /nix/store\n"
+    body = target.open_object("log/x.drv")
+    assert body is not None and body.read() == b"log"
+    body.close()
+    assert target.open_object("log/y.drv") is None
+
+
 def test_engine_lookup_against_a_real_bucket(seaweedfs: SeaweedFS, bucket: str) -> None:
     target = s3_target(seaweedfs, bucket)
     present = [f"{nix32(os.urandom(20))}.narinfo" for _ in range(300)]
@@ -248,6 +278,18 @@ def test_file_target_failed_write_leaves_the_old_object(tmp_path: Path) -> None:
 
     assert target.get("nar/a.nar") == b"old"
     assert leftovers(tmp_path) == []
+
+
+def test_file_target_lists_objects_with_sizes(tmp_path: Path) -> None:
+    target = file_target(tmp_path)
+    target.put_bytes("nar/b.nar", b"bb", NAR)
+    target.put_bytes("nar/a.nar", b"a", NAR)
+    target.put_bytes("x.narinfo", b"xyz", NARINFO)
+    (tmp_path / "nar" / ".tmp-partial").write_bytes(b"half")  # an upload under way
+    assert target.list_objects("nar/", "").objects == (("nar/a.nar", 1), ("nar/b.nar", 2))
+    assert target.list_objects("nar/", "nar/a.nar").objects == (("nar/b.nar", 2),)
+    assert target.list_objects("", "").objects == (("x.narinfo", 3),)
+    assert target.list_objects("log/", "").objects == ()
 
 
 @pytest.mark.parametrize("key", ["../escape", "nar/../../escape", "/etc/passwd", ".."])

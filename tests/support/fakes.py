@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import random
 import threading
 import time
@@ -25,7 +26,7 @@ from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
 from uploader.storepath import STORE_DIR, basename, is_store_path
-from uploader.targets import KeyPage, StoreUrl
+from uploader.targets import KeyPage, ObjectPage, StoreUrl
 
 __all__ = ["FakeStore", "MiB", "RecordingTarget"]
 
@@ -168,6 +169,19 @@ class RecordingTarget:
         after = [k for k in keys if k > start_after]
         page = after[: self.page]
         return KeyPage(frozenset(page), page[-1] if len(after) > self.page else None)
+
+    def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
+        with self._lock:
+            found = sorted(
+                (k, len(v))
+                for k, v in self.objects.items()
+                if k.startswith(prefix) and "/" not in k[len(prefix) :] and k > start_after
+            )
+        return ObjectPage(tuple(found), None)
+
+    def open_object(self, key: str) -> IO[bytes] | None:
+        data = self.get(key)
+        return None if data is None else io.BytesIO(data)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:

@@ -624,3 +624,24 @@ def test_few_narinfos_are_asked_by_head_and_a_target_that_cannot_list_too() -> N
     keys = [f"{fake_hash(i)}.narinfo" for i in range(200)]
     assert lookup(unlisted, keys) == {f"{fake_hash(1)}.narinfo"}
     assert len(unlisted.exists_calls) == 200
+
+
+def test_forced_paths_are_uploaded_again_nar_before_narinfo(tmp_path: Path) -> None:
+    """What `verify --repair` relies on: a forced path is uploaded although
+    its narinfo exists, its NAR written again (even a large one, whose URL
+    exists) before the narinfo is replaced; its present references are not."""
+    store = FakeStore(tmp_path)
+    base = store.add("base")
+    big = store.add("big", [base], contents=os.urandom(6 * MiB))
+    target = RecordingTarget()
+    assert push(store, target, [big]).ok
+    since = len(target.events)
+    engine = Engine(store, target, KEY)
+    try:
+        result = asyncio.run(engine.push([big], force=[big]))
+    finally:
+        engine.close()
+    assert result.uploaded == [big] and result.present == [base]
+    info = target.narinfo(big)
+    assert info is not None
+    assert target.puts(since) == [info.url, narinfo_key(big)]

@@ -28,3 +28,14 @@ def test_progress_line_is_redrawn_in_place_and_ends_with_a_newline() -> None:
     assert frames[0].startswith("[0/2] 0 B / 3.0 MiB")
     assert frames[-1].startswith("[2/2] 2.0 MiB / 3.0 MiB")
     assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_progress_of_items_without_bytes_shows_a_label_and_a_rate() -> None:
+    out = io.StringIO()
+    progress = TerminalProgress(out, min_interval=0, label="narinfos")
+    progress.start(3, 0)
+    progress.step(3, 0)
+    progress.finish()
+    frames = out.getvalue().split("\r\x1b[K")[1:]
+    assert frames[-1].startswith("narinfos [3/3] ") and frames[-1].rstrip().endswith("/s")
+    assert "B" not in frames[-1]

@@ -13,7 +13,7 @@ from typing import IO, Protocol
 
 from uploader.targets.url import StoreUrl, parse_store_url
 
-__all__ = ["KeyPage", "StoreUrl", "Target", "open_target", "parse_store_url"]
+__all__ = ["KeyPage", "ObjectPage", "StoreUrl", "Target", "open_target", "parse_store_url"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,18 @@ class KeyPage:
     def covers(self, key: str) -> bool:
         """Whether this page tells if ``key`` (sorting after its start) exists."""
         return self.last is None or key <= self.last
+
+
+@dataclass(frozen=True)
+class ObjectPage:
+    """One page of a listing of the objects directly under a prefix (the
+    top level, ``nar/``), ``(key, size in bytes)`` in byte order of key.
+
+    ``last`` is where the next page starts (it may name a sub-prefix, which
+    this listing leaves out); None when the listing reached the end."""
+
+    objects: tuple[tuple[str, int], ...]
+    last: str | None
 
 
 class Target(Protocol):
@@ -61,6 +73,17 @@ class Target(Protocol):
         """A page (about 1000) of the top-level keys that sort after
         ``start_after``; None when this target does not list (not allowed, or
         asking key by key is as cheap), and the engine calls ``exists``."""
+        ...
+
+    def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
+        """A page of the objects directly under ``prefix`` that sort after
+        ``start_after``, with their sizes: what auditing the whole cache
+        needs.  Raises TargetError when the cache cannot be listed."""
+        ...
+
+    def open_object(self, key: str) -> IO[bytes] | None:
+        """The object as a stream to read piece by piece (a NAR of any
+        size), or None when it does not exist; the caller closes it."""
         ...
 
 

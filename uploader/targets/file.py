@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import IO, BinaryIO
 
 from uploader._exceptions import TargetError
-from uploader.targets import KeyPage
+from uploader.targets import KeyPage, ObjectPage
 from uploader.targets.url import StoreUrl
 
 __all__ = ["FileTarget"]
@@ -36,6 +36,30 @@ class FileTarget:
 
     def list_keys(self, start_after: str) -> KeyPage | None:
         return None  # a stat per key is as cheap as reading the directory
+
+    def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
+        directory = self._path(prefix) if prefix else self.root
+        try:
+            with os.scandir(directory) as it:
+                found = sorted(
+                    (prefix + e.name, e.stat().st_size)
+                    for e in it
+                    if e.is_file(follow_symlinks=False) and not e.name.startswith(".tmp-")
+                )
+        except FileNotFoundError:
+            found = []
+        except OSError as e:
+            raise TargetError(f"listing {directory}: {e}") from e
+        # One page: the directory was read whole anyway.
+        return ObjectPage(tuple(o for o in found if o[0] > start_after), None)
+
+    def open_object(self, key: str) -> IO[bytes] | None:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise TargetError(f"reading {self._path(key)}: {e}") from e
 
     def get(self, key: str) -> bytes | None:
         try:

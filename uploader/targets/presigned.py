@@ -93,15 +93,21 @@ class PresignedRequests:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._send("PUT", "PutObject", key, data, {"Content-Type": content_type})
 
-    def list(self, client: Any, bucket: str, start_after: str) -> Listing:
-        """One ListObjectsV2 page of the bucket's top level after ``start_after``.
-        Parsed with expat alone: botocore's parser costs as much for one page
-        of 1000 keys as a few dozen HEADs."""
+    def get(self, key: str) -> bytes:
+        """A small object's bytes (narinfos); raises ClientError (404, 403…)."""
+        return self._send("GET", "GetObject", key, None, {})
+
+    def list(self, client: Any, bucket: str, start_after: str, prefix: str = "") -> Listing:
+        """One ListObjectsV2 page of the objects directly under ``prefix``
+        (the top level by default) after ``start_after``.  Parsed with expat
+        alone: botocore's parser costs as much for one page of 1000 keys as a
+        few dozen HEADs."""
         url = client.generate_presigned_url(
             "list_objects_v2",
             Params={
                 "Bucket": bucket,
                 "Delimiter": "/",
+                "Prefix": prefix,
                 "StartAfter": start_after,
                 "MaxKeys": LIST_PAGE,
             },
@@ -130,7 +136,7 @@ class PresignedRequests:
 
     def _send(
         self, method: str, operation: str, key: str, body: bytes | None, headers: dict[str, str]
-    ) -> None:
+    ) -> bytes:
         url = self._signed_url(method, key, headers)
         try:
             response = self._http.request(method, url, body=body, headers=headers)
@@ -138,14 +144,24 @@ class PresignedRequests:
             raise ConnectionError(f"{type(e).__name__}: {e}") from e
         if response.status >= 300:
             raise _client_error(response, operation)
+        data: bytes = response.data
+        return data
 
 
 class Listing:
-    """The keys and common prefixes of one ListObjectsV2 page."""
+    """The objects (key and size) and common prefixes of one ListObjectsV2 page."""
 
-    def __init__(self, keys: list[str], truncated: bool) -> None:
-        self.keys = keys
+    def __init__(
+        self, objects: list[tuple[str, int]], prefixes: list[str], truncated: bool
+    ) -> None:
+        self.objects = objects
+        self.prefixes = prefixes
         self.truncated = truncated
+
+    @property
+    def keys(self) -> list[str]:
+        """Object keys and prefixes together, as the existence checks want them."""
+        return [k for k, _ in self.objects] + self.prefixes
 
     @classmethod
     def parse(cls, body: bytes) -> Listing:
@@ -153,17 +169,20 @@ class Listing:
             root = ET.fromstring(body)
         except ET.ParseError as e:
             raise ValueError(f"unreadable ListObjectsV2 answer: {e}") from e
-        keys: list[str] = []
+        objects: list[tuple[str, int]] = []
+        prefixes: list[str] = []
         truncated = False
         for child in root:
             tag = _local(child.tag)
             if tag == "Contents":
-                keys.extend(c.text or "" for c in child if _local(c.tag) == "Key")
+                fields = {_local(c.tag): c.text or "" for c in child}
+                size = fields.get("Size", "")
+                objects.append((fields.get("Key", ""), int(size) if size.isdigit() else -1))
             elif tag == "CommonPrefixes":
-                keys.extend(c.text or "" for c in child if _local(c.tag) == "Prefix")
+                prefixes.extend(c.text or "" for c in child if _local(c.tag) == "Prefix")
             elif tag == "IsTruncated":
                 truncated = (child.text or "").strip().lower() == "true"
-        return cls(keys, truncated)
+        return cls(objects, prefixes, truncated)
 
 
 def _local(tag: str) -> str:

@@ -18,7 +18,7 @@ from botocore.config import Config
 from s3transfer.manager import TransferConfig, TransferManager
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
-from uploader.targets import KeyPage
+from uploader.targets import KeyPage, ObjectPage
 from uploader.targets.credentials import (
     REJECTED_CODES,
     missing_credentials,
@@ -203,17 +203,9 @@ class S3Target:
         if not self._listable:
             return None
         try:
-            if self._fast is not None:
-                page = self._fast.list(self._client, self.bucket, start_after)
-            else:
-                resp = self._client.list_objects_v2(
-                    Bucket=self.bucket, Delimiter="/", StartAfter=start_after, MaxKeys=LIST_PAGE
-                )
-                page = Listing(
-                    [c["Key"] for c in resp.get("Contents", [])]
-                    + [p["Prefix"] for p in resp.get("CommonPrefixes", [])],
-                    bool(resp.get("IsTruncated")),
-                )
+            page = self._list_page("", start_after)
+        except TargetError:
+            raise
         except botocore.exceptions.ClientError as e:
             if _status(e) in (403, 405, 501):
                 # Not allowed (no s3:ListBucket) or not implemented: HEADs work.
@@ -228,14 +220,48 @@ class S3Target:
         except Exception as e:
             raise self._describe(e, "listing", self._where("")) from e
         keys = sorted(page.keys)
-        if page.truncated and not keys:
-            raise TransientTargetError(
-                f"listing {self._where('')}: the server said there is more but sent no key"
-            )
         return KeyPage(frozenset(keys), keys[-1] if page.truncated else None)
+
+    def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
+        try:
+            page = self._list_page(prefix, start_after)
+        except TargetError:
+            raise
+        except Exception as e:
+            error = self._describe(e, "listing", self._where(prefix))
+            if isinstance(e, botocore.exceptions.ClientError) and _status(e) == 403:
+                error = TargetError(f"{error} (this needs the s3:ListBucket permission)")
+            raise error from e
+        last = max(page.keys) if page.truncated else None
+        return ObjectPage(tuple(sorted(page.objects)), last)
+
+    def _list_page(self, prefix: str, start_after: str) -> Listing:
+        """One page (up to 1000) of what is directly under ``prefix``."""
+        if self._fast is not None:
+            page = self._fast.list(self._client, self.bucket, start_after, prefix)
+        else:
+            resp = self._client.list_objects_v2(
+                Bucket=self.bucket,
+                Delimiter="/",
+                Prefix=prefix,
+                StartAfter=start_after,
+                MaxKeys=LIST_PAGE,
+            )
+            page = Listing(
+                [(c["Key"], int(c.get("Size", -1))) for c in resp.get("Contents", [])],
+                [p["Prefix"] for p in resp.get("CommonPrefixes", [])],
+                bool(resp.get("IsTruncated")),
+            )
+        if page.truncated and not page.keys:
+            raise TransientTargetError(
+                f"listing {self._where(prefix)}: the server said there is more but sent no key"
+            )
+        return page
 
     def get(self, key: str) -> bytes | None:
         try:
+            if self._fast is not None:
+                return self._fast.get(key)
             resp = self._client.get_object(Bucket=self.bucket, Key=key)
             data: bytes = resp["Body"].read()
             return data
@@ -245,6 +271,18 @@ class S3Target:
             raise self._describe(e, "reading", self._where(key)) from e
         except Exception as e:
             raise self._describe(e, "reading", self._where(key)) from e
+
+    def open_object(self, key: str) -> IO[bytes] | None:
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            if _status(e) in (403, 404):
+                return None
+            raise self._describe(e, "reading", self._where(key)) from e
+        except Exception as e:
+            raise self._describe(e, "reading", self._where(key)) from e
+        body: IO[bytes] = resp["Body"]
+        return body
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:

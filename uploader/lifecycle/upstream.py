@@ -1,0 +1,87 @@
+"""Upstream caches and signatures: whether a reference this cache leaves
+out is served elsewhere, and whether a narinfo is signed by a trusted key."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from uploader.narinfo import NarInfo
+from uploader.signing import PublicKey
+from uploader.storepath import HASH_LENGTH, STORE_DIR
+
+__all__ = ["served_upstream", "signature_problem"]
+
+log = logging.getLogger(__name__)
+
+
+def signature_problem(info: NarInfo, keys: tuple[PublicKey, ...]) -> str | None:
+    """What keeps the narinfo's signatures from verifying under ``keys``
+    (without keys: from being well formed), or None when nothing does."""
+    if not info.sigs:
+        return "it has no signature"
+    if not keys:
+        # Unchecked: a well-formed Sig is all that can be asked.
+        malformed = [s for s in info.sigs if not _well_formed(s)]
+        return f"malformed signature {malformed[0]!r}" if malformed else None
+    fingerprint = info.fingerprint()
+    if any(k.verify(fingerprint, s) for s in info.sigs for k in keys):
+        return None
+    names = ", ".join(sorted({s.partition(":")[0] for s in info.sigs}))
+    return f"no signature verifies with the given keys (signed by {names})"
+
+
+def _well_formed(sig: str) -> bool:
+    name, _, payload = sig.partition(":")
+    if not name or any(c.isspace() for c in name):
+        return False
+    try:
+        return len(base64.b64decode(payload, validate=True)) == 64
+    except binascii.Error:
+        return False
+
+
+def served_upstream(
+    urls: Iterable[str], keys: tuple[PublicKey, ...], names: list[str], jobs: int
+) -> set[str]:
+    """Those of the store path basenames an upstream cache serves, with a
+    signature by one of ``keys`` when keys are given."""
+    urls = [u.rstrip("/") for u in urls]
+    if not urls or not names:
+        return set()
+
+    def served(name: str) -> bool:
+        for url in urls:
+            data = _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo")
+            if data is None:
+                continue
+            if not keys:
+                return True
+            try:
+                info = NarInfo.parse(data.decode())
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if info.store_path == f"{STORE_DIR}/{name}" and signature_problem(info, keys) is None:
+                return True
+        return False
+
+    with ThreadPoolExecutor(max_workers=min(jobs, 16), thread_name_prefix="upstream") as pool:
+        return {n for n, ok in zip(names, pool.map(served, names), strict=True) if ok}
+
+
+def _http_get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data: bytes = response.read()
+            return data
+    except urllib.error.HTTPError as e:
+        if e.code not in (403, 404):
+            log.warning("upstream %s answered %s", url, e.code)
+    except (urllib.error.URLError, OSError) as e:
+        log.warning("upstream %s unreachable: %s", url, e)
+    return None
