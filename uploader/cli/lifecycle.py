@@ -20,7 +20,7 @@ from uploader.cli._common import (
     verbosity,
 )
 from uploader.lifecycle import KINDS, RepairResult, Report, VerifyOptions, repair, verify
-from uploader.progress import TerminalProgress, human_bytes
+from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.signing import PublicKey, SecretKey
 from uploader.store import NixStore
 from uploader.targets import open_target
@@ -164,14 +164,15 @@ def _print(report: Report, repaired: RepairResult | None, quiet: bool) -> None:
     counts = ", ".join(f"{n} {kind}" for kind, n in report.counts().items() if n)
     signatures = "signatures checked" if report.signatures_checked else "signatures unchecked"
     line = (
-        f"{report.narinfos} narinfos ({signatures}), {report.nars} NARs "
+        f"{plural(report.narinfos, 'narinfo')} ({signatures}), {plural(report.nars, 'NAR')} "
         f"({human_bytes(report.nar_bytes)}){', deep' if report.deep else ''}: "
-        + (f"{len(report.problems)} problems ({counts})" if counts else "clean")
+        + (f"{plural(len(report.problems), 'problem')} ({counts})" if counts else "clean")
     )
     if report.orphans:
-        line += f"; {len(report.orphans)} orphan NARs ({human_bytes(sum(report.orphans.values()))})"
+        orphans = plural(len(report.orphans), "orphan NAR")
+        line += f"; {orphans} ({human_bytes(sum(report.orphans.values()))})"
     if report.upstream_references:
-        line += f"; {report.upstream_references} references served upstream"
+        line += f"; {plural(report.upstream_references, 'reference')} served upstream"
     if repaired is not None:
         line += f"; repaired {len(repaired.repaired)}, not repaired {len(repaired.not_repaired)}"
     click.echo(line, err=True)
