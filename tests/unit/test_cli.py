@@ -206,3 +206,7 @@ def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) ->
     one_error_line(result, f"secret key file {key} (mode 0644) is accessible by")
     result = cli("push", "--to", f"file://{tmp_path}/cache", STORE_PATH)
     one_error_line(result, "--secret-key-file is required (or secret-key=PATH")
+
+
+def test_verify_of_a_cache_that_does_not_exist_is_an_error_not_clean(tmp_path: Path) -> None:
+    one_error_line(cli("verify", "--to", f"file://{tmp_path}/nonexistent"), "does not exist")

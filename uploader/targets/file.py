@@ -47,7 +47,9 @@ class FileTarget:
                     if e.is_file(follow_symlinks=False) and not e.name.startswith(".tmp-")
                 )
         except FileNotFoundError:
-            found = []
+            if not prefix:
+                raise TargetError(f"the cache {self.root} does not exist") from None
+            found = []  # no NAR uploaded yet
         except OSError as e:
             raise TargetError(f"listing {directory}: {e}") from e
         # One page: the directory was read whole anyway.
