@@ -40,7 +40,8 @@ from uploader.config import Settings
 from uploader.engine import DependencyFailed, Engine, PushResult
 from uploader.gcroots import GcRoots
 from uploader.metrics import Metrics
-from uploader.spool import Entry, Spool
+from uploader.spool import Spool
+from uploader.spoolentry import Entry
 from uploader.state import write_status
 from uploader.store import NixStore, PathInfo
 

@@ -1,11 +1,11 @@
 """The spool: the queue between the post-build hook and the uploader daemon.
 
-This module owns the entry format ``hook/post-build-hook`` writes, reading
-entries without trusting them (a planted symlink, fifo, oversize or malformed
-file is a :class:`SpoolError`, never a hang or a followed link), removing an
-entry once it is done, the ``quarantine/`` directory for bad input, and
-noticing new entries (watchdog/inotify).  What to upload for an entry is the
-daemon's business.
+This module owns reading the entries ``hook/post-build-hook`` writes (their
+format is :mod:`uploader.spoolentry`'s) without trusting them (a planted
+symlink, fifo, oversize or malformed file is a :class:`SpoolError`, never a
+hang or a followed link), removing an entry once it is done, the
+``quarantine/`` directory for bad input, and noticing new entries
+(watchdog/inotify).  What to upload for an entry is the daemon's business.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watchdog.events import (
@@ -30,28 +29,21 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from uploader._exceptions import ConfigError, InvalidPathError, SpoolError
-from uploader.storepath import parse_store_path
+from uploader._exceptions import ConfigError, SpoolError
+from uploader.spoolentry import MAX_ENTRY_SIZE, Entry, parse_entry
 
 __all__ = [
     "DEFAULT_SPOOL",
     "ENTRY_SUFFIX",
-    "FORMAT_HEADER",
-    "MAX_ENTRY_SIZE",
-    "Entry",
     "Spool",
     "SpoolWatch",
     "init_spool",
-    "parse_entry",
 ]
 
 # One fact in two places: hook/post-build-hook and nixos-module/ default to it too.
 DEFAULT_SPOOL = "/var/spool/nix-cache-uploader"
 ENTRY_SUFFIX = ".entry"
-MAX_ENTRY_SIZE = 64 * 1024
-FORMAT_HEADER = "nix-cache-uploader-spool 1"
 
-_HEADER_PREFIX = "nix-cache-uploader-spool "
 _TEMP_PREFIX = ".tmp-"
 _REASON_SUFFIX = ".reason"
 _QUARANTINE = "quarantine"
@@ -59,61 +51,6 @@ _QUARANTINE = "quarantine"
 _BAD_OPEN_ERRNOS = {errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One build the hook reported: its derivation and the outputs it knew."""
-
-    name: str
-    drv: str | None
-    outputs: tuple[str, ...]
-    mtime: float
-
-
-def parse_entry(
-    data: bytes, name: str, mtime: float = 0.0, max_size: int = MAX_ENTRY_SIZE
-) -> Entry:
-    """Parse the bytes of spool entry ``name``; raise SpoolError saying what is wrong."""
-
-    def bad(reason: str, store_path: str | None = None) -> SpoolError:
-        return SpoolError(f"spool entry {name!r}: {reason}", store_path=store_path)
-
-    if len(data) > max_size:
-        raise bad(f"larger than the limit of {max_size} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad(f"not UTF-8 text (invalid byte at offset {e.start})") from None
-    lines = text.split("\n")
-    while lines and lines[-1] == "":
-        lines.pop()
-    if not lines or not lines[0].startswith(_HEADER_PREFIX):
-        raise bad(f"does not start with {FORMAT_HEADER!r}")
-    if lines[0] != FORMAT_HEADER:
-        raise bad(f"unsupported format {lines[0]!r} (this uploader reads {FORMAT_HEADER!r})")
-    drv: str | None = None
-    outputs: list[str] = []
-    for number, line in enumerate(lines[1:], start=2):
-        kind, _, value = line.partition(" ")
-        if kind not in ("drv", "out"):
-            raise bad(f"line {number}: unknown line {line[:80]!r} (expected 'drv' or 'out')")
-        try:
-            path = parse_store_path(value)
-        except InvalidPathError as e:
-            raise bad(f"line {number}: {e}", store_path=value) from None
-        if kind == "out":
-            if path not in outputs:
-                outputs.append(path)
-        elif drv is not None:
-            raise bad(f"line {number}: a second 'drv' line", store_path=path)
-        elif not path.endswith(".drv"):
-            raise bad(f"line {number}: derivation {path!r} does not end in .drv", path)
-        else:
-            drv = path
-    if drv is None and not outputs:
-        raise bad("names neither a derivation nor an output")
-    return Entry(name=name, drv=drv, outputs=tuple(outputs), mtime=mtime)
 
 
 def _check_name(name: str) -> str:

@@ -18,7 +18,7 @@ from tests.support.daemon import UploaderRun
 from tests.support.nix import build, multi_output_expr, nix_path_info, substitute, trivial_expr
 from tests.support.services import SeaweedFS
 from uploader.nixbase32 import ALPHABET
-from uploader.spool import FORMAT_HEADER
+from uploader.spoolentry import FORMAT_HEADER
 
 pytestmark = pytest.mark.integration
 

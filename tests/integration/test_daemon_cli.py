@@ -18,7 +18,7 @@ from tests.support.nix import build, substitute, trivial_expr
 from tests.support.services import SeaweedFS
 from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
 from uploader.nixbase32 import ALPHABET
-from uploader.spool import FORMAT_HEADER
+from uploader.spoolentry import FORMAT_HEADER
 from uploader.storepath import hash_part
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,8 @@ from uploader.config import Settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
 from uploader.gcroots import GcRoots
-from uploader.spool import FORMAT_HEADER, Spool
+from uploader.spool import Spool
+from uploader.spoolentry import FORMAT_HEADER
 from uploader.state import KnownCache, read_status
 from uploader.storepath import hash_part
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from uploader._exceptions import SpoolError
-from uploader.spool import FORMAT_HEADER, Spool, parse_entry
+from uploader.spool import Spool
+from uploader.spoolentry import FORMAT_HEADER, parse_entry
 
 HOOK = Path(__file__).parents[2] / "hook" / "post-build-hook"
 HASH = "gxs9hr309n6jrgv3dzmbklh6rcf9iw7v"

@@ -9,25 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.entries import DRV, OUT, entry_bytes
 from uploader._exceptions import ConfigError, SpoolError
-from uploader.spool import (
-    DEFAULT_SPOOL,
-    FORMAT_HEADER,
-    MAX_ENTRY_SIZE,
-    Entry,
-    Spool,
-    init_spool,
-    parse_entry,
-)
-
-HASH = "gxs9hr309n6jrgv3dzmbklh6rcf9iw7v"
-DRV = f"/nix/store/{HASH}-hello-2.12.1.drv"
-OUT = f"/nix/store/{HASH}-hello-2.12.1"
-DEV = f"/nix/store/{HASH}-hello-2.12.1-dev"
-
-
-def entry_bytes(*lines: str) -> bytes:
-    return "".join(line + "\n" for line in (FORMAT_HEADER, *lines)).encode()
+from uploader.spool import DEFAULT_SPOOL, Spool, init_spool
+from uploader.spoolentry import MAX_ENTRY_SIZE, Entry
 
 
 @pytest.fixture
@@ -47,52 +32,6 @@ def put(spool: Spool, name: str, data: bytes, mtime: float | None = None) -> Pat
 def test_the_default_spool_is_the_one_the_hook_uses() -> None:
     hook = Path(__file__).parents[2] / "hook" / "post-build-hook"
     assert f":-{DEFAULT_SPOOL}}}" in hook.read_text()
-
-
-def test_an_entry_with_derivation_and_outputs_parses() -> None:
-    entry = parse_entry(entry_bytes(f"drv {DRV}", f"out {OUT}", f"out {DEV}"), "a.entry", 5.0)
-    assert entry == Entry(name="a.entry", drv=DRV, outputs=(OUT, DEV), mtime=5.0)
-
-
-def test_an_entry_from_nix_2_8_carries_only_the_derivation() -> None:
-    entry = parse_entry(entry_bytes(f"drv {DRV}"), "a.entry")
-    assert entry.drv == DRV
-    assert entry.outputs == ()
-
-
-def test_outputs_without_derivation_and_repeated_outputs_are_accepted() -> None:
-    entry = parse_entry(entry_bytes(f"out {OUT}", f"out {OUT}", "", ""), "a.entry")
-    assert entry.drv is None
-    assert entry.outputs == (OUT,)
-
-
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        (b"", "does not start with"),
-        (b"hello world\n", "does not start with"),
-        (b"\x00\x01\x02\x03 binary", "does not start with"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
-        (FORMAT_HEADER.encode() + b"\ndrv /nix/store/\xff\xfe.drv\n", "not UTF-8"),
-        (b"nix-cache-uploader-spool 2\n" + f"drv {DRV}\n".encode(), "unsupported format"),
-        (entry_bytes(), "neither a derivation nor an output"),
-        (entry_bytes(f"path {OUT}"), "line 2: unknown line"),
-        (entry_bytes(f"drv {DRV}", "", f"out {OUT}"), "line 3: unknown line"),
-        (entry_bytes("drv /etc/passwd"), "not under /nix/store/"),
-        (entry_bytes(f"out /nix/store/../../etc/{HASH}-x"), "'..'"),
-        (entry_bytes(f"out /nix/store/{HASH}-x/../../../etc/shadow"), "'..'"),
-        (entry_bytes(f"out {OUT}/bin/hello"), "subpath"),
-        (entry_bytes(f"out {OUT}\r"), "whitespace"),
-        (entry_bytes(f"drv {OUT}"), "does not end in .drv"),
-        (entry_bytes(f"drv {DRV}", f"drv {DRV}"), "a second 'drv' line"),
-        (entry_bytes(f"out {OUT}" + "x" * MAX_ENTRY_SIZE), "larger than the limit"),
-    ],
-)
-def test_bad_entries_are_refused_with_a_reason(data: bytes, reason: str) -> None:
-    with pytest.raises(SpoolError) as info:
-        parse_entry(data, "bad.entry")
-    assert str(info.value).startswith("spool entry 'bad.entry': ")
-    assert reason in str(info.value)
 
 
 def test_read_gives_the_entry_with_its_mtime(spool: Spool) -> None:
