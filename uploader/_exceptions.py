@@ -10,6 +10,7 @@
     ├── TargetError               the binary cache refused or failed a request
     │   └── TransientTargetError  worth retrying later (network, 5xx, throttling)
     ├── SpoolError                a spool entry is malformed (goes to quarantine)
+    │   └── IncompleteEntryError  an entry still being written (left alone for now)
     └── InstallError              a step of `install`/`uninstall` failed
 
 Transient errors are the only ones the daemon retries; everything else is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "IncompleteEntryError",
     "InstallError",
     "InvalidPathError",
     "KeyFileError",
@@ -85,6 +87,13 @@ class TransientTargetError(TargetError):
 
 class SpoolError(UploaderError):
     """A spool entry is malformed; it is quarantined with this message as reason."""
+
+
+class IncompleteEntryError(SpoolError):
+    """A spool entry lacks its end line: its writer may still be at work.
+
+    Not a reason to quarantine it, until it stays so for a long while.
+    """
 
 
 class InstallError(UploaderError):

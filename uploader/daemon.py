@@ -29,6 +29,7 @@ from typing import Any
 
 from uploader import __version__
 from uploader._exceptions import (
+    IncompleteEntryError,
     InvalidPathError,
     SpoolError,
     StoreError,
@@ -259,6 +260,10 @@ class Daemon:
             try:
                 entries.append(self.spool.read(name))
             except FileNotFoundError:
+                self._pending.pop(name, None)
+            except IncompleteEntryError:
+                # Its hook is still writing it: the watch reports it again
+                # when the hook closes it, a rescan if that event is lost.
                 self._pending.pop(name, None)
             except SpoolError as e:
                 if self._maybe_still_written(name):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.entries import DRV, OUT, entry_bytes
-from uploader._exceptions import ConfigError, SpoolError
-from uploader.spool import DEFAULT_SPOOL, Spool, init_spool
-from uploader.spoolentry import MAX_ENTRY_SIZE, Entry
+from tests.support.entries import DRV, OUT, entry_bytes, v1_entry_bytes
+from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
+from uploader.spool import DEFAULT_SPOOL, INCOMPLETE_GRACE, Spool, init_spool
+from uploader.spoolentry import FORMAT_HEADER, MAX_ENTRY_SIZE, Entry
 
 
 @pytest.fixture
@@ -37,6 +37,38 @@ def test_the_default_spool_is_the_one_the_hook_uses() -> None:
 def test_read_gives_the_entry_with_its_mtime(spool: Spool) -> None:
     put(spool, "a.entry", entry_bytes(f"drv {DRV}", f"out {OUT}"), mtime=1000.0)
     assert spool.read("a.entry") == Entry("a.entry", DRV, (OUT,), 1000.0)
+
+
+def test_read_gives_format_1_entries_of_older_hooks(spool: Spool) -> None:
+    put(spool, "old.entry", v1_entry_bytes(f"drv {DRV}", f"out {OUT}"), mtime=1000.0)
+    assert spool.read("old.entry") == Entry("old.entry", DRV, (OUT,), 1000.0)
+
+
+def test_an_entry_without_its_end_line_is_incomplete_until_the_grace_is_over(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    spool = Spool(tmp_path, clock=lambda: now[0])
+    half = entry_bytes(f"drv {DRV}")[: -len("end\n")]
+    put(spool, "half.entry", half, mtime=1000.0)
+    for idle in (0.0, INCOMPLETE_GRACE - 1):
+        now[0] = 1000.0 + idle
+        with pytest.raises(IncompleteEntryError):
+            spool.read("half.entry")
+    now[0] = 1000.0 + INCOMPLETE_GRACE
+    with pytest.raises(SpoolError) as info:
+        spool.read("half.entry")
+    assert not isinstance(info.value, IncompleteEntryError)
+    assert str(info.value) == (
+        "spool entry 'half.entry': incomplete: no 'end' line and no write for 10 minutes "
+        "(its hook was killed, or the disk was full)"
+    )
+    # The grace counts from the last write: a writer that is still at it is left alone.
+    put(spool, "half.entry", half, mtime=now[0] - 1)
+    with pytest.raises(IncompleteEntryError):
+        spool.read("half.entry")
+    put(spool, "half.entry", entry_bytes(f"drv {DRV}"), mtime=1000.0)
+    assert spool.read("half.entry").drv == DRV
 
 
 def test_reading_a_vanished_entry_is_file_not_found(spool: Spool) -> None:
@@ -143,7 +175,7 @@ def test_quarantine_and_requeue_round_trip(spool: Spool) -> None:
     assert stat.S_IMODE(os.stat(spool.quarantine_path).st_mode) == 0o750
     reasons = dict(spool.quarantined())
     assert set(reasons) == {"bad.entry", "worse.entry"}
-    assert "does not start with 'nix-cache-uploader-spool 1'" in reasons["bad.entry"]
+    assert f"does not start with {FORMAT_HEADER!r}" in reasons["bad.entry"]
     assert "not UTF-8" in reasons["worse.entry"]
     assert "(quarantined 20" in reasons["bad.entry"]
 
@@ -183,7 +215,7 @@ def test_stale_temp_files_are_found_and_removed(spool: Spool) -> None:
     assert Path("/etc/passwd").exists()
 
 
-def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> None:
+def test_watch_sees_entries_renamed_or_written_into_the_spool(spool: Spool) -> None:
     seen: list[str] = []
     changed = threading.Condition()
 
@@ -204,8 +236,16 @@ def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> N
         put(spool, "notes.txt", b"x")
         os.rename(tmp, Path(spool.path, "renamed.entry"))
         assert saw("renamed.entry")
-        put(spool, "created.entry", entry_bytes(f"drv {DRV}"))
-        assert saw("created.entry")
+        with open(Path(spool.path, "half.entry"), "xb", buffering=0) as half:
+            half.write(entry_bytes(f"drv {DRV}")[:-4])
+            put(spool, "created.entry", entry_bytes(f"drv {DRV}"))
+            assert saw("created.entry")
+            # inotify reports events in order: had the half-written entry's
+            # creation or writes been reported, it would be seen by now.
+            with changed:
+                assert "half.entry" not in seen
+            half.write(b"end\n")
+        assert saw("half.entry")
 
         spool.quarantine("created.entry", "test")
         assert spool.requeue() == 1
@@ -214,7 +254,7 @@ def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> N
         assert saw("created.entry")
     finally:
         watch.stop()
-    assert set(seen) == {"renamed.entry", "created.entry"}
+    assert set(seen) == {"renamed.entry", "created.entry", "half.entry"}
 
 
 def test_a_failing_callback_does_not_end_the_watch(spool: Spool) -> None:
