@@ -11,6 +11,7 @@
     │   └── TransientTargetError  worth retrying later (network, 5xx, throttling)
     │       └── CredentialsError  no AWS credentials, or rejected ones (may be fixed later)
     ├── SpoolError                a spool entry is malformed (goes to quarantine)
+    │   └── IncompleteEntryError  an entry still being written (left alone for now)
     └── InstallError              a step of `install`/`uninstall` failed
 
 Transient errors are the only ones the daemon retries; everything else is
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CredentialsError",
+    "IncompleteEntryError",
     "InstallError",
     "InvalidPathError",
     "KeyFileError",
@@ -95,6 +97,13 @@ class CredentialsError(TransientTargetError):
 
 class SpoolError(UploaderError):
     """A spool entry is malformed; it is quarantined with this message as reason."""
+
+
+class IncompleteEntryError(SpoolError):
+    """A spool entry lacks its end line: its writer may still be at work.
+
+    Not a reason to quarantine it, until it stays so for a long while.
+    """
 
 
 class InstallError(UploaderError):

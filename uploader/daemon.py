@@ -30,6 +30,7 @@ from typing import Any
 from uploader import __version__
 from uploader._exceptions import (
     CredentialsError,
+    IncompleteEntryError,
     InvalidPathError,
     SpoolError,
     StoreError,
@@ -43,7 +44,8 @@ from uploader.engine import DependencyFailed, Engine, PushResult
 from uploader.gcroots import GcRoots
 from uploader.metrics import Metrics
 from uploader.progress import plural
-from uploader.spool import Entry, Spool
+from uploader.spool import Spool
+from uploader.spoolentry import Entry
 from uploader.state import write_status
 from uploader.store import NixStore, PathInfo
 
@@ -331,6 +333,10 @@ class Daemon:
             try:
                 entries.append(self.spool.read(name))
             except FileNotFoundError:
+                self._pending.pop(name, None)
+            except IncompleteEntryError:
+                # Its hook is still writing it: the watch reports it again
+                # when the hook closes it, a rescan if that event is lost.
                 self._pending.pop(name, None)
             except SpoolError as e:
                 if self._maybe_still_written(name):

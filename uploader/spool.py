@@ -1,11 +1,17 @@
 """The spool: the queue between the post-build hook and the uploader daemon.
 
-This module owns the entry format ``hook/post-build-hook`` writes, reading
-entries without trusting them (a planted symlink, fifo, oversize or malformed
-file is a :class:`SpoolError`, never a hang or a followed link), removing an
-entry once it is done, the ``quarantine/`` directory for bad input, and
-noticing new entries (watchdog/inotify).  What to upload for an entry is the
-daemon's business.
+This module owns reading the entries ``hook/post-build-hook`` writes (their
+format is :mod:`uploader.spoolentry`'s) without trusting them (a planted
+symlink, fifo, oversize or malformed file is a :class:`SpoolError`, never a
+hang or a followed link), removing an entry once it is done, the
+``quarantine/`` directory for bad input, and noticing new entries
+(watchdog/inotify).  What to upload for an entry is the daemon's business.
+
+The hook writes an entry in place under its final name, so an entry may be
+seen before it is complete: reading it raises :class:`IncompleteEntryError`
+then, and the watch reports it only when its writer closes it.  One that
+stays incomplete for :data:`INCOMPLETE_GRACE` (its hook was killed, or the
+disk was full) is malformed: a plain :class:`SpoolError`, to quarantine.
 """
 
 from __future__ import annotations
@@ -18,40 +24,35 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watchdog.events import (
     FileClosedEvent,
-    FileCreatedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 
-from uploader._exceptions import ConfigError, InvalidPathError, SpoolError
-from uploader.storepath import parse_store_path
+from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
+from uploader.spoolentry import END_LINE, MAX_ENTRY_SIZE, Entry, parse_entry
 
 __all__ = [
     "DEFAULT_SPOOL",
     "ENTRY_SUFFIX",
-    "FORMAT_HEADER",
-    "MAX_ENTRY_SIZE",
-    "Entry",
+    "INCOMPLETE_GRACE",
     "Spool",
     "SpoolWatch",
     "init_spool",
-    "parse_entry",
 ]
 
 # One fact in two places: hook/post-build-hook and nixos-module/ default to it too.
 DEFAULT_SPOOL = "/var/spool/nix-cache-uploader"
 ENTRY_SUFFIX = ".entry"
-MAX_ENTRY_SIZE = 64 * 1024
-FORMAT_HEADER = "nix-cache-uploader-spool 1"
+# An entry without its end line is left alone while its last write is younger
+# than this: a hook takes milliseconds, so it is ample for a machine under
+# heavy load, and short enough that a person sees the quarantine reason soon.
+INCOMPLETE_GRACE = 600.0
 
-_HEADER_PREFIX = "nix-cache-uploader-spool "
 _TEMP_PREFIX = ".tmp-"
 _REASON_SUFFIX = ".reason"
 _QUARANTINE = "quarantine"
@@ -59,61 +60,6 @@ _QUARANTINE = "quarantine"
 _BAD_OPEN_ERRNOS = {errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One build the hook reported: its derivation and the outputs it knew."""
-
-    name: str
-    drv: str | None
-    outputs: tuple[str, ...]
-    mtime: float
-
-
-def parse_entry(
-    data: bytes, name: str, mtime: float = 0.0, max_size: int = MAX_ENTRY_SIZE
-) -> Entry:
-    """Parse the bytes of spool entry ``name``; raise SpoolError saying what is wrong."""
-
-    def bad(reason: str, store_path: str | None = None) -> SpoolError:
-        return SpoolError(f"spool entry {name!r}: {reason}", store_path=store_path)
-
-    if len(data) > max_size:
-        raise bad(f"larger than the limit of {max_size} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad(f"not UTF-8 text (invalid byte at offset {e.start})") from None
-    lines = text.split("\n")
-    while lines and lines[-1] == "":
-        lines.pop()
-    if not lines or not lines[0].startswith(_HEADER_PREFIX):
-        raise bad(f"does not start with {FORMAT_HEADER!r}")
-    if lines[0] != FORMAT_HEADER:
-        raise bad(f"unsupported format {lines[0]!r} (this uploader reads {FORMAT_HEADER!r})")
-    drv: str | None = None
-    outputs: list[str] = []
-    for number, line in enumerate(lines[1:], start=2):
-        kind, _, value = line.partition(" ")
-        if kind not in ("drv", "out"):
-            raise bad(f"line {number}: unknown line {line[:80]!r} (expected 'drv' or 'out')")
-        try:
-            path = parse_store_path(value)
-        except InvalidPathError as e:
-            raise bad(f"line {number}: {e}", store_path=value) from None
-        if kind == "out":
-            if path not in outputs:
-                outputs.append(path)
-        elif drv is not None:
-            raise bad(f"line {number}: a second 'drv' line", store_path=path)
-        elif not path.endswith(".drv"):
-            raise bad(f"line {number}: derivation {path!r} does not end in .drv", path)
-        else:
-            drv = path
-    if drv is None and not outputs:
-        raise bad("names neither a derivation nor an output")
-    return Entry(name=name, drv=drv, outputs=tuple(outputs), mtime=mtime)
 
 
 def _check_name(name: str) -> str:
@@ -158,13 +104,25 @@ def _is_entry_name(name: str) -> bool:
 
 
 class SpoolWatch(FileSystemEventHandler):
-    """A running watch on the spool; :meth:`stop` ends it and waits for its thread."""
+    """A running watch on the spool; :meth:`stop` ends it and waits for its thread.
+
+    It reports an entry when its writer closes it (inotify's IN_CLOSE_WRITE:
+    the hook writes in place) or when it is renamed into the spool (older
+    hooks, `retry`, a person's `mv`), never when it is created: a file just
+    created is still empty.
+    """
 
     def __init__(self, root: str, on_entry: Callable[[str], None]) -> None:
+        # inotify, not watchdog's platform default: close events and moves
+        # from outside the spool (unpaired IN_MOVED_TO, which watchdog's
+        # "full events" report as moves) exist only there.  Imported here so
+        # that importing this module never needs it.
+        from watchdog.observers.inotify import InotifyObserver
+
         self._root = root
         self._on_entry = on_entry
-        self._observer = Observer()
-        events: list[type[FileSystemEvent]] = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
+        self._observer = InotifyObserver(generate_full_events=True)
+        events: list[type[FileSystemEvent]] = [FileClosedEvent, FileMovedEvent]
         self._observer.schedule(self, root, recursive=False, event_filter=events)
         self._observer.start()
 
@@ -176,13 +134,8 @@ class SpoolWatch(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            path = os.fsdecode(event.dest_path)
+            path = os.fsdecode(event.dest_path)  # empty when moved out of the spool
         elif isinstance(event, FileClosedEvent):
-            path = os.fsdecode(event.src_path)
-        elif isinstance(event, FileCreatedEvent):
-            # Also what a rename from outside the watched directory (retry's
-            # requeue) looks like.  A file written in place may still be
-            # incomplete here; its close is reported again.
             path = os.fsdecode(event.src_path)
         else:
             return
@@ -199,17 +152,30 @@ class SpoolWatch(FileSystemEventHandler):
 class Spool:
     """A spool directory: entries at the top, bad ones under ``quarantine/``."""
 
-    def __init__(self, path: str | os.PathLike[str], max_entry_size: int = MAX_ENTRY_SIZE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_entry_size: int = MAX_ENTRY_SIZE,
+        *,
+        incomplete_grace: float = INCOMPLETE_GRACE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.quarantine_path = os.path.join(self.path, _QUARANTINE)
         self.max_entry_size = max_entry_size
+        self.incomplete_grace = incomplete_grace
+        self._clock = clock  # wall time, as file mtimes are
 
     def pending(self) -> list[str]:
         """Entry names waiting in the spool, oldest first (mtime, then name)."""
         return [name for _, name in _scan(self.path, _is_entry_name)]
 
     def read(self, name: str) -> Entry:
-        """Read and validate one entry; FileNotFoundError if it is already gone."""
+        """Read and validate one entry; FileNotFoundError if it is already gone.
+
+        IncompleteEntryError while it lacks its end line, unless it has not
+        been written to for ``incomplete_grace`` seconds: then SpoolError.
+        """
         path = os.path.join(self.path, _check_name(name))
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
@@ -230,7 +196,16 @@ class Spool:
             data = _read_at_most(fd, self.max_entry_size + 1)
         finally:
             os.close(fd)
-        return parse_entry(data, name, st.st_mtime, self.max_entry_size)
+        try:
+            return parse_entry(data, name, st.st_mtime, self.max_entry_size)
+        except IncompleteEntryError:
+            idle = self._clock() - st.st_mtime
+            if idle < self.incomplete_grace:
+                raise
+            raise SpoolError(
+                f"spool entry {name!r}: incomplete: no {END_LINE!r} line and no write for "
+                f"{idle / 60:.0f} minutes (its hook was killed, or the disk was full)"
+            ) from None
 
     def ack(self, name: str) -> None:
         """Remove a finished entry; removing one that is already gone is fine."""
@@ -303,7 +278,8 @@ class Spool:
         return [name for name in stale if _unlink(os.path.join(self.path, name))]
 
     def watch(self, on_entry: Callable[[str], None]) -> SpoolWatch:
-        """Call ``on_entry(name)`` for each entry created or renamed into the spool.
+        """Call ``on_entry(name)`` for each entry written into the spool (at
+        its writer's close) or renamed into it.
 
         The callback runs on watchdog's thread, not the caller's: an asyncio
         caller should hand over with ``loop.call_soon_threadsafe``.  It may be

@@ -15,10 +15,10 @@ import pytest
 
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
+from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, write_entry
 from tests.support.nix import build, multi_output_expr, nix_path_info, substitute, trivial_expr
 from tests.support.services import SeaweedFS
 from uploader.nixbase32 import ALPHABET
-from uploader.spool import FORMAT_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -28,30 +28,22 @@ def _random_store_path(name: str) -> str:
     return f"/nix/store/{''.join(random.choices(ALPHABET, k=32))}-{name}"
 
 
-def _entry(*lines: str, header: str = FORMAT_HEADER) -> bytes:
-    return "".join(f"{line}\n" for line in (header, *lines)).encode()
-
-
-def _drop(spool: Path, name: str, data: bytes) -> None:
-    """Write an entry the way the hook does: a temp file, then a rename."""
-    tmp = spool / f".tmp-test-{name}"
-    tmp.write_bytes(data)
-    tmp.rename(spool / name)
-
-
 # name -> (contents, words its quarantine reason must contain)
 BAD_ENTRIES: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "garbage.entry": (b"hello, uploader\nplease upload everything\n", ("does not start with",)),
     "binary.entry": (bytes(range(256)) * 4, ("not UTF-8",)),
-    "latin1.entry": (_entry() + b"out /nix/store/caf\xe9\n", ("not UTF-8",)),
+    "latin1.entry": (
+        entry_bytes("out /nix/store/cafe").replace(b"cafe", b"caf\xe9"),
+        ("not UTF-8",),
+    ),
     "oversize.entry": (
-        _entry(*[f"out {_random_store_path('big')}" for _ in range(1500)]),
+        entry_bytes(*[f"out {_random_store_path('big')}" for _ in range(1500)]),
         ("larger than", "65536"),
     ),
-    "outside.entry": (_entry("out /etc/passwd"), ("not a store path", "/etc/passwd")),
-    "traversal.entry": (_entry("out /nix/store/../../etc/passwd"), ("'..'",)),
+    "outside.entry": (entry_bytes("out /etc/passwd"), ("not a store path", "/etc/passwd")),
+    "traversal.entry": (entry_bytes("out /nix/store/../../etc/passwd"), ("'..'",)),
     "version.entry": (
-        _entry(f"out {_random_store_path('v')}", header="nix-cache-uploader-spool 99"),
+        f"nix-cache-uploader-spool 99\nout {_random_store_path('v')}\nend\n".encode(),
         ("unsupported format", "spool 99"),
     ),
 }
@@ -81,24 +73,28 @@ def test_bad_entries_are_quarantined_with_reasons_and_good_ones_uploaded(
 
     expected: dict[str, tuple[str, ...]] = {n: words for n, (_, words) in BAD_ENTRIES.items()}
     for name, (data, _) in BAD_ENTRIES.items():
-        _drop(uploader.spool, name, data)
+        write_entry(uploader.spool / name, data)
     assert len(BAD_ENTRIES["oversize.entry"][0]) > 64 * 1024
 
     # A planted symlink, pointing at a well-formed entry outside the spool:
     # refused for being a link, whatever it points to, and the target is untouched.
     outside = tmp_path / "elsewhere.entry"
-    outside.write_bytes(_entry(f"out {_random_store_path('linked')}"))
+    outside.write_bytes(entry_bytes(f"out {_random_store_path('linked')}"))
     os.symlink(outside, uploader.spool / "x.entry")
     expected["x.entry"] = ("symlink",)
 
     ghost = _random_store_path("ghost")
-    _drop(uploader.spool, "ghost.entry", _entry(f"out {ghost}"))
+    write_entry(uploader.spool / "ghost.entry", entry_bytes(f"out {ghost}"))
     expected["ghost.entry"] = (ghost, "not valid in the local Nix store")
 
     # Good builds through the real hook, in the middle of the bad input.
     expr = multi_output_expr()
     good = [*build(expr, hook=str(uploader.hook)), *build(expr, attr="lib")]
     good += build(trivial_expr("after-bad"), hook=str(uploader.hook))
+    # A format 1 entry, as a hook older than format 2 left it: still uploaded.
+    old_hook = build(trivial_expr("old-hook"))
+    rename_entry(uploader.spool / "old-hook.entry", v1_entry_bytes(f"out {old_hook[0]}"))
+    good += old_hook
 
     uploader.wait_drained(timeout=120)
     assert daemon.poll() is None, uploader.log()

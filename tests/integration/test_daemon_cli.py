@@ -17,21 +17,18 @@ import pytest
 
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
+from tests.support.entries import entry_bytes, write_entry
 from tests.support.nix import build, substitute, trivial_expr
 from tests.support.services import SeaweedFS
 from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
 from uploader.nixbase32 import ALPHABET
-from uploader.spool import FORMAT_HEADER
 from uploader.storepath import hash_part
 
 pytestmark = pytest.mark.integration
 
 
 def _drop_entry(spool: Path, name: str, *paths: str) -> None:
-    """An entry as the hook writes it: temp file, then rename."""
-    tmp = spool / f".tmp-test-{name}"
-    tmp.write_text("".join(f"{line}\n" for line in (FORMAT_HEADER, *(f"out {p}" for p in paths))))
-    tmp.rename(spool / name)
+    write_entry(spool / name, entry_bytes(*(f"out {p}" for p in paths)))
 
 
 def _ghost_path() -> str:

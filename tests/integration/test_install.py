@@ -196,7 +196,7 @@ def test_install_twice_then_uninstall_leaves_the_machine_as_it_was(
     hook = subprocess.run([str(wrapper)], env=env, capture_output=True, text=True)
     assert hook.returncode == 0 and hook.stderr == ""
     (entry,) = spool.iterdir()
-    assert entry.read_text() == f"nix-cache-uploader-spool 1\ndrv {DRV}\n"
+    assert entry.read_text() == f"nix-cache-uploader-spool 2\ndrv {DRV}\nend\n"
     entry.unlink()
 
     # The unit as systemd reads it (its ExecStart= must exist: it is the venv's).

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, write_entry
 from tests.support.fakes import FakeStore, RecordingTarget
 from uploader import signing
 from uploader._exceptions import CredentialsError, TransientTargetError
@@ -21,7 +22,7 @@ from uploader.config import Settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
 from uploader.gcroots import GcRoots
-from uploader.spool import FORMAT_HEADER, Spool
+from uploader.spool import INCOMPLETE_GRACE, Spool
 from uploader.state import KnownCache, read_status
 from uploader.storepath import hash_part
 
@@ -47,9 +48,7 @@ class Setup:
         self.known: KnownCache | None = None
 
     def entry(self, name: str, *lines: str) -> str:
-        tmp = Path(self.spool.path, f".tmp-{name}")
-        tmp.write_text("\n".join([FORMAT_HEADER, *lines]) + "\n")
-        tmp.rename(Path(self.spool.path, f"{name}.entry"))
+        write_entry(Path(self.spool.path, f"{name}.entry"), entry_bytes(*lines))
         return f"{name}.entry"
 
     def run_until(self, done: Callable[[Daemon], bool], timeout: float = 10) -> Daemon:
@@ -271,6 +270,81 @@ def test_malformed_entries_are_quarantined_and_good_ones_still_served(
     s.run_until(lambda d: not s.spool.pending())
     assert [n for n, _ in s.spool.quarantined()] == ["bad.entry"]
     assert s.target.narinfo(good) is not None
+
+
+def test_a_half_written_entry_is_left_alone_until_its_end_line_is_written(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    early, late, first, second = (s.store.add(n) for n in ("early", "late", "first", "second"))
+    # Written long enough ago that a daemon taking it for malformed would
+    # quarantine it at once, yet within the grace for incomplete entries.
+    a_while_ago = time.time() - 60
+    halves = {}
+
+    def start_writing(name: str, out: str) -> None:
+        f = open(Path(s.spool.path, name), "xb", buffering=0)  # noqa: SIM115
+        f.write(entry_bytes(f"out {out}")[: -len("end\n")])
+        os.utime(f.fileno(), (a_while_ago, a_while_ago))
+        halves[name] = f
+
+    # One half-written before the start (its scan reads it), one while the
+    # daemon runs (its watch); a complete entry after each shows that the
+    # daemon has looked.
+    start_writing("early.entry", early)
+    s.entry("first", f"out {first}")
+    phase = ["started"]
+
+    def step(d: Daemon) -> bool:
+        pending = s.spool.pending()
+        if phase[0] == "started" and "first.entry" not in pending:
+            start_writing("late.entry", late)
+            s.entry("second", f"out {second}")
+            phase[0] = "late written"
+        elif phase[0] == "late written" and "second.entry" not in pending:
+            assert s.target.narinfo(second) is not None
+            assert sorted(pending) == ["early.entry", "late.entry"]
+            assert s.target.narinfo(early) is None and s.target.narinfo(late) is None
+            assert s.spool.quarantined() == []
+            for f in halves.values():
+                f.write(b"end\n")
+                f.close()
+            phase[0] = "completed"
+        return phase[0] == "completed" and not pending
+
+    s.run_until(step)
+    assert s.target.narinfo(early) is not None and s.target.narinfo(late) is not None
+    assert s.spool.quarantined() == []
+
+
+def test_an_entry_left_incomplete_past_the_grace_is_quarantined(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    out, good = s.store.add("out"), s.store.add("good")
+    half = Path(s.spool.path, "killed.entry")
+    write_entry(half, entry_bytes(f"out {out}")[:-5])
+    long_ago = time.time() - INCOMPLETE_GRACE - 60
+    os.utime(half, (long_ago, long_ago))
+    s.entry("good", f"out {good}")
+    s.run_until(lambda d: not s.spool.pending())
+    [(name, reason)] = s.spool.quarantined()
+    assert name == "killed.entry"
+    assert "incomplete: no 'end' line and no write for 11 minutes" in reason
+    assert s.target.narinfo(out) is None and s.target.narinfo(good) is not None
+
+
+def test_format_1_entries_of_an_older_hook_are_uploaded(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    before, during = s.store.add("before"), s.store.add("during")
+    rename_entry(Path(s.spool.path, "before.entry"), v1_entry_bytes(f"out {before}"))
+
+    def step(d: Daemon) -> bool:
+        if not s.spool.pending() and s.target.narinfo(during) is None:
+            rename_entry(Path(s.spool.path, "during.entry"), v1_entry_bytes(f"out {during}"))
+        return s.target.narinfo(during) is not None and not s.spool.pending()
+
+    s.run_until(step)
+    assert s.target.narinfo(before) is not None
+    assert s.spool.quarantined() == []
 
 
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(

@@ -1,4 +1,5 @@
-"""The post-build hook, run for real by /bin/sh and dash as nix-daemon would."""
+"""The post-build hook, run for real by dash and bash (Debian's and NixOS's
+/bin/sh) as nix-daemon would."""
 
 from __future__ import annotations
 
@@ -13,26 +14,31 @@ from pathlib import Path
 
 import pytest
 
-from uploader._exceptions import SpoolError
-from uploader.spool import FORMAT_HEADER, Spool, parse_entry
+from tests.support.entries import DEV, DRV, HASH, OUT
+from tests.support.requirements import require_binary
+from uploader._exceptions import IncompleteEntryError, SpoolError
+from uploader.spool import Spool
+from uploader.spoolentry import END_LINE, FORMAT_HEADER, parse_entry
 
 HOOK = Path(__file__).parents[2] / "hook" / "post-build-hook"
-HASH = "gxs9hr309n6jrgv3dzmbklh6rcf9iw7v"
-DRV = f"/nix/store/{HASH}-hello-2.12.1.drv"
-OUT = f"/nix/store/{HASH}-hello-2.12.1"
-DEV = f"/nix/store/{HASH}-hello-2.12.1-dev"
+# <derivation name>.<token>.<attempt>.entry; the token comes from the kernel's
+# random UUIDs, or is the hook's pid where they are not available.
+NAME = re.compile(rf"{HASH}-hello-2\.12\.1\.drv\.[0-9a-f]{{8}}-[0-9a-f]{{4}}\.1\.entry")
+UUID = "/proc/sys/kernel/random/uuid"
 FAILURE = re.compile(
     r"nix-cache-uploader hook: cannot write to (?P<spool>.+): (?P<why>.+); "
     r"the build of (?P<drv>.+) is not queued for upload\n"
 )
 
-# /bin/sh is dash on Debian and bash on NixOS: the hook must work with both.
-SHELLS = ["/bin/sh", *filter(None, (shutil.which("dash"), shutil.which("bash")))]
+# /bin/sh is dash on Debian and bash on NixOS (where bash runs as sh, in
+# POSIX mode): the hook must work with both.
+SHELLS = ["/bin/sh", "dash", "bash --posix"]
 
 
 @pytest.fixture(params=SHELLS)
 def shell(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+    program, *options = str(request.param).split()
+    return " ".join([require_binary(program), *options])
 
 
 def make_spool(path: Path) -> Path:
@@ -72,13 +78,23 @@ def run_hook(
     if drv is not None:
         environment["DRV_PATH"] = drv
     environment.update(env or {})
-    cmd = [*(argv0 or [shell]), str(HOOK)]
+    cmd = [*(argv0 or shell.split()), str(HOOK)]
     done = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    if spool.is_dir():
-        leftovers = [n for n in os.listdir(spool) if n.startswith(".tmp-")]
-        assert leftovers == [], "the hook left temp files behind"
     return done
+
+
+def with_uuid(shell: str, uuid_text: str, tmp_path: Path, then: str = ":") -> list[str]:
+    """A command that runs the hook (as its "$0") where the kernel's random
+    UUID reads ``uuid_text``, after the shell code ``then`` (run with the pid
+    the hook will have): predictable names, to plant things under them."""
+    require_binary("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("faking the kernel's UUID needs root (a mount namespace)")
+    fake = tmp_path / "uuid"
+    fake.write_text(uuid_text)
+    script = f'mount --bind {fake} {UUID} && {{ {then}; }} && exec {shell} "$0"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
 
 def entries(spool: Path) -> list[Path]:
@@ -100,8 +116,8 @@ def test_an_entry_has_the_derivation_and_outputs(shell: str, spool: Path) -> Non
     done = run_hook(shell, spool, DRV, f"{OUT} {DEV}")
     assert done.stdout == done.stderr == ""
     [entry] = entries(spool)
-    assert re.fullmatch(rf"{HASH}-hello-2\.12\.1\.drv\.\d+\.entry", entry.name)
-    assert entry.read_text() == f"{FORMAT_HEADER}\ndrv {DRV}\nout {OUT}\nout {DEV}\n"
+    assert NAME.fullmatch(entry.name)
+    assert entry.read_text() == f"{FORMAT_HEADER}\ndrv {DRV}\nout {OUT}\nout {DEV}\n{END_LINE}\n"
     parsed = parse_entry(entry.read_bytes(), entry.name)
     assert (parsed.drv, parsed.outputs) == (DRV, (OUT, DEV))
 
@@ -119,7 +135,7 @@ def test_an_entry_is_readable_by_the_spool_group_only(shell: str, spool: Path) -
 def test_empty_out_paths_still_queue_the_derivation(shell: str, spool: Path) -> None:
     run_hook(shell, spool, DRV, "")
     [entry] = entries(spool)
-    assert entry.read_text() == f"{FORMAT_HEADER}\ndrv {DRV}\n"
+    assert entry.read_text() == f"{FORMAT_HEADER}\ndrv {DRV}\n{END_LINE}\n"
     read = Spool(spool).read(entry.name)
     assert (read.drv, read.outputs) == (DRV, ())
 
@@ -129,13 +145,16 @@ def test_out_paths_are_split_on_spaces_and_never_globbed(shell: str, spool: Path
     run_hook(shell, spool, DRV, f"  {OUT}   {DEV} * ")
     [entry] = entries(spool)
     lines = entry.read_text().splitlines()
-    assert lines[2:] == [f"out {OUT}", f"out {DEV}", "out *"]
+    assert lines[2:] == [f"out {OUT}", f"out {DEV}", "out *", END_LINE]
 
 
-def test_each_invocation_gives_its_own_entry(shell: str, spool: Path) -> None:
-    run_hook(shell, spool, DRV, OUT)
-    run_hook(shell, spool, DRV, OUT)
-    assert len(set(Spool(spool).pending())) == 2
+def test_concurrent_invocations_give_their_own_entries(shell: str, spool: Path) -> None:
+    env = {"NIX_CACHE_UPLOADER_SPOOL": str(spool), "DRV_PATH": DRV, "OUT_PATHS": OUT}
+    hooks = [subprocess.Popen([*shell.split(), str(HOOK)], env=env) for _ in range(20)]
+    assert [h.wait(timeout=30) for h in hooks] == [0] * 20
+    names = Spool(spool).pending()
+    assert len(names) == 20
+    assert all(Spool(spool).read(n).outputs == (OUT,) for n in names)
 
 
 def test_without_drv_path_the_entry_is_named_unknown_and_gets_quarantined(
@@ -143,7 +162,7 @@ def test_without_drv_path_the_entry_is_named_unknown_and_gets_quarantined(
 ) -> None:
     run_hook(shell, spool, None, OUT)
     [entry] = entries(spool)
-    assert re.fullmatch(r"unknown\.\d+\.entry", entry.name)
+    assert re.fullmatch(r"unknown\.[0-9a-f]{8}-[0-9a-f]{4}\.1\.entry", entry.name)
     with pytest.raises(SpoolError, match="line 2"):
         Spool(spool).read(entry.name)
 
@@ -170,7 +189,7 @@ def test_a_name_too_long_for_the_file_system_is_cut_to_the_hash(shell: str, spoo
     drv = f"/nix/store/{HASH}-{'x' * 207}.drv"
     run_hook(shell, spool, drv)
     [entry] = entries(spool)
-    assert re.fullmatch(rf"{HASH}\.\d+\.entry", entry.name)
+    assert re.fullmatch(rf"{HASH}\.[0-9a-f]{{8}}-[0-9a-f]{{4}}\.1\.entry", entry.name)
     assert Spool(spool).read(entry.name).drv == drv
 
 
@@ -179,39 +198,81 @@ def test_an_empty_path_does_not_stop_the_hook(shell: str, spool: Path) -> None:
     assert len(entries(spool)) == 1
 
 
-@pytest.mark.parametrize(
-    "plant",
-    [
-        'ln -s "$VICTIM" "$TMP"',
-        'touch "$TMP"',
-        'mkfifo "$TMP"',
-        'mkfifo "$VICTIM.fifo" && ln -s "$VICTIM.fifo" "$TMP"',
-    ],
-    ids=["symlink", "stale-file", "fifo", "symlink-to-fifo"],
-)
-def test_whatever_sits_under_the_temp_name_is_not_written_through(
+@pytest.mark.parametrize("spool_state", ["ready", "missing"])
+def test_the_hook_starts_no_process(shell: str, tmp_path: Path, spool_state: str) -> None:
+    """Only builtins: the one process is the shell nix-daemon starts."""
+    strace = require_binary("strace")
+    spool = make_spool(tmp_path / "spool") if spool_state == "ready" else tmp_path / "missing"
+    log = tmp_path / "strace.log"
+    calls = "trace=execve,execveat,fork,vfork,clone,clone3"
+    run_hook(shell, spool, argv0=[strace, "-f", "-qq", "-e", calls, "-o", str(log), *shell.split()])
+    traced = [line for line in log.read_text().splitlines() if "(" in line]
+    assert len(traced) == 1 and "execve(" in traced[0], traced
+    assert len(entries(spool) if spool.is_dir() else []) == (spool_state == "ready")
+
+
+PLANTS = {
+    "symlink": 'ln -s "$VICTIM" "$ENTRY"',
+    "dangling-symlink": 'ln -s "$VICTIM.new" "$ENTRY"',
+    "stale-file": 'echo precious >"$ENTRY"',
+    "fifo": 'mkfifo "$ENTRY"',
+    "symlink-to-fifo": 'mkfifo "$VICTIM.fifo" && ln -s "$VICTIM.fifo" "$ENTRY"',
+    "directory": 'mkdir "$ENTRY"',
+}
+PLANTED = f"{HASH}-hello-2.12.1.drv.feedface-cafe"
+
+
+@pytest.mark.parametrize("plant", PLANTS.values(), ids=PLANTS.keys())
+def test_whatever_sits_under_the_entry_name_is_not_written_through(
     shell: str, spool: Path, tmp_path: Path, plant: str
 ) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
-    # exec keeps the pid, so the hook's $$ is the one the planted name uses.
-    script = f'TMP="$NIX_CACHE_UPLOADER_SPOOL/.tmp-$$"; {plant} && exec {shell} "$0"'
-    done = run_hook(shell, spool, argv0=[shell, "-c", script], env={"VICTIM": str(victim)})
+    then = f'ENTRY="$NIX_CACHE_UPLOADER_SPOOL/{PLANTED}.1.entry"; {plant}'
+    uuid = "feedface-cafe-4bad-8bad-0123456789ab\n"
+    argv0 = with_uuid(shell, uuid, tmp_path, then)
+    done = run_hook(shell, spool, argv0=argv0, env={"VICTIM": str(victim)})
     assert done.stderr == ""
     assert victim.read_text() == "precious\n"
-    [entry] = entries(spool)
-    assert Spool(spool).read(entry.name).drv == DRV
+    assert not Path(f"{victim}.new").exists()
+    planted = spool / f"{PLANTED}.1.entry"
+    if planted.is_file() and not planted.is_symlink():
+        assert planted.read_text() == "precious\n"
+    # The hook passed over the planted name to the next.
+    assert Spool(spool).read(f"{PLANTED}.2.entry").drv == DRV
 
 
-def test_a_directory_planted_under_the_final_name_is_not_moved_into(
-    shell: str, spool: Path
+def test_when_every_name_is_taken_the_hook_says_so(shell: str, spool: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    names = f'"$NIX_CACHE_UPLOADER_SPOOL/{PLANTED}.$n.entry"'
+    then = f'for n in 1 2 3; do ln -s "$VICTIM" {names}; done'
+    uuid = "feedface-cafe-4bad-8bad-0123456789ab\n"
+    argv0 = with_uuid(shell, uuid, tmp_path, then)
+    done = run_hook(shell, spool, argv0=argv0, env={"VICTIM": str(victim)})
+    assert_failed(done, "cannot create an entry (a name taken each time)")
+    assert victim.read_text() == "precious\n"
+    assert all(p.is_symlink() for p in entries(spool))
+
+
+@pytest.mark.parametrize(
+    "uuid", ["", "not a uuid\n", "../../../../etc/x-y-z-w-v\n"], ids=["empty", "garbage", "path"]
+)
+def test_without_a_kernel_uuid_the_pid_names_the_entry(
+    shell: str, spool: Path, tmp_path: Path, uuid: str
 ) -> None:
-    name = f'"$NIX_CACHE_UPLOADER_SPOOL/{HASH}-hello-2.12.1.drv.$$.entry"'
-    plant = f'mkdir {name} && exec {shell} "$0"'
-    done = run_hook(shell, spool, argv0=[shell, "-c", plant])
-    assert_failed(done, "renaming the entry into place failed")
-    [planted] = entries(spool)
-    assert planted.is_dir() and list(planted.iterdir()) == []
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    # The pid is predictable: a name planted under it is passed over too.
+    then = f'ln -s "$VICTIM" "$NIX_CACHE_UPLOADER_SPOOL/{HASH}-hello-2.12.1.drv.$$.1.entry"'
+    argv0 = with_uuid(shell, uuid, tmp_path, then)
+    done = run_hook(shell, spool, argv0=argv0, env={"VICTIM": str(victim)})
+    assert done.stderr == ""
+    assert victim.read_text() == "precious\n"
+    [planted, entry] = entries(spool)
+    assert planted.is_symlink()
+    assert re.fullmatch(rf"{HASH}-hello-2\.12\.1\.drv\.\d+\.2\.entry", entry.name)
+    assert Spool(spool).read(entry.name).drv == DRV
 
 
 def test_a_missing_spool_is_reported_and_not_fatal(shell: str, tmp_path: Path) -> None:
@@ -271,13 +332,17 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_a_full_disk_is_reported_and_leaves_nothing_behind(shell: str, tmpfs: Path) -> None:
+def test_a_full_disk_is_reported_and_leaves_no_complete_entry(shell: str, tmpfs: Path) -> None:
     spool = make_spool(tmpfs / "spool")
     with open(tmpfs / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space"):
         while True:
             f.write(b"\0" * 4096)
     assert_failed(run_hook(shell, spool, DRV, OUT), "writing the entry failed")
-    assert os.listdir(spool) == []
+    # Without `rm`, the hook leaves the file it created; lacking its end line,
+    # it is never taken for a build to upload (and is quarantined later).
+    [left] = entries(spool)
+    with pytest.raises(IncompleteEntryError):
+        Spool(spool).read(left.name)
 
 
 def test_a_read_only_spool_is_reported_and_not_fatal(shell: str, tmpfs: Path) -> None:

@@ -9,25 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from uploader._exceptions import ConfigError, SpoolError
-from uploader.spool import (
-    DEFAULT_SPOOL,
-    FORMAT_HEADER,
-    MAX_ENTRY_SIZE,
-    Entry,
-    Spool,
-    init_spool,
-    parse_entry,
-)
-
-HASH = "gxs9hr309n6jrgv3dzmbklh6rcf9iw7v"
-DRV = f"/nix/store/{HASH}-hello-2.12.1.drv"
-OUT = f"/nix/store/{HASH}-hello-2.12.1"
-DEV = f"/nix/store/{HASH}-hello-2.12.1-dev"
-
-
-def entry_bytes(*lines: str) -> bytes:
-    return "".join(line + "\n" for line in (FORMAT_HEADER, *lines)).encode()
+from tests.support.entries import DRV, OUT, entry_bytes, v1_entry_bytes
+from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
+from uploader.spool import DEFAULT_SPOOL, INCOMPLETE_GRACE, Spool, init_spool
+from uploader.spoolentry import FORMAT_HEADER, MAX_ENTRY_SIZE, Entry
 
 
 @pytest.fixture
@@ -49,55 +34,41 @@ def test_the_default_spool_is_the_one_the_hook_uses() -> None:
     assert f":-{DEFAULT_SPOOL}}}" in hook.read_text()
 
 
-def test_an_entry_with_derivation_and_outputs_parses() -> None:
-    entry = parse_entry(entry_bytes(f"drv {DRV}", f"out {OUT}", f"out {DEV}"), "a.entry", 5.0)
-    assert entry == Entry(name="a.entry", drv=DRV, outputs=(OUT, DEV), mtime=5.0)
-
-
-def test_an_entry_from_nix_2_8_carries_only_the_derivation() -> None:
-    entry = parse_entry(entry_bytes(f"drv {DRV}"), "a.entry")
-    assert entry.drv == DRV
-    assert entry.outputs == ()
-
-
-def test_outputs_without_derivation_and_repeated_outputs_are_accepted() -> None:
-    entry = parse_entry(entry_bytes(f"out {OUT}", f"out {OUT}", "", ""), "a.entry")
-    assert entry.drv is None
-    assert entry.outputs == (OUT,)
-
-
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        (b"", "does not start with"),
-        (b"hello world\n", "does not start with"),
-        (b"\x00\x01\x02\x03 binary", "does not start with"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
-        (FORMAT_HEADER.encode() + b"\ndrv /nix/store/\xff\xfe.drv\n", "not UTF-8"),
-        (b"nix-cache-uploader-spool 2\n" + f"drv {DRV}\n".encode(), "unsupported format"),
-        (entry_bytes(), "neither a derivation nor an output"),
-        (entry_bytes(f"path {OUT}"), "line 2: unknown line"),
-        (entry_bytes(f"drv {DRV}", "", f"out {OUT}"), "line 3: unknown line"),
-        (entry_bytes("drv /etc/passwd"), "not under /nix/store/"),
-        (entry_bytes(f"out /nix/store/../../etc/{HASH}-x"), "'..'"),
-        (entry_bytes(f"out /nix/store/{HASH}-x/../../../etc/shadow"), "'..'"),
-        (entry_bytes(f"out {OUT}/bin/hello"), "subpath"),
-        (entry_bytes(f"out {OUT}\r"), "whitespace"),
-        (entry_bytes(f"drv {OUT}"), "does not end in .drv"),
-        (entry_bytes(f"drv {DRV}", f"drv {DRV}"), "a second 'drv' line"),
-        (entry_bytes(f"out {OUT}" + "x" * MAX_ENTRY_SIZE), "larger than the limit"),
-    ],
-)
-def test_bad_entries_are_refused_with_a_reason(data: bytes, reason: str) -> None:
-    with pytest.raises(SpoolError) as info:
-        parse_entry(data, "bad.entry")
-    assert str(info.value).startswith("spool entry 'bad.entry': ")
-    assert reason in str(info.value)
-
-
 def test_read_gives_the_entry_with_its_mtime(spool: Spool) -> None:
     put(spool, "a.entry", entry_bytes(f"drv {DRV}", f"out {OUT}"), mtime=1000.0)
     assert spool.read("a.entry") == Entry("a.entry", DRV, (OUT,), 1000.0)
+
+
+def test_read_gives_format_1_entries_of_older_hooks(spool: Spool) -> None:
+    put(spool, "old.entry", v1_entry_bytes(f"drv {DRV}", f"out {OUT}"), mtime=1000.0)
+    assert spool.read("old.entry") == Entry("old.entry", DRV, (OUT,), 1000.0)
+
+
+def test_an_entry_without_its_end_line_is_incomplete_until_the_grace_is_over(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    spool = Spool(tmp_path, clock=lambda: now[0])
+    half = entry_bytes(f"drv {DRV}")[: -len("end\n")]
+    put(spool, "half.entry", half, mtime=1000.0)
+    for idle in (0.0, INCOMPLETE_GRACE - 1):
+        now[0] = 1000.0 + idle
+        with pytest.raises(IncompleteEntryError):
+            spool.read("half.entry")
+    now[0] = 1000.0 + INCOMPLETE_GRACE
+    with pytest.raises(SpoolError) as info:
+        spool.read("half.entry")
+    assert not isinstance(info.value, IncompleteEntryError)
+    assert str(info.value) == (
+        "spool entry 'half.entry': incomplete: no 'end' line and no write for 10 minutes "
+        "(its hook was killed, or the disk was full)"
+    )
+    # The grace counts from the last write: a writer that is still at it is left alone.
+    put(spool, "half.entry", half, mtime=now[0] - 1)
+    with pytest.raises(IncompleteEntryError):
+        spool.read("half.entry")
+    put(spool, "half.entry", entry_bytes(f"drv {DRV}"), mtime=1000.0)
+    assert spool.read("half.entry").drv == DRV
 
 
 def test_reading_a_vanished_entry_is_file_not_found(spool: Spool) -> None:
@@ -204,7 +175,7 @@ def test_quarantine_and_requeue_round_trip(spool: Spool) -> None:
     assert stat.S_IMODE(os.stat(spool.quarantine_path).st_mode) == 0o750
     reasons = dict(spool.quarantined())
     assert set(reasons) == {"bad.entry", "worse.entry"}
-    assert "does not start with 'nix-cache-uploader-spool 1'" in reasons["bad.entry"]
+    assert f"does not start with {FORMAT_HEADER!r}" in reasons["bad.entry"]
     assert "not UTF-8" in reasons["worse.entry"]
     assert "(quarantined 20" in reasons["bad.entry"]
 
@@ -244,7 +215,7 @@ def test_stale_temp_files_are_found_and_removed(spool: Spool) -> None:
     assert Path("/etc/passwd").exists()
 
 
-def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> None:
+def test_watch_sees_entries_renamed_or_written_into_the_spool(spool: Spool) -> None:
     seen: list[str] = []
     changed = threading.Condition()
 
@@ -265,8 +236,16 @@ def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> N
         put(spool, "notes.txt", b"x")
         os.rename(tmp, Path(spool.path, "renamed.entry"))
         assert saw("renamed.entry")
-        put(spool, "created.entry", entry_bytes(f"drv {DRV}"))
-        assert saw("created.entry")
+        with open(Path(spool.path, "half.entry"), "xb", buffering=0) as half:
+            half.write(entry_bytes(f"drv {DRV}")[:-4])
+            put(spool, "created.entry", entry_bytes(f"drv {DRV}"))
+            assert saw("created.entry")
+            # inotify reports events in order: had the half-written entry's
+            # creation or writes been reported, it would be seen by now.
+            with changed:
+                assert "half.entry" not in seen
+            half.write(b"end\n")
+        assert saw("half.entry")
 
         spool.quarantine("created.entry", "test")
         assert spool.requeue() == 1
@@ -275,7 +254,7 @@ def test_watch_sees_entries_renamed_or_created_into_the_spool(spool: Spool) -> N
         assert saw("created.entry")
     finally:
         watch.stop()
-    assert set(seen) == {"renamed.entry", "created.entry"}
+    assert set(seen) == {"renamed.entry", "created.entry", "half.entry"}
 
 
 def test_a_failing_callback_does_not_end_the_watch(spool: Spool) -> None:
