@@ -20,7 +20,8 @@ from tests.support.services import SeaweedFS
 from uploader.nixbase32 import ALPHABET
 from uploader.spool import FORMAT_HEADER
 
-pytestmark = pytest.mark.integration
+# About the spool, the command line and users, not S3: one S3 server is enough.
+pytestmark = [pytest.mark.integration, pytest.mark.seaweedfs_only]
 
 
 def _random_store_path(name: str) -> str:
