@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from uploader import __version__
+from uploader import __version__, redact
 from uploader._exceptions import ConfigError, UploaderError
 from uploader.compression import METHODS, check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Settings, load_settings
@@ -67,7 +67,8 @@ def setup_logging(verbose: int) -> None:
     """One line per event on stderr, no timestamps (journald adds its own)."""
     level = logging.WARNING - 10 * verbose if verbose >= 0 else logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(redact.RedactingFormatter("%(levelname)s %(message)s"))
+    redact.install()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.DEBUG))
@@ -80,7 +81,7 @@ def setup_logging(verbose: int) -> None:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {redact.scrub(message)}", err=True)
     sys.exit(code)
 
 
@@ -227,7 +228,7 @@ def push(
 
 def _report(result: PushResult, method: str, quiet: bool) -> None:
     for path, error in sorted(result.failed.items()):
-        click.echo(f"error: {path}: {error}", err=True)
+        click.echo(redact.scrub(f"error: {path}: {error}"), err=True)
     if quiet and result.ok:
         return
     line = (

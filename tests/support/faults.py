@@ -141,7 +141,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is not None and rule.action in _ERRORS:
             self._error(*_ERRORS[rule.action], retry_after=rule.seconds)
             return
-        status, headers, data = self._forward(proxy.upstream, body)
+        try:
+            status, headers, data = self._forward(proxy.upstream, body)
+        except OSError:  # the server went away (stopped at the end of a test)
+            self._cut()
+            return
         if 200 <= status < 300:  # done on the server, whatever the client hears
             proxy._accepted(self.command, self.path, status)
         raw = self._response(status, headers, data)
