@@ -544,6 +544,7 @@ class Daemon:
 
     def _retry_later(self, names: Iterable[str], error: str, *, retry_after: float = 0.0) -> None:
         now = time.monotonic()
+        delays = []
         for name in names:
             p = self._pending.setdefault(name, _Pending(name))
             p.attempts += 1
@@ -551,9 +552,18 @@ class Daemon:
             delay = max(delay * random.uniform(0.5, 1.0), retry_after)
             p.next_try = now + delay
             p.last_error = error
+            delays.append(delay)
+            log.debug("%s: attempt %d failed, retrying in %.0fs", name, p.attempts, delay)
+        # One warning per failure, however many entries it holds back.
+        if len(delays) == 1:
             log.warning(
                 "%s: attempt %d failed, retrying in %.0fs: %s", name, p.attempts, delay, error
             )
+        elif delays:
+            log.warning(
+                "%d entries failed, retrying in %.0fs to %.0fs: %s",
+                len(delays), min(delays), max(delays), error,
+            )  # fmt: skip
         self._note_error(None, error)
         self._dirty = True
 

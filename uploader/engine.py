@@ -450,7 +450,9 @@ class Engine:
                 e.store_path = path
             result.failed[path] = e
             if not isinstance(e, DependencyFailed):
-                log.error("%s", e)
+                # Debug only: the caller says it once (push's report, the
+                # daemon's retry line); at ERROR each failure showed twice.
+                log.debug("%s", e)
             done[path].set_result(e)
             return
         except BaseException as e:

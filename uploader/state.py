@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from uploader.redact import scrub
+
 __all__ = ["KnownCache", "read_status", "write_status"]
 
 STATUS_FILE = "status.json"
@@ -101,11 +103,13 @@ class KnownCache:
 
 
 def write_status(state_dir: str, status: dict[str, Any]) -> None:
-    """Replace status.json atomically, world-readable (it holds no secrets)."""
+    """Replace status.json atomically, world-readable: scrubbed, since its
+    error texts come from S3 clients that may quote a signed URL."""
+    text = scrub(json.dumps(status, indent=1, sort_keys=True))
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".status-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(status, f, indent=1, sort_keys=True)
+            f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(state_dir, STATUS_FILE))
     except BaseException:

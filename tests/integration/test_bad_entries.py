@@ -20,7 +20,8 @@ from tests.support.nix import build, multi_output_expr, nix_path_info, substitut
 from tests.support.services import SeaweedFS
 from uploader.nixbase32 import ALPHABET
 
-pytestmark = pytest.mark.integration
+# About the spool, the command line and users, not S3: one S3 server is enough.
+pytestmark = [pytest.mark.integration, pytest.mark.seaweedfs_only]
 
 
 def _random_store_path(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The daemon and push without AWS credentials, against a real SeaweedFS:
+"""The daemon and push without AWS credentials, against real S3 servers:
 one clear line, no traceback, no exit; uploads once credentials appear."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.integration.test_metrics import scrape
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build, trivial_expr
-from tests.support.services import SeaweedFS, free_ports
+from tests.support.services import S3Server, free_ports
 from uploader.storepath import hash_part
 
 pytestmark = pytest.mark.integration
@@ -38,11 +38,11 @@ def status(uploader: UploaderRun) -> dict[str, Any]:
 
 
 def test_push_without_credentials_says_where_to_put_them(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     (out,) = build(trivial_expr("no-credentials"))
     env = env_without_credentials(tmp_path)
-    result = run_cli("push", "--to", seaweedfs.store_url(bucket), "--secret-key-file",
+    result = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
                      keys.secret_file, out, check=False, env=env)  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -51,11 +51,11 @@ def test_push_without_credentials_says_where_to_put_them(
     for where in ("AWS_ACCESS_KEY_ID", str(tmp_path / "aws-credentials"), "instance",
                   "/etc/nix-cache-uploader/environment"):  # fmt: skip
         assert where in line
-    assert seaweedfs.get(bucket, "nix-cache-info") is None
+    assert s3.get(bucket, "nix-cache-info") is None
 
 
 def test_the_daemon_waits_for_credentials_and_uploads_once_they_appear(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "retry.toml"
     config.write_text("retry-min = 0.2\nretry-max = 1.0\n")
@@ -79,12 +79,12 @@ def test_the_daemon_waits_for_credentials_and_uploads_once_they_appear(
     assert "Traceback" not in log
     assert log.count("no AWS credentials found") == 1, log
 
-    # An operator fills in the credentials (SeaweedFS takes any).
+    # An operator fills in the credentials (the test servers take any).
     (tmp_path / "aws-credentials").write_text(
         "[default]\naws_access_key_id = later\naws_secret_access_key = later\n"
     )
     uploader.wait_drained(timeout=120)
-    assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
+    assert s3.get(bucket, f"{hash_part(out)}.narinfo") is not None
     assert status(uploader)["cache_problem"] is None
     assert scrape(port)["nix_cache_uploader_cache_usable"] == 1
     assert "the cache takes the credentials now" in uploader.log()

@@ -1,5 +1,5 @@
 """The product end to end: nix-daemon builds with the hook, the uploader
-daemon drains the spool into SeaweedFS, a fresh store substitutes — across
+daemon drains the spool into S3 (SeaweedFS and moto), a fresh store substitutes — across
 a stopped uploader, SIGKILLs mid-drain and an S3 outage."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from tests.support.cli import KeyPair
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build, substitute
-from tests.support.services import SeaweedFS, nix_client_env
+from tests.support.services import S3Server, SeaweedFS, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
 
@@ -42,17 +42,17 @@ def dag_expr(count: int, *, payload_bytes: int = 0, salt: str | None = None) -> 
     return f"let\n  {body}\nin [ {' '.join(f'n{i}' for i in range(count))} ]"
 
 
-def assert_bucket_consistent(weed: SeaweedFS, bucket: str) -> int:
+def assert_bucket_consistent(s3: S3Server, bucket: str) -> int:
     """Invariants 1 and 2 as a substituter sees them: every visible narinfo
     has its complete NAR and its references' narinfos.  Returns how many."""
-    client = weed.client()
+    client = s3.client()
     objects: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             objects[obj["Key"]] = obj["Size"]
     narinfos = [k for k in objects if k.endswith(".narinfo")]
     for key in narinfos:
-        text = weed.get(bucket, key)
+        text = s3.get(bucket, key)
         assert text is not None, f"{key} listed but not readable"
         info = NarInfo.parse(text.decode())
         assert objects.get(info.url) == info.file_size, f"{key}: NAR {info.url} incomplete"
@@ -62,16 +62,16 @@ def assert_bucket_consistent(weed: SeaweedFS, bucket: str) -> int:
 
 
 def assert_substitutes(
-    weed: SeaweedFS, bucket: str, paths: list[str], keys: KeyPair, dest: Path
+    s3: S3Server, bucket: str, paths: list[str], keys: KeyPair, dest: Path
 ) -> None:
-    copied = substitute(weed.http_url(bucket), paths, keys.public, dest=str(dest))
+    copied = substitute(s3.http_url(bucket), paths, keys.public, dest=str(dest))
     assert copied.returncode == 0, copied.stderr
     missing = [p for p in paths if not Path(f"{dest}{p}").exists()]
     assert not missing, f"not substituted: {missing}"
 
 
 def test_dag_built_with_the_hook_lands_in_the_cache(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     uploader.start()
     outputs = build(dag_expr(60), hook=str(uploader.hook))
@@ -82,13 +82,13 @@ def test_dag_built_with_the_hook_lands_in_the_cache(
     )
     # Nix 2.8 gave the hook no OUT_PATHS: every output was resolved from its .drv.
     assert "out " not in "".join(p.read_text() for p in uploader.spool.glob("*.entry"))
-    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
-    assert assert_bucket_consistent(seaweedfs, bucket) == 60
+    assert_substitutes(s3, bucket, outputs, keys, tmp_path / "fresh")
+    assert assert_bucket_consistent(s3, bucket) == 60
     assert uploader.stop() == 0
 
 
 def test_builds_go_on_while_the_uploader_is_down(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     outputs = build(dag_expr(8), hook=str(uploader.hook))
     assert len(outputs) == 8
@@ -96,12 +96,12 @@ def test_builds_go_on_while_the_uploader_is_down(
     uploader.start()
     uploader.wait_drained()
     assert uploader.pending() == []
-    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
+    assert_substitutes(s3, bucket, outputs, keys, tmp_path / "fresh")
 
 
 @pytest.mark.slow
 def test_sigkill_during_drain_loses_nothing(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     outputs = build(dag_expr(30, payload_bytes=3_000_000), hook=str(uploader.hook))
     assert len(uploader.pending()) == 30
@@ -114,7 +114,7 @@ def test_sigkill_during_drain_loses_nothing(
         nonlocal observations
         while not stop.is_set():
             try:
-                assert_bucket_consistent(seaweedfs, bucket)
+                assert_bucket_consistent(s3, bucket)
                 observations += 1
             except BaseException as e:  # reported in the main thread
                 errors.append(e)
@@ -136,11 +136,12 @@ def test_sigkill_during_drain_loses_nothing(
         watcher.join()
     assert not errors, errors[0]
     assert observations > 10
-    assert_bucket_consistent(seaweedfs, bucket)
-    assert_substitutes(seaweedfs, bucket, outputs, keys, tmp_path / "fresh")
+    assert_bucket_consistent(s3, bucket)
+    assert_substitutes(s3, bucket, outputs, keys, tmp_path / "fresh")
 
 
 @pytest.mark.slow
+@pytest.mark.seaweedfs_only  # stops and restarts the server; moto would forget the bucket
 def test_s3_outage_is_waited_out(
     uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
@@ -163,7 +164,7 @@ def test_s3_outage_is_waited_out(
 
 
 def test_queued_outputs_are_gc_rooted_until_uploaded(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str
+    uploader: UploaderRun, s3: S3Server, bucket: str
 ) -> None:
     """While an entry waits (here: the cache is unreachable), its outputs are
     roots that Nix's garbage collector honours; once uploaded, they are gone."""
@@ -184,14 +185,14 @@ def test_queued_outputs_are_gc_rooted_until_uploaded(
         assert f"{roots_dir}/{Path(out).name} -> {out}" in roots
         uploader.stop()
 
-        uploader.store_url = seaweedfs.store_url(bucket)
+        uploader.store_url = s3.store_url(bucket)
         uploader.start()
         uploader.wait_drained()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and list(roots_dir.iterdir()):
             time.sleep(0.1)
         assert list(roots_dir.iterdir()) == []
-        assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
+        assert s3.get(bucket, f"{hash_part(out)}.narinfo") is not None
     finally:
         uploader.kill()
         shutil.rmtree(roots_dir, ignore_errors=True)

@@ -24,7 +24,8 @@ from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
 from uploader.nixbase32 import ALPHABET
 from uploader.storepath import hash_part
 
-pytestmark = pytest.mark.integration
+# About the spool, the command line and users, not S3: one S3 server is enough.
+pytestmark = [pytest.mark.integration, pytest.mark.seaweedfs_only]
 
 
 def _drop_entry(spool: Path, name: str, *paths: str) -> None:

@@ -1,4 +1,4 @@
-"""`nix-cache-uploader push` against a real nix-daemon and a real SeaweedFS,
+"""`nix-cache-uploader push` against a real nix-daemon and real S3 servers (SeaweedFS, moto),
 checked by the only judge that matters: a fresh Nix store substituting from
 the bucket with signature checking on."""
 
@@ -14,16 +14,16 @@ import pytest
 
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.nix import build, instantiate, multi_output_expr, nix_path_info, substitute
-from tests.support.services import NixDaemon, SeaweedFS
+from tests.support.services import NixDaemon, S3Server
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
 
 pytestmark = pytest.mark.integration
 
 
-def _objects(weed: SeaweedFS, bucket: str) -> dict[str, tuple[str, object]]:
+def _objects(s3: S3Server, bucket: str) -> dict[str, tuple[str, object]]:
     """Every object in the bucket: key -> (ETag, LastModified)."""
-    client = weed.client()
+    client = s3.client()
     found: dict[str, tuple[str, object]] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
@@ -44,29 +44,29 @@ def multi(nix_daemon: NixDaemon) -> dict[str, str]:
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
 def test_pushed_closure_substitutes_into_a_fresh_store(
-    seaweedfs: SeaweedFS,
+    s3: S3Server,
     bucket: str,
     keys: KeyPair,
     multi: dict[str, str],
     tmp_path: Path,
     compression: str,
 ) -> None:
-    url = seaweedfs.store_url(bucket, compression=compression)
+    url = s3.store_url(bucket, compression=compression)
     result = run_cli("push", "--to", url, "--secret-key-file", keys.secret_file, multi["out"])
     assert "uploaded 3 paths" in result.stderr
 
     # The narinfos say what Nix registered, with the method asked for.
     registered = nix_path_info(list(multi.values()))
     for path in multi.values():
-        text = seaweedfs.get(bucket, f"{hash_part(path)}.narinfo")
+        text = s3.get(bucket, f"{hash_part(path)}.narinfo")
         assert text is not None, f"no narinfo for {path}"
         info = NarInfo.parse(text.decode())
         assert info.compression == compression
         assert info.nar_size == registered[path]["narSize"]
-        assert seaweedfs.get(bucket, info.url) is not None
+        assert s3.get(bucket, info.url) is not None
 
     dest = str(tmp_path / "fresh")
-    copied = substitute(seaweedfs.http_url(bucket), [multi["out"]], keys.public, dest=dest)
+    copied = substitute(s3.http_url(bucket), [multi["out"]], keys.public, dest=dest)
     assert copied.returncode == 0, copied.stderr
     for path in multi.values():
         assert Path(dest + path).exists(), f"{path} was not substituted"
@@ -74,49 +74,49 @@ def test_pushed_closure_substitutes_into_a_fresh_store(
 
 
 def test_a_different_public_key_is_refused(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, multi: dict[str, str], tmp_path: Path
+    s3: S3Server, bucket: str, keys: KeyPair, multi: dict[str, str], tmp_path: Path
 ) -> None:
-    run_cli("push", "--to", seaweedfs.store_url(bucket), "--secret-key-file", keys.secret_file,
+    run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file,
             multi["out"])  # fmt: skip
     other = make_keys(tmp_path, "someone-else-1")
     copied = substitute(
-        seaweedfs.http_url(bucket), [multi["out"]], other.public, dest=str(tmp_path / "fresh")
+        s3.http_url(bucket), [multi["out"]], other.public, dest=str(tmp_path / "fresh")
     )
     assert copied.returncode != 0
     assert "lacks a valid signature" in copied.stderr
 
 
 def test_second_push_transfers_nothing(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, multi: dict[str, str]
+    s3: S3Server, bucket: str, keys: KeyPair, multi: dict[str, str]
 ) -> None:
-    args = ["push", "--to", seaweedfs.store_url(bucket), "--secret-key-file", keys.secret_file]
+    args = ["push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file]
     run_cli(*args, multi["out"], multi["lib"])
-    before = _objects(seaweedfs, bucket)
+    before = _objects(s3, bucket)
     again = run_cli(*args, multi["out"], multi["lib"])
     assert "uploaded 0 paths" in again.stderr
     assert "2 already in the cache" in again.stderr  # the walk stops at present roots
-    assert _objects(seaweedfs, bucket) == before
+    assert _objects(s3, bucket) == before
 
 
 def test_result_symlink_is_accepted(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, multi: dict[str, str], tmp_path: Path
+    s3: S3Server, bucket: str, keys: KeyPair, multi: dict[str, str], tmp_path: Path
 ) -> None:
     link = tmp_path / "result"
     link.symlink_to(multi["lib"])
-    run_cli("push", "--to", seaweedfs.store_url(bucket), "--secret-key-file", keys.secret_file,
+    run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file,
             str(link))  # fmt: skip
-    assert seaweedfs.get(bucket, f"{hash_part(multi['lib'])}.narinfo") is not None
+    assert s3.get(bucket, f"{hash_part(multi['lib'])}.narinfo") is not None
 
 
 def test_altered_path_is_refused_and_its_referrers_held_back(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, multi: dict[str, str]
+    s3: S3Server, bucket: str, keys: KeyPair, multi: dict[str, str]
 ) -> None:
     data = Path(multi["lib"]) / "lib/data"
     original = data.read_bytes()
     data.write_bytes(b"tampered after the build\n")
     try:
         result = run_cli(
-            "push", "--to", seaweedfs.store_url(bucket), "--secret-key-file", keys.secret_file,
+            "push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file,
             multi["out"], check=False,
         )  # fmt: skip
     finally:
@@ -125,9 +125,9 @@ def test_altered_path_is_refused_and_its_referrers_held_back(
     assert multi["lib"] in result.stderr
     assert "differs from what the Nix database registered" in result.stderr
     for refused in (multi["lib"], multi["out"]):
-        assert seaweedfs.get(bucket, f"{hash_part(refused)}.narinfo") is None
+        assert s3.get(bucket, f"{hash_part(refused)}.narinfo") is None
     # The unaffected dependency still made it.
-    assert seaweedfs.get(bucket, f"{hash_part(multi['dep'])}.narinfo") is not None
+    assert s3.get(bucket, f"{hash_part(multi['dep'])}.narinfo") is not None
 
 
 def test_file_cache_substitutes(keys: KeyPair, multi: dict[str, str], tmp_path: Path) -> None:
@@ -140,19 +140,19 @@ def test_file_cache_substitutes(keys: KeyPair, multi: dict[str, str], tmp_path: 
 
 
 def test_group_readable_key_is_refused(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, multi: dict[str, str]
+    s3: S3Server, bucket: str, keys: KeyPair, multi: dict[str, str]
 ) -> None:
     os.chmod(keys.secret_file, 0o640)
-    result = run_cli("push", "--to", seaweedfs.store_url(bucket), "--secret-key-file",
+    result = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
                      keys.secret_file, multi["out"], check=False)  # fmt: skip
     assert result.returncode == 1
     assert "chmod 600" in result.stderr
-    assert seaweedfs.get(bucket, f"{hash_part(multi['out'])}.narinfo") is None
+    assert s3.get(bucket, f"{hash_part(multi['out'])}.narinfo") is None
 
 
 @pytest.mark.slow
 def test_large_nar_streams_with_bounded_memory(
-    nix_daemon: NixDaemon, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     """A 300 MiB NAR goes up in multipart parts without the uploader holding it."""
     salt = os.urandom(6).hex()
@@ -163,7 +163,7 @@ def test_large_nar_streams_with_bounded_memory(
     }}"""
     (path,) = build(expr)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uploader", "push", "--to", seaweedfs.store_url(bucket),
+        [sys.executable, "-m", "uploader", "push", "--to", s3.store_url(bucket),
          "--secret-key-file", keys.secret_file, path],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -179,7 +179,7 @@ def test_large_nar_streams_with_bounded_memory(
     peak_mib = peak_kib / 1024
     assert peak_mib < 200, f"push peaked at {peak_mib:.0f} MiB RSS for a 300 MiB NAR"
 
-    copied = substitute(seaweedfs.http_url(bucket), [path], keys.public, dest=str(tmp_path / "f"))
+    copied = substitute(s3.http_url(bucket), [path], keys.public, dest=str(tmp_path / "f"))
     assert copied.returncode == 0, copied.stderr
     assert (tmp_path / f"f{path}/blob").stat().st_size == 314572800
 
@@ -196,20 +196,20 @@ def _vm_hwm_kib(pid: int) -> int:
 
 
 def test_pushing_a_derivation_uploads_it_and_its_closure_like_nix_copy_derivation(
-    seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, nix_daemon: NixDaemon, tmp_path: Path
+    s3: S3Server, bucket: str, keys: KeyPair, nix_daemon: NixDaemon, tmp_path: Path
 ) -> None:
     """A .drv (here never built) is a store path like any other: its closure
     is the derivations and sources it was made from."""
     drv = instantiate(multi_output_expr())
     closure = nix_path_info([drv], recursive=True, derivation=True)
     assert len(closure) == 2 and all(p.endswith(".drv") for p in closure)
-    result = run_cli("push", "--to", seaweedfs.store_url(bucket),
+    result = run_cli("push", "--to", s3.store_url(bucket),
                      "--secret-key-file", keys.secret_file, drv)  # fmt: skip
     assert "uploaded 2 paths" in result.stderr
     for path in closure:
-        assert seaweedfs.get(bucket, f"{hash_part(path)}.narinfo") is not None
+        assert s3.get(bucket, f"{hash_part(path)}.narinfo") is not None
     dest = str(tmp_path / "fresh")
-    copied = substitute(seaweedfs.http_url(bucket), [drv], keys.public, dest=dest, derivation=True)
+    copied = substitute(s3.http_url(bucket), [drv], keys.public, dest=dest, derivation=True)
     assert copied.returncode == 0, copied.stderr
     assert Path(dest + drv).read_bytes() == Path(drv).read_bytes()
 

@@ -1,4 +1,4 @@
-"""The targets against what they write to: a real SeaweedFS bucket and a real
+"""The targets against what they write to: real S3 buckets (SeaweedFS, moto) and a real
 directory.  Objects must come back byte for byte, over S3 and over the
 anonymous HTTP GET that substituters use."""
 
@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.fakes import FakeStore
 from tests.support.requirements import require_binary
-from tests.support.services import SeaweedFS, free_ports, start_seaweedfs
+from tests.support.services import S3Server, free_ports, start_seaweedfs
 from uploader import signing
 from uploader._exceptions import TargetError, TransientTargetError
 from uploader.engine import Engine
@@ -33,15 +33,15 @@ NAR = "application/x-nix-nar"
 NARINFO = "text/x-nix-narinfo"
 
 
-def s3_target(weed: SeaweedFS, bucket: str, **options: int) -> S3Target:
+def s3_target(weed: S3Server, bucket: str, **options: int) -> S3Target:
     return S3Target(parse_store_url(weed.store_url(bucket)), **options)
 
 
 # S3 ----------------------------------------------------------------------------------
 
 
-def test_exists_and_get_see_only_what_was_put(seaweedfs: SeaweedFS, bucket: str) -> None:
-    target = open_target(seaweedfs.store_url(bucket))
+def test_exists_and_get_see_only_what_was_put(s3: S3Server, bucket: str) -> None:
+    target = open_target(s3.store_url(bucket))
     assert isinstance(target, S3Target)
     key = "0123456789abcdfghijklmnpqrsvwxyz.narinfo"
     assert target.exists(key) is False
@@ -51,50 +51,50 @@ def test_exists_and_get_see_only_what_was_put(seaweedfs: SeaweedFS, bucket: str)
 
     assert target.exists(key) is True
     assert target.get(key) == b"StorePath: x\n"
-    assert seaweedfs.get(bucket, key) == b"StorePath: x\n"
+    assert s3.get(bucket, key) == b"StorePath: x\n"
 
 
-def test_large_nar_goes_multipart_and_reads_back(seaweedfs: SeaweedFS, bucket: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_large_nar_goes_multipart_and_reads_back(s3: S3Server, bucket: str) -> None:
+    target = s3_target(s3, bucket)
     data = os.urandom(MULTIPART_THRESHOLD + 3 * MiB)
     key = "nar/large.nar.zst"
 
     target.put(key, io.BytesIO(data), len(data), NAR)
 
-    head = seaweedfs.client().head_object(Bucket=bucket, Key=key)
+    head = s3.client().head_object(Bucket=bucket, Key=key)
     # Multipart ETags are "<md5 of part md5s>-<number of parts>".
     assert "-" in head["ETag"].strip('"'), head["ETag"]
     assert head["ContentType"] == NAR
     assert head["ContentLength"] == len(data)
     assert target.get(key) == data
-    assert seaweedfs.get(bucket, key) == data
+    assert s3.get(bucket, key) == data
 
 
-def test_put_reads_size_bytes_from_the_current_position(seaweedfs: SeaweedFS, bucket: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_put_reads_size_bytes_from_the_current_position(s3: S3Server, bucket: str) -> None:
+    target = s3_target(s3, bucket)
     body = io.BytesIO(b"skipped|the NAR")
     body.seek(len(b"skipped|"))
 
     target.put("nar/small.nar", body, len(b"the NAR"), NAR)
 
-    assert seaweedfs.get(bucket, "nar/small.nar") == b"the NAR"
+    assert s3.get(bucket, "nar/small.nar") == b"the NAR"
 
 
-def test_content_types_are_set(seaweedfs: SeaweedFS, bucket: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_content_types_are_set(s3: S3Server, bucket: str) -> None:
+    target = s3_target(s3, bucket)
     nar = os.urandom(1000)
     target.put("nar/small.nar.xz", io.BytesIO(nar), len(nar), NAR)
     target.put_bytes("abc.narinfo", b"StorePath: x\n", NARINFO)
 
-    client = seaweedfs.client()
+    client = s3.client()
     assert client.head_object(Bucket=bucket, Key="nar/small.nar.xz")["ContentType"] == NAR
     assert client.head_object(Bucket=bucket, Key="abc.narinfo")["ContentType"] == NARINFO
-    assert seaweedfs.get(bucket, "nar/small.nar.xz") == nar
+    assert s3.get(bucket, "nar/small.nar.xz") == nar
 
 
 @pytest.mark.parametrize("size", [100, MULTIPART_THRESHOLD + MiB], ids=["single", "multipart"])
-def test_missing_bucket_is_named_as_such(seaweedfs: SeaweedFS, size: int) -> None:
-    target = s3_target(seaweedfs, "no-such-bucket-here")
+def test_missing_bucket_is_named_as_such(s3: S3Server, size: int) -> None:
+    target = s3_target(s3, "no-such-bucket-here")
     # HEAD and GET of a key in a missing bucket just say "not there".
     assert target.exists("nix-cache-info") is False
     assert target.get("nix-cache-info") is None
@@ -113,8 +113,8 @@ def fill(target: S3Target, keys: list[str]) -> None:
 
 
 @pytest.mark.parametrize("route", ["presigned", "boto3"])
-def test_listing_pages_through_the_top_level(seaweedfs: SeaweedFS, bucket: str, route: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_listing_pages_through_the_top_level(s3: S3Server, bucket: str, route: str) -> None:
+    target = s3_target(s3, bucket)
     if route == "boto3":
         target._fast = None  # as with a proxy configured
     narinfos = sorted(f"{nix32(os.urandom(20))}.narinfo" for _ in range(1150))
@@ -140,8 +140,8 @@ def test_listing_pages_through_the_top_level(seaweedfs: SeaweedFS, bucket: str, 
 
 
 @pytest.mark.parametrize("route", ["presigned", "boto3"])
-def test_object_listing_pages_with_sizes(seaweedfs: SeaweedFS, bucket: str, route: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_object_listing_pages_with_sizes(s3: S3Server, bucket: str, route: str) -> None:
+    target = s3_target(s3, bucket)
     if route == "boto3":
         target._fast = None
     nars = {f"nar/{nix32(os.urandom(32))}.nar.zst": n for n in range(1, 1031)}
@@ -169,8 +169,8 @@ def test_object_listing_pages_with_sizes(seaweedfs: SeaweedFS, bucket: str, rout
     assert target.open_object("log/y.drv") is None
 
 
-def test_engine_lookup_against_a_real_bucket(seaweedfs: SeaweedFS, bucket: str) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_engine_lookup_against_a_real_bucket(s3: S3Server, bucket: str) -> None:
+    target = s3_target(s3, bucket)
     present = [f"{nix32(os.urandom(20))}.narinfo" for _ in range(300)]
     absent = [f"{nix32(os.urandom(20))}.narinfo" for _ in range(300)]
     fill(target, present)
@@ -181,10 +181,8 @@ def test_engine_lookup_against_a_real_bucket(seaweedfs: SeaweedFS, bucket: str) 
         engine.close()
 
 
-def test_a_bucket_that_may_not_be_listed_falls_back_to_heads(
-    seaweedfs: SeaweedFS, bucket: str
-) -> None:
-    target = s3_target(seaweedfs, bucket)
+def test_a_bucket_that_may_not_be_listed_falls_back_to_heads(s3: S3Server, bucket: str) -> None:
+    target = s3_target(s3, bucket)
     target._fast = None
     denied = botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},

@@ -23,7 +23,8 @@ from tests.support.nix import build, multi_output_expr, nix_path_info, substitut
 from tests.support.services import NixDaemon, SeaweedFS
 from tests.support.users import SystemUser
 
-pytestmark = pytest.mark.integration
+# About the spool, the command line and users, not S3: one S3 server is enough.
+pytestmark = [pytest.mark.integration, pytest.mark.seaweedfs_only]
 
 # Session fixtures from tests/support/users.py, registered in this module by name.
 uploader_user = users.uploader_user

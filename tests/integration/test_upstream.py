@@ -1,7 +1,7 @@
 """Upstream caches: what another cache already serves is not uploaded again,
 yet the referrers are, and a machine using both caches gets the whole closure.
 
-The upstream is a second bucket on the same SeaweedFS, filled with `push`."""
+The upstream is a second bucket on the same S3 server, filled with `push`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build
-from tests.support.services import SeaweedFS, nix_client_env
+from tests.support.services import S3Server, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.storepath import basename, hash_part
 
@@ -38,8 +38,8 @@ def _pair_expr() -> str:
 }}"""
 
 
-def _narinfo(weed: SeaweedFS, bucket: str, path: str) -> NarInfo | None:
-    text = weed.get(bucket, f"{hash_part(path)}.narinfo")
+def _narinfo(s3: S3Server, bucket: str, path: str) -> NarInfo | None:
+    text = s3.get(bucket, f"{hash_part(path)}.narinfo")
     return NarInfo.parse(text.decode()) if text is not None else None
 
 
@@ -60,37 +60,37 @@ def _realise_from(caches: list[str], keys: list[str], path: str, root: Path) -> 
 
 
 def test_paths_an_upstream_cache_serves_are_not_uploaded_again(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     expr = _pair_expr()
     (dep,) = build(expr, attr="dep")
     upstream_keys = make_keys(tmp_path, "upstream-cache-1")
-    upstream_bucket = seaweedfs.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
-    run_cli("push", "--to", seaweedfs.store_url(upstream_bucket),
+    upstream_bucket = s3.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
+    run_cli("push", "--to", s3.store_url(upstream_bucket),
             "--secret-key-file", upstream_keys.secret_file, dep)  # fmt: skip
-    upstream_url = seaweedfs.http_url(upstream_bucket)
+    upstream_url = s3.http_url(upstream_bucket)
 
     uploader.extra_args = ["--upstream", upstream_url]
     uploader.start()
     (top,) = build(expr, attr="top", hook=str(uploader.hook))
     uploader.wait_drained(timeout=120)
 
-    top_info = _narinfo(seaweedfs, bucket, top)
+    top_info = _narinfo(s3, bucket, top)
     assert top_info is not None, f"the referrer was not uploaded:\n{uploader.log()}"
     assert basename(dep) in top_info.references
-    assert _narinfo(seaweedfs, bucket, dep) is None, "the upstream's path was uploaded again"
-    assert _narinfo(seaweedfs, upstream_bucket, dep) is not None
+    assert _narinfo(s3, bucket, dep) is None, "the upstream's path was uploaded again"
+    assert _narinfo(s3, upstream_bucket, dep) is not None
 
     # A machine with both caches gets the referrer from us, the dependency upstream.
     fresh = tmp_path / "fresh"
-    _realise_from([seaweedfs.http_url(bucket), upstream_url],
+    _realise_from([s3.http_url(bucket), upstream_url],
                   [keys.public, upstream_keys.public], top, fresh)  # fmt: skip
     assert (fresh / top.lstrip("/")).read_text().strip() == dep
     assert (fresh / dep.lstrip("/")).read_text().strip() == "dependency"
 
 
 def test_paths_signed_by_an_upstream_key_are_not_uploaded(
-    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+    uploader: UploaderRun, s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     expr = _pair_expr()
     (dep,) = build(expr, attr="dep")
@@ -104,7 +104,7 @@ def test_paths_signed_by_an_upstream_key_are_not_uploaded(
     (top,) = build(expr, attr="top", hook=str(uploader.hook))
     uploader.wait_drained(timeout=120)
 
-    top_info = _narinfo(seaweedfs, bucket, top)
+    top_info = _narinfo(s3, bucket, top)
     assert top_info is not None, f"the referrer was not uploaded:\n{uploader.log()}"
     assert basename(dep) in top_info.references
-    assert _narinfo(seaweedfs, bucket, dep) is None, "a path signed upstream was uploaded"
+    assert _narinfo(s3, bucket, dep) is None, "a path signed upstream was uploaded"

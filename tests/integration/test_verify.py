@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.nix import build, multi_output_expr, nix_path_info, substitute
-from tests.support.services import NixDaemon, SeaweedFS
+from tests.support.services import NixDaemon, S3Server
 from uploader.narinfo import NarInfo
 from uploader.signing import SecretKey
 from uploader.storepath import hash_part
@@ -32,7 +32,7 @@ def closure(nix_daemon: NixDaemon) -> dict[str, str]:
 
 
 class Bucket:
-    def __init__(self, weed: SeaweedFS, name: str, keys: KeyPair) -> None:
+    def __init__(self, weed: S3Server, name: str, keys: KeyPair) -> None:
         self.weed, self.name, self.keys = weed, name, keys
         self.url = weed.store_url(name)
         self.s3 = weed.client()
@@ -66,8 +66,8 @@ class Bucket:
 
 
 @pytest.fixture
-def pushed(seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, closure: dict[str, str]) -> Bucket:
-    b = Bucket(seaweedfs, bucket, keys)
+def pushed(s3: S3Server, bucket: str, keys: KeyPair, closure: dict[str, str]) -> Bucket:
+    b = Bucket(s3, bucket, keys)
     b.push(closure["out"])
     return b
 

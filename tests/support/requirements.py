@@ -6,15 +6,17 @@ missing program is a failure that says how to install it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import uuid
+from typing import NoReturn
 
 import pytest
 
-__all__ = ["add_path_with_references", "require_binary", "run_nix"]
+__all__ = ["add_path_with_references", "require_binary", "require_module", "run_nix"]
 
 
 def require_binary(name: str) -> str:
@@ -22,7 +24,17 @@ def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = f"{name} is not installed; run scripts/bootstrap to install it"
+    _missing(f"{name} is not installed; run scripts/bootstrap to install it")
+
+
+def require_module(name: str) -> None:
+    """Skip (locally) or fail (CI) unless Python module ``name`` can be imported."""
+    if importlib.util.find_spec(name) is not None:
+        return
+    _missing(f"Python module {name} is not installed; run scripts/bootstrap to install it")
+
+
+def _missing(message: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

@@ -1,4 +1,5 @@
-"""Real components for tests, benchmarks and the demo: nix-daemon and SeaweedFS.
+"""Real components for tests, benchmarks and the demo: nix-daemon and SeaweedFS
+(moto, the second S3 server of the tests, is in moto_server.py).
 
 Both are started on this machine only (loopback, private state directories)
 and stopped by whoever started them.  A nix-daemon that is already serving the
@@ -24,6 +25,7 @@ from pathlib import Path
 __all__ = [
     "DAEMON_SOCKET",
     "NixDaemon",
+    "S3Server",
     "SeaweedFS",
     "free_ports",
     "nix_client_env",
@@ -135,19 +137,15 @@ def start_nix_daemon() -> NixDaemon:
     return NixDaemon(process=proc, conf_dir=conf_dir)
 
 
-@dataclass
-class SeaweedFS:
-    """A `weed mini` serving S3 on 127.0.0.1."""
+class S3Server:
+    """What the tests need of an S3 server on 127.0.0.1: store URLs for it,
+    a boto3 client, buckets, and the anonymous HTTP GET substituters use."""
 
-    process: subprocess.Popen[bytes] | None
-    data_dir: str
-    s3_port: int
-    args: list[str]
-    log_path: str
+    name = "s3"
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        raise NotImplementedError
 
     def store_url(self, bucket: str, **params: str) -> str:
         query = "&".join(
@@ -174,6 +172,33 @@ class SeaweedFS:
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def get(self, bucket: str, key: str) -> bytes | None:
+        """Anonymous HTTP GET, as a substituter does; None on 404."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url(bucket)}/{key}") as r:
+                data: bytes = r.read()
+                return data
+        except urllib.error.HTTPError as e:
+            if e.code in (403, 404):
+                return None
+            raise
+
+
+@dataclass
+class SeaweedFS(S3Server):
+    """A `weed mini` serving S3 on 127.0.0.1."""
+
+    process: subprocess.Popen[bytes] | None
+    data_dir: str
+    s3_port: int
+    args: list[str]
+    log_path: str
+    name = "seaweedfs"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
 
     def start(self) -> None:
         """(Re)start the server on the same ports and data directory."""
@@ -223,17 +248,6 @@ class SeaweedFS:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        """Anonymous HTTP GET, as a substituter does; None on 404."""
-        try:
-            with urllib.request.urlopen(f"{self.http_url(bucket)}/{key}") as r:
-                data: bytes = r.read()
-                return data
-        except urllib.error.HTTPError as e:
-            if e.code in (403, 404):
-                return None
-            raise
 
 
 def start_seaweedfs(data_dir: str | None = None) -> SeaweedFS:

@@ -153,6 +153,25 @@ def test_without_credentials_entries_wait_with_one_line_until_they_appear(
     assert any("the cache takes the credentials now" in r.getMessage() for r in caplog.records)
 
 
+def test_a_failure_holding_back_many_entries_is_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path)
+    for name in ("a", "b", "c"):
+        s.entry(name, f"out {s.store.add(name)}")
+
+    def unreachable(*args: object) -> bool:
+        raise TransientTargetError("checking s3://cache: connection refused")
+
+    s.target.exists = unreachable  # type: ignore[method-assign]
+    s.target.list_keys = unreachable  # type: ignore[method-assign,assignment]
+    with caplog.at_level("DEBUG", logger="uploader.daemon"):
+        s.run_until(lambda d: sum(p.attempts for p in d._pending.values()) >= 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all(w.startswith("3 entries failed, retrying in") for w in warnings)
+    assert "connection refused" in warnings[0]
+
+
 def test_retry_after_sets_the_earliest_next_attempt(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     out = s.store.add("throttled")

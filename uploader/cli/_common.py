@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from uploader import __version__
+from uploader import __version__, redact
 from uploader._exceptions import ConfigError
 from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
@@ -52,7 +52,8 @@ def setup_logging(verbose: int) -> None:
     """One line per event on stderr, no timestamps (journald adds its own)."""
     level = logging.WARNING - 10 * verbose if verbose >= 0 else logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(redact.RedactingFormatter("%(levelname)s %(message)s"))
+    redact.install()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.DEBUG))
@@ -65,7 +66,7 @@ def setup_logging(verbose: int) -> None:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {redact.scrub(message)}", err=True)
     sys.exit(code)
 
 

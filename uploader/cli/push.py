@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from uploader import redact
 from uploader._exceptions import UploaderError
 from uploader.cli._common import EXIT_FAILURE, fail, main, make_engine, setup_logging, verbosity
 from uploader.cli._common import secret_key_file as cli_key_file
@@ -89,7 +90,7 @@ def push(
 
 def _report(result: PushResult, method: str, quiet: bool) -> None:
     for path, error in sorted(result.failed.items()):
-        click.echo(f"error: {path}: {error}", err=True)
+        click.echo(redact.scrub(f"error: {path}: {error}"), err=True)
     if quiet and result.ok:
         return
     line = (

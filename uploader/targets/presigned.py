@@ -10,12 +10,16 @@ makes about 2.5 times as many small requests per second as `put_object` and
 botocore's own overhead, not the network, was the limit.
 
 Failures come back as botocore ``ClientError``s shaped like boto3's, so the
-S3 target maps them to our errors in one place.  When a proxy is configured
+S3 target maps them to our errors in one place.  A presigned URL is a
+credential while it lasts: failures quote it scrubbed (redact.py), and
+urllib3's own "Retrying …" warning, which quotes it whole and comes once per
+attempt, is demoted to a debug line.  When a proxy is configured
 the target keeps to boto3, which knows how to use it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.request
@@ -29,6 +33,8 @@ import urllib3
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 
+from uploader.redact import remember_credentials, scrub
+
 __all__ = ["Listing", "PresignedRequests", "usable_for"]
 
 # Presigned URLs are used at once; a short life limits what a leaked one is worth.
@@ -37,6 +43,21 @@ _TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 _PROBE = "nix-cache-uploader-probe"
 # Keys per listing page: S3's maximum.
 LIST_PAGE = 1000
+
+
+class _RetriesAtDebug(logging.Filter):
+    """urllib3 warns at each retry of a request; one failure episode is one
+    line, logged by whoever gives up or retries later (the daemon, `push`).
+    The per-attempt detail is a debug line, kept only when debugging."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Retrying"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+_RETRY_FILTER = _RetriesAtDebug()
 
 
 def usable_for() -> bool:
@@ -48,7 +69,14 @@ class PresignedRequests:
     """HEAD and PUT of small objects through presigned URLs."""
 
     def __init__(
-        self, client: Any, session: Any, bucket: str, *, max_connections: int, max_attempts: int
+        self,
+        client: Any,
+        session: Any,
+        bucket: str,
+        *,
+        max_connections: int,
+        max_attempts: int,
+        read_timeout: float,
     ) -> None:
         self._session = session
         self._client = client
@@ -63,10 +91,11 @@ class PresignedRequests:
             raise_on_status=False,
             respect_retry_after_header=True,
         )
+        logging.getLogger("urllib3.connectionpool").addFilter(_RETRY_FILTER)
         self._http = urllib3.PoolManager(
             maxsize=max_connections,
             retries=retries,
-            timeout=urllib3.Timeout(connect=10, read=60),
+            timeout=urllib3.Timeout(connect=10, read=read_timeout),
             ca_certs=os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True),
         )
 
@@ -116,7 +145,7 @@ class PresignedRequests:
         try:
             response = self._http.request("GET", url)
         except urllib3.exceptions.HTTPError as e:
-            raise ConnectionError(f"{type(e).__name__}: {e}") from e
+            raise _connection_error(e) from None
         if response.status >= 300:
             raise _client_error(response, "ListObjectsV2")
         return Listing.parse(response.data)
@@ -125,12 +154,12 @@ class PresignedRequests:
         credentials = self._session.get_credentials()
         if credentials is None:
             raise botocore.exceptions.NoCredentialsError()
+        frozen = credentials.get_frozen_credentials()
+        remember_credentials(frozen)
         request = AWSRequest(
             method=method, url=self._prefix + quote(key, safe="/~"), headers=headers
         )
-        S3SigV4QueryAuth(
-            credentials.get_frozen_credentials(), "s3", self._region, expires=_EXPIRES
-        ).add_auth(request)
+        S3SigV4QueryAuth(frozen, "s3", self._region, expires=_EXPIRES).add_auth(request)
         url: str = request.url
         return url
 
@@ -141,7 +170,7 @@ class PresignedRequests:
         try:
             response = self._http.request(method, url, body=body, headers=headers)
         except urllib3.exceptions.HTTPError as e:
-            raise ConnectionError(f"{type(e).__name__}: {e}") from e
+            raise _connection_error(e) from None
         if response.status >= 300:
             raise _client_error(response, operation)
         data: bytes = response.data
@@ -187,6 +216,12 @@ class Listing:
 
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
+
+
+def _connection_error(e: urllib3.exceptions.HTTPError) -> ConnectionError:
+    """The failure, without the signed URL urllib3 quotes (nor the chain to
+    the exception that holds it: a traceback would print it)."""
+    return ConnectionError(scrub(f"{type(e).__name__}: {e}"))
 
 
 def _client_error(response: urllib3.BaseHTTPResponse, operation: str) -> Exception:

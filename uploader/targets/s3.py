@@ -18,6 +18,7 @@ from botocore.config import Config
 from s3transfer.manager import TransferConfig, TransferManager
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
+from uploader.redact import scrub
 from uploader.targets import KeyPage, ObjectPage
 from uploader.targets.credentials import (
     REJECTED_CODES,
@@ -64,7 +65,9 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(e: Exception, action: str, where: str, profile: str | None = None) -> TargetError:
-    """Turn a botocore failure into our error, transient or not."""
+    """Turn a botocore failure into our error, transient or not.  What the
+    client said is scrubbed: botocore and urllib3 quote the (presigned) URL
+    they failed on."""
     if isinstance(e, botocore.exceptions.NoCredentialsError):
         return missing_credentials(action, where, profile)
     if isinstance(e, botocore.exceptions.ClientError):
@@ -73,7 +76,7 @@ def _describe(e: Exception, action: str, where: str, profile: str | None = None)
         status = _status(e)
         if code in REJECTED_CODES:
             return rejected_credentials(action, where, code)
-        msg = f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip()
+        msg = scrub(f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip())
         if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
             headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return TransientTargetError(msg, retry_after=_retry_after(headers.get("retry-after")))
@@ -81,8 +84,8 @@ def _describe(e: Exception, action: str, where: str, profile: str | None = None)
             return _no_bucket(action, where)
         return TargetError(msg)
     if isinstance(e, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
-        return TransientTargetError(f"{action} {where}: {e}")
-    return TargetError(f"{action} {where}: {e}")
+        return TransientTargetError(f"{action} {where}: {scrub(str(e))}")
+    return TargetError(f"{action} {where}: {scrub(str(e))}")
 
 
 def _no_bucket(action: str, where: str) -> TargetError:
@@ -109,7 +112,14 @@ def _transfer_config() -> TransferConfig:
 class S3Target:
     """An S3 bucket addressed by a Nix store URL."""
 
-    def __init__(self, url: StoreUrl, *, max_connections: int = 16, max_attempts: int = 4) -> None:
+    def __init__(
+        self,
+        url: StoreUrl,
+        *,
+        max_connections: int = 16,
+        max_attempts: int = 4,
+        read_timeout: float = 60,
+    ) -> None:
         self.url = url
         self.bucket = url.bucket
         try:
@@ -129,7 +139,7 @@ class S3Target:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             connect_timeout=10,
-            read_timeout=60,
+            read_timeout=read_timeout,
             s3={
                 # Self-hosted endpoints rarely have wildcard DNS for bucket names.
                 "addressing_style": url.params.get(
@@ -150,6 +160,7 @@ class S3Target:
                 self.bucket,
                 max_connections=max_connections,
                 max_attempts=max_attempts,
+                read_timeout=read_timeout,
             )
             if usable_for()
             else None

@@ -1,0 +1,126 @@
+"""Uploads through an S3 server that misbehaves: 503 SlowDown with
+Retry-After, 500, connections cut halfway through a request or a response,
+stalls.  Each push and daemon run must end with every path in the cache, and
+at no moment may a narinfo have been written before its NAR was complete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_daemon import assert_bucket_consistent, assert_substitutes, dag_expr
+from tests.support.cli import KeyPair, run_cli
+from tests.support.daemon import UploaderRun
+from tests.support.faults import FaultProxy, Rule
+from tests.support.nix import build, multi_output_expr
+from tests.support.services import SeaweedFS
+from uploader.narinfo import NarInfo
+
+# The proxy stands in front of SeaweedFS: what is tested is the client's
+# handling of faults, not a second server's.
+pytestmark = [pytest.mark.integration, pytest.mark.seaweedfs_only]
+
+KINDS = ["slowdown", "error", "drop-request", "drop-response", "stall"]
+
+
+@pytest.fixture
+def faults(seaweedfs: SeaweedFS) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(seaweedfs)
+    yield proxy
+    proxy.stop()
+
+
+def assert_written_in_order(proxy: FaultProxy, bucket: str) -> int:
+    """Invariants 1 and 2 in the order the server accepted writes: each
+    narinfo after its whole NAR and after its references' narinfos."""
+    done: dict[str, int] = {}
+    for i, r in enumerate(proxy.accepted):
+        key = r.path.removeprefix(f"/{bucket}/")
+        single_put = r.method == "PUT" and "uploadId=" not in r.query
+        multipart_completed = r.method == "POST" and "uploadId=" in r.query
+        if single_put or multipart_completed:
+            done.setdefault(key, i)
+    narinfos = [k for k in done if k.endswith(".narinfo")]
+    for key in narinfos:
+        text = proxy.get(bucket, key)
+        assert text is not None, key
+        info = NarInfo.parse(text.decode())
+        assert done.get(info.url, len(done) + 1) < done[key], f"{key} written before {info.url}"
+        for ref in info.references:
+            ref_key = f"{ref[:32]}.narinfo"
+            if ref_key != key:
+                assert done.get(ref_key, len(done) + 1) < done[key], f"{key} before {ref_key}"
+    return len(narinfos)
+
+
+def rules_for(kind: str, count: int = 2) -> list[Rule]:
+    """``count`` faults of one kind on NAR and narinfo writes, one on a HEAD."""
+    return [
+        Rule(kind, "PUT", r"/nar/", count=count),
+        Rule(kind, "PUT", r"\.narinfo\?", count=count),
+        Rule(kind, "HEAD", r"/nix-cache-info\?", count=1),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_survives(
+    faults: FaultProxy, bucket: str, keys: KeyPair, tmp_path: Path, kind: str
+) -> None:
+    expr = multi_output_expr()
+    out = build(expr)[0]
+    faults.add(*rules_for(kind))
+
+    result = run_cli("push", "--to", faults.store_url(bucket), "--secret-key-file",
+                     keys.secret_file, out, check=False)  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert "uploaded 3 paths" in result.stderr
+    assert [r.hits for r in faults.rules] == [r.count for r in faults.rules], "faults not met"
+    assert assert_written_in_order(faults, bucket) == 3
+    assert assert_bucket_consistent(faults, bucket) == 3
+    assert_substitutes(faults, bucket, [out], keys, tmp_path / "fresh")
+
+
+def test_multipart_upload_survives_a_cut_part_and_a_failed_completion(
+    faults: FaultProxy, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    salt = tmp_path.name
+    expr = f"""derivation {{
+      name = "large-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+      PATH = "/usr/bin:/bin";
+      args = ["-c" "mkdir $out; head -c 20000000 /dev/urandom > $out/blob"];
+    }}"""
+    (path,) = build(expr)
+    faults.add(
+        Rule("drop-request", "PUT", r"[?&]partNumber=2(&|$)", count=1),
+        Rule("error", "POST", r"uploadId=", count=1),
+    )
+
+    run_cli("push", "--to", faults.store_url(bucket, compression="none"),
+            "--secret-key-file", keys.secret_file, path)  # fmt: skip
+
+    assert [r.hits for r in faults.rules] == [1, 1], "faults not met"
+    assert assert_written_in_order(faults, bucket) == 1
+    assert assert_bucket_consistent(faults, bucket) == 1
+    assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
+
+
+def test_daemon_survives_every_kind_at_once(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    # More faults than one request's retries absorb: some entries fail an
+    # attempt and wait for the daemon's own backoff.
+    for kind in KINDS:
+        faults.add(*rules_for(kind, count=3))
+    uploader.store_url = faults.store_url(bucket)
+    uploader.start()
+    outputs = build(dag_expr(12), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=300)
+
+    assert all(r.hits for r in faults.rules if r.method == "PUT"), "faults not met"
+    assert assert_written_in_order(faults, bucket) == 12
+    assert assert_bucket_consistent(faults, bucket) == 12
+    assert_substitutes(faults, bucket, outputs, keys, tmp_path / "fresh")
+    assert uploader.stop() == 0
