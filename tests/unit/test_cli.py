@@ -170,8 +170,8 @@ def test_status_of_a_state_directory_reports_the_spool_its_daemon_serves(
 
 def test_keygen_leaves_no_half_pair_behind(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
-    result = cli("keygen", "test-1", str(secret), "/proc/nix-cache-uploader-test.pub")
-    one_error_line(result, "/proc/nix-cache-uploader-test.pub", "was not kept")
+    result = cli("keygen", "test-1", str(secret), "/proc/keygen-test.pub")
+    one_error_line(result, "/proc/keygen-test.pub", "was not kept")
     assert not secret.exists()
     # So that the retry, with a good path, works.
     assert cli("keygen", "test-1", str(secret), str(tmp_path / "public")).exit_code == EXIT_OK
