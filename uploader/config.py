@@ -56,6 +56,8 @@ class Settings:
     known_ttl: float = 7 * 86400.0
     metrics: str | None = None
     low_priority: bool = True
+    upload_logs: bool = False
+    write_nar_listing: bool = False
 
     def require(self, *names: str) -> None:
         for name in names:

@@ -39,6 +39,7 @@ from uploader._exceptions import (
     UploaderError,
     VerificationError,
 )
+from uploader.buildlogs import LOG_TYPE, log_key, read_build_log
 from uploader.config import Settings
 from uploader.engine import DependencyFailed, Engine, PushResult
 from uploader.gcroots import GcRoots
@@ -408,6 +409,27 @@ class Daemon:
                 time.monotonic() - queried,
             )
         self._settle(ready, infos, result)
+        if self.settings.upload_logs and result.uploaded:
+            await asyncio.to_thread(self._upload_logs, entries, ready, set(result.uploaded))
+
+    def _upload_logs(
+        self, entries: list[Entry], ready: dict[str, list[str]], uploaded: set[str]
+    ) -> None:
+        """The build logs of the entries this batch uploaded outputs of.  A
+        log is an extra: failing to publish it is said, and costs no entry."""
+        for entry in entries:
+            if entry.drv is None or not uploaded.intersection(ready.get(entry.name, ())):
+                continue
+            text = read_build_log(entry.drv)
+            if text is None:
+                log.debug("%s: no build log to upload", entry.drv)
+                continue
+            try:
+                self.engine.target.put_bytes(log_key(entry.drv), text, LOG_TYPE)
+            except TargetError as e:
+                log.warning("%s: build log not uploaded: %s", entry.drv, e)
+                continue
+            log.info("uploaded the build log of %s", entry.drv)
 
     def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:
         """Each entry's outputs that are valid in the store.  Entries that have

@@ -32,6 +32,7 @@ from typing import IO, Any, Protocol, TypeVar
 from uploader._exceptions import TargetError, UploaderError, VerificationError
 from uploader.compression import THREADED_ABOVE, extension, open_compressor
 from uploader.narinfo import NarInfo
+from uploader.narlisting import NarListing
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
 from uploader.signing import SecretKey
@@ -129,6 +130,7 @@ class _Prepared:
     file_hash: bytes
     file_size: int
     filename: str | None = None
+    listing: bytes | None = None  # the .ls JSON, with write_nar_listing
 
 
 class _HashingWriter:
@@ -192,6 +194,7 @@ class Engine:
         known: KnownPaths | None = None,
         is_upstream: Callable[[list[PathInfo]], set[str]] | None = None,
         on_uploaded: Callable[[PathInfo, float, int], None] | None = None,
+        write_nar_listing: bool = False,
     ) -> None:
         extension(compression)  # validates the method early
         self.store = store
@@ -203,6 +206,8 @@ class Engine:
         self.tmp_dir = tmp_dir
         self.known = known
         self.is_upstream = is_upstream
+        # A <hash>.ls beside each narinfo, as Nix's write-nar-listing.
+        self.write_nar_listing = write_nar_listing
         # Told (path, seconds, compressed size) after each upload: metrics.
         self.on_uploaded = on_uploaded
         self._pool = ThreadPoolExecutor(
@@ -535,10 +540,13 @@ class Engine:
             )
             nar_sha = hashlib.sha256()
             nar_size = 0
+            listing = NarListing() if self.write_nar_listing else None
             for chunk in self.store.dump(info.path):
                 nar_sha.update(chunk)
                 nar_size += len(chunk)
                 compressor.write(chunk)
+                if listing is not None:
+                    listing.feed(chunk)
             compressor.close()
             nar_hash = format_hash(nar_sha.digest())
             if nar_hash != info.nar_hash or nar_size != info.nar_size:
@@ -557,6 +565,7 @@ class Engine:
                 file_hash=sink.sha.digest(),
                 file_size=sink.size,
                 filename=getattr(body, "name", None),
+                listing=listing.json() if listing is not None else None,
             )
         except OSError as e:
             body.close()
@@ -592,6 +601,11 @@ class Engine:
         others = tuple(s for s in info.sigs if s.split(":", 1)[0] != self._key.name)
         signed = NarInfo(**{**unsigned.__dict__, "sigs": (*others, ours)})
         try:
+            if prepared.listing is not None:
+                # Before the narinfo, as Nix does: whoever sees it finds its listing.
+                self.target.put_bytes(
+                    f"{hash_part(info.path)}.ls", prepared.listing, "application/json"
+                )
             self.target.put_bytes(
                 narinfo_key(info.path), signed.render().encode(), "text/x-nix-narinfo"
             )

@@ -105,11 +105,20 @@ def test_integer_compression_levels_parse(level: str) -> None:
 
 def test_nix_only_parameters_warn_but_parse(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="uploader.targets.url"):
-        url = parse_store_url("s3://my-cache?parallel-compression=true&write-nar-listing=1")
+        url = parse_store_url("s3://my-cache?parallel-compression=true&write-debug-info=1")
     assert url.bucket == "my-cache"
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "parallel-compression" in warned
-    assert "write-nar-listing" in warned
+    assert "write-debug-info" in warned
+
+
+def test_write_nar_listing_is_honoured_in_nix_spellings() -> None:
+    assert parse_store_url("s3://my-cache?write-nar-listing=1").write_nar_listing
+    assert parse_store_url("file:///c?write-nar-listing=true").write_nar_listing
+    assert not parse_store_url("file:///c?write-nar-listing=false").write_nar_listing
+    assert not parse_store_url("file:///c").write_nar_listing
+    with pytest.raises(ConfigError, match="write-nar-listing must be true or false"):
+        parse_store_url("file:///c?write-nar-listing=maybe")
 
 
 def test_redacted_hides_the_secret_key() -> None:

@@ -130,6 +130,7 @@ def make_engine(
     known: KnownCache | None = None,
     upstreams: Upstreams | None = None,
     store: NixStore | None = None,
+    write_nar_listing: bool = False,
 ) -> Engine:
     """The engine for a store URL; flags win over the URL's own parameters."""
     url = parse_store_url(store_url)
@@ -148,6 +149,7 @@ def make_engine(
         tmp_dir=tmp_dir,
         known=known,
         is_upstream=upstreams.served if upstreams else None,
+        write_nar_listing=write_nar_listing or url.write_nar_listing,
     )
 
 

@@ -66,6 +66,14 @@ log = logging.getLogger("nix-cache-uploader")
     help="Run at nice 19, autogroup nice 19 and idle IO class, behind builds [default: low].",
 )  # fmt: skip
 @click.option(
+    "--write-nar-listing/--no-write-nar-listing", "write_nar_listing", default=None,
+    help="A <hash>.ls listing beside each narinfo, as Nix's write-nar-listing [default: no].",
+)  # fmt: skip
+@click.option(
+    "--upload-logs/--no-upload-logs", "upload_logs", default=None,
+    help="Publish each uploaded build's log as log/<drv> for `nix log` [default: no].",
+)  # fmt: skip
+@click.option(
     "--metrics", default=None, metavar="[HOST:]PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (host defaults to 127.0.0.1).",
 )  # fmt: skip
@@ -159,6 +167,7 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
         tmp_dir=settings.tmp_dir,
         known=known,
         upstreams=upstreams if upstreams else None,
+        write_nar_listing=settings.write_nar_listing,
     )
     metrics = None
     if settings.metrics:

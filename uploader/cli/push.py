@@ -43,6 +43,10 @@ from uploader.storepath import to_store_path
     "-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
     help="Paths processed at once.",
 )  # fmt: skip
+@click.option(
+    "--write-nar-listing", is_flag=True,
+    help="A <hash>.ls listing beside each narinfo (as the URL's write-nar-listing=true).",
+)  # fmt: skip
 @verbosity
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 def push(
@@ -51,6 +55,7 @@ def push(
     compression: str | None,
     compression_level: int | None,
     jobs: int,
+    write_nar_listing: bool,
     verbose: int,
     quiet: bool,
     paths: tuple[str, ...],
@@ -69,6 +74,7 @@ def push(
             compression=compression,
             compression_level=compression_level,
             jobs=jobs,
+            write_nar_listing=write_nar_listing,
         )
         roots = [to_store_path(p) for p in paths]
     except UploaderError as e:

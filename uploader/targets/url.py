@@ -25,7 +25,14 @@ _S3_PARAMS = {"region", "endpoint", "scheme", "profile", "addressing-style"}
 _ADDRESSING_STYLES = ("auto", "path", "virtual")
 # Nix's spellings of a boolean setting.
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
-_COMMON_PARAMS = {"compression", "compression-level", "secret-key", "priority", "want-mass-query"}
+_COMMON_PARAMS = {
+    "compression",
+    "compression-level",
+    "secret-key",
+    "priority",
+    "want-mass-query",
+    "write-nar-listing",
+}
 # Accepted for compatibility with URLs written for `nix copy`; they tune Nix's
 # own writer and have no counterpart here.
 _IGNORED_PARAMS = {
@@ -34,7 +41,6 @@ _IGNORED_PARAMS = {
     "multipart-chunk-size",
     "multipart-threshold",
     "buffer-size",
-    "write-nar-listing",
     "write-debug-info",
     "ls-compression",
     "narinfo-compression",
@@ -67,6 +73,11 @@ class StoreUrl:
     @property
     def compression(self) -> str | None:
         return self.params.get("compression")
+
+    @property
+    def write_nar_listing(self) -> bool:
+        """Nix's ``write-nar-listing=true``: a ``<hash>.ls`` beside each narinfo."""
+        return _BOOLEANS[self.params.get("write-nar-listing", "false")]
 
     @property
     def secret_key_file(self) -> str | None:
@@ -182,8 +193,8 @@ def _check_values(url: str, result: StoreUrl) -> None:
     priority = params.get("priority")
     if priority is not None and not (priority.isascii() and priority.isdigit()):
         raise ConfigError(f"store URL {url!r}: priority must be a non-negative integer")
-    mass_query = params.get("want-mass-query")
-    if mass_query is not None and mass_query not in _BOOLEANS:
-        raise ConfigError(f"store URL {url!r}: want-mass-query must be true or false")
+    for flag in ("want-mass-query", "write-nar-listing"):
+        if params.get(flag, "true") not in _BOOLEANS:
+            raise ConfigError(f"store URL {url!r}: {flag} must be true or false")
     if "secret-key" in params and not os.path.isabs(params["secret-key"]):
         raise ConfigError(f"store URL {url!r}: secret-key must be an absolute path")
