@@ -11,6 +11,7 @@ docs/fleet.md.  This package uses the core (narinfo, signing, targets,
 engine); nothing in the core uses it.
 """
 
+from uploader.quorum.attest import Attester
 from uploader.quorum.attestation import VERSION, Attestation, Claim, StagedNar
 from uploader.quorum.layout import check_builder_name
 from uploader.quorum.tally import CONFLICT, READY, WAITING, Verdict, judge
@@ -21,6 +22,7 @@ __all__ = [
     "VERSION",
     "WAITING",
     "Attestation",
+    "Attester",
     "Claim",
     "StagedNar",
     "Verdict",
