@@ -8,13 +8,21 @@ NAR as is.
 from __future__ import annotations
 
 import lzma
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
 from uploader._exceptions import ConfigError
 
-__all__ = ["METHODS", "Compressor", "check_level", "check_method", "extension", "open_compressor"]
+__all__ = [
+    "METHODS",
+    "Compressor",
+    "check_level",
+    "check_method",
+    "extension",
+    "open_compressor",
+    "open_decompressed",
+]
 
 METHODS = ("zstd", "xz", "none")
 _EXTENSIONS = {"zstd": ".zst", "xz": ".xz", "none": ""}
@@ -110,3 +118,16 @@ def open_compressor(
     cctx = zstandard.ZstdCompressor(compression_params=params)
     writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)
     return writer
+
+
+def open_decompressed(method: str, raw: IO[bytes]) -> IO[bytes]:
+    """A reader of what ``raw`` (compressed with ``method``) decompresses to;
+    each ``read(n)`` returns at most n bytes, whatever the compression ratio."""
+    check_method(method)
+    if method == "none":
+        return raw
+    if method == "xz":
+        return lzma.open(raw, "rb")
+    # NARs written by other tools may hold several frames.
+    reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return reader

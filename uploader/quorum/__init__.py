@@ -13,7 +13,10 @@ engine); nothing in the core uses it.
 
 from uploader.quorum.attest import Attester
 from uploader.quorum.attestation import VERSION, Attestation, Claim, StagedNar
+from uploader.quorum.bucket import Bucket, open_bucket
 from uploader.quorum.layout import check_builder_name
+from uploader.quorum.publish import PassResult, Publisher
+from uploader.quorum.status import quorum_status
 from uploader.quorum.tally import CONFLICT, READY, WAITING, Verdict, judge
 
 __all__ = [
@@ -23,9 +26,14 @@ __all__ = [
     "WAITING",
     "Attestation",
     "Attester",
+    "Bucket",
     "Claim",
+    "PassResult",
+    "Publisher",
     "StagedNar",
     "Verdict",
     "check_builder_name",
     "judge",
+    "open_bucket",
+    "quorum_status",
 ]

@@ -77,9 +77,9 @@ def parse_attestation_key(key: str) -> tuple[str, str] | None:
     return (hashpart, builder) if hashpart and builder else None
 
 
-def conflict_key(store_path: str) -> str:
-    return f"{CONFLICTS}{hash_part(store_path)}.json"
+def conflict_key(hashpart: str) -> str:
+    return f"{CONFLICTS}{hashpart}.json"
 
 
-def published_key(store_path: str) -> str:
-    return f"{PUBLISHED}{hash_part(store_path)}.json"
+def published_key(hashpart: str) -> str:
+    return f"{PUBLISHED}{hashpart}.json"
