@@ -20,6 +20,7 @@ import pytest
 import zstandard
 
 from tests.support.cli import KeyPair, make_keys, run_cli
+from tests.support.daemon import UploaderRun
 from tests.support.nix import build, nix_path_info, substitute
 from tests.support.services import NixDaemon, SeaweedFS, nix_client_env
 from uploader.narinfo import NarInfo
@@ -322,3 +323,49 @@ def assert_closed(weed: SeaweedFS, bucket: str, infos: dict[str, bytes]) -> None
         for ref in info.references:
             if ref != basename(info.store_path):
                 assert f"{ref[:32]}.narinfo" in present, f"{key}: reference {ref} unpublished"
+
+
+def test_the_daemon_in_attest_mode_attests_each_build_and_signs_no_narinfo(
+    nix_daemon: NixDaemon,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    fleet: dict[str, KeyPair],
+    tmp_path: Path,
+) -> None:
+    url = seaweedfs.store_url(bucket)
+    run = UploaderRun(root=tmp_path / "builder-a", store_url=url, secret_key_file="")
+    run.config_file = tmp_path / "builder-a.toml"
+    run.config_file.write_text(
+        f'to = "{url}"\nattest-key-file = "{fleet["a"].secret_file}"\n'
+        f'spool = "{run.spool}"\nstate-dir = "{run.state_dir}"\n'
+        f'gc-roots-dir = "{run.gc_roots}"\nlow-priority = false\n'
+    )
+    run.start()
+    try:
+        top = build(chain_expr(uuid.uuid4().hex[:10], 2), hook=str(run.hook))[0]
+        run.wait_drained()
+    finally:
+        run.stop()
+    paths = closure(top)
+    attested = keys_in(seaweedfs, bucket, "quorum/v1/attestations/")
+    assert attested == sorted(f"quorum/v1/attestations/{hash_part(p)}/ci-a-1.json" for p in paths)
+    assert narinfos(seaweedfs, bucket) == {}
+    assert keys_in(seaweedfs, bucket, "nar/") == []
+
+
+def test_attestations_that_never_reach_the_quorum_expire_reported(
+    nix_daemon: NixDaemon, seaweedfs: SeaweedFS, bucket: str, fleet: dict[str, KeyPair]
+) -> None:
+    url = seaweedfs.store_url(bucket)
+    path = build(chain_expr(uuid.uuid4().hex[:10], 1))[0]
+    attest(url, fleet["a"], path)
+    kept = run_cli(*publish_args(url, fleet))
+    assert "expir" not in kept.stderr
+    assert keys_in(seaweedfs, bucket, "quorum/v1/staging/") != []
+
+    expired = run_cli(*publish_args(url, fleet), "--expire-days", "0")
+    assert f"expiring {path}: attested by ci-a-1, never published" in expired.stderr
+    assert "1 expired" in expired.stderr
+    assert keys_in(seaweedfs, bucket, "quorum/v1/attestations/") == []
+    assert keys_in(seaweedfs, bucket, "quorum/v1/staging/") == []
+    assert narinfos(seaweedfs, bucket) == {}
