@@ -40,6 +40,7 @@ class Settings:
 
     to: str | None = None
     secret_key_file: str | None = None
+    attest_key_file: str | None = None  # attest mode (uploader.quorum): no cache key
     spool: str = DEFAULT_SPOOL
     state_dir: str = DEFAULT_STATE_DIR
     gc_roots_dir: str = DEFAULT_GC_ROOTS

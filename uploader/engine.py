@@ -45,7 +45,9 @@ __all__ = [
     "Engine",
     "Progress",
     "PushResult",
+    "Recorder",
     "StoreView",
+    "StoredNar",
     "narinfo_key",
     "worker_threads",
 ]
@@ -100,6 +102,32 @@ class KnownPaths(Protocol):
     def known(self, hash_parts: Iterable[str]) -> set[str]: ...
 
     def remember(self, hash_parts: Iterable[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredNar:
+    """A verified NAR, compressed and stored in the target under ``url``."""
+
+    url: str
+    compression: str
+    file_hash: str  # sha256:<nix32>
+    file_size: int
+
+
+class Recorder(Protocol):
+    """What the engine writes for a path once its NAR is verified and stored,
+    instead of a narinfo signed with the cache key: attest mode (see
+    uploader.quorum) writes a builder's attestation."""
+
+    def done_key(self, path: str) -> str:
+        """The object whose presence means the path (and its closure) is done."""
+        ...
+
+    def nar_key(self, file_hash: bytes, extension: str) -> str:
+        """Where the compressed NAR with this sha256 goes."""
+        ...
+
+    def record(self, info: PathInfo, nar: StoredNar) -> None: ...
 
 
 class Progress(Protocol):
@@ -185,7 +213,7 @@ class Engine:
         self,
         store: StoreView,
         target: Target,
-        key: SecretKey,
+        key: SecretKey | None,
         *,
         compression: str = "zstd",
         compression_level: int | None = None,
@@ -194,12 +222,16 @@ class Engine:
         known: KnownPaths | None = None,
         is_upstream: Callable[[list[PathInfo]], set[str]] | None = None,
         on_uploaded: Callable[[PathInfo, float, int], None] | None = None,
+        recorder: Recorder | None = None,
         write_nar_listing: bool = False,
     ) -> None:
         extension(compression)  # validates the method early
+        if (key is None) == (recorder is None):
+            raise ValueError("an engine signs narinfos with a key or hands NARs to a recorder")
         self.store = store
         self.target = target
         self._key = key
+        self.recorder = recorder
         self.compression = compression
         self.compression_level = compression_level
         self.jobs = max(1, jobs)
@@ -284,10 +316,13 @@ class Engine:
         hashes = self.known.known(hash_part(p) for p in paths)
         return {p for p in paths if hash_part(p) in hashes}
 
+    def _done_key(self, path: str) -> str:
+        return self.recorder.done_key(path) if self.recorder else narinfo_key(path)
+
     async def _ask(self, paths: list[str]) -> set[str]:
         """Those of ``paths`` the cache holds, asked of it (and remembered)."""
-        found = await self._lookup([narinfo_key(p) for p in paths])
-        present = {p for p in paths if narinfo_key(p) in found}
+        found = await self._lookup([self._done_key(p) for p in paths])
+        present = {p for p in paths if self._done_key(p) in found}
         if self.known is not None and present:
             self.known.remember(hash_part(p) for p in sorted(present))
         return present
@@ -386,8 +421,13 @@ class Engine:
         rest = sorted(set(keys))
         # A page spans a share of the hash space; it settles about that share
         # of the keys.  Learnt from the last full page: a cache much larger
-        # than the batch is not listed again.
-        if len(rest) >= _LIST_FROM and len(rest) * self._page_span >= _LIST_MIN_SETTLED:
+        # than the batch is not listed again.  A recorder's keys are not
+        # top-level keys, which are all a listing shows.
+        if (
+            self.recorder is None
+            and len(rest) >= _LIST_FROM
+            and len(rest) * self._page_span >= _LIST_MIN_SETTLED
+        ):
             streams = min(_LIST_STREAMS, len(rest) // _LIST_FROM)
             size = -(-len(rest) // streams)
             ranges = [rest[i : i + size] for i in range(0, len(rest), size)]
@@ -449,7 +489,7 @@ class Engine:
                             store_path=path,
                             cause=error,
                         )
-            await self._run(self._put_narinfo, info, url, prepared)
+            await self._run(self._record, info, url, prepared)
         except UploaderError as e:
             if e.store_path is None:
                 e.store_path = path
@@ -504,6 +544,8 @@ class Engine:
         return url, prepared
 
     def _nar_url(self, prepared: _Prepared) -> str:
+        if self.recorder is not None:
+            return self.recorder.nar_key(prepared.file_hash, extension(self.compression))
         return f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
 
     def _upload_small_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
@@ -584,7 +626,17 @@ class Engine:
         else:
             self.target.put(url, prepared.body, prepared.file_size, NAR_TYPE)
 
+    def _record(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
+        if self.recorder is not None:
+            stored = StoredNar(
+                url, self.compression, format_hash(prepared.file_hash), prepared.file_size
+            )
+            self.recorder.record(info, stored)
+        else:
+            self._put_narinfo(info, url, prepared)
+
     def _put_narinfo(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
+        assert self._key is not None  # checked in __init__
         unsigned = NarInfo(
             store_path=info.path,
             url=url,

@@ -40,6 +40,8 @@ class PathInfo:
     deriver: str | None = None  # full .drv path
     ca: str | None = None
     sigs: tuple[str, ...] = ()
+    # Built on this machine, not substituted (Nix's "ultimate" trust).
+    ultimate: bool = False
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -65,6 +67,7 @@ def _parse_info(raw: dict[str, Any]) -> PathInfo:
         deriver=deriver,
         ca=raw.get("ca") or None,
         sigs=tuple(raw.get("signatures") or raw.get("sigs") or ()),
+        ultimate=raw.get("ultimate") is True,
     )
 
 

@@ -220,6 +220,11 @@ def check_subcommand(where: str, args: list[str]) -> click.Command | None:
         f"{where}: no subcommand {args[0]!r} (there are {sorted(main.commands)})"
     )
     command = main.commands[args[0]]
+    if isinstance(command, click.Group) and len(args) > 1 and not args[1].startswith("-"):
+        # A command group (`quorum status`): its subcommand is checked instead.
+        assert args[1] in command.commands, f"{where}: no subcommand {args[:2]}"
+        command = command.commands[args[1]]
+        args = args[1:]
     check_options(where, command, args[1:])
     return command
 
@@ -236,6 +241,8 @@ def test_documented_command_parses(where: str, args: list[str]) -> None:
     if command is None or "--help" in args or "-h" in args:
         return
     # Parsed as click would (types, ranges, required options, arguments), not run.
+    if args[0] not in main.commands or main.commands[args[0]] is not command:
+        args = args[1:]  # a group's subcommand
     try:
         command.make_context(args[0], list(args[1:]))
     except click.ClickException as e:

@@ -19,6 +19,7 @@ from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.engine import Engine, worker_threads
 from uploader.malloc import limit_arenas
+from uploader.quorum import Attester
 from uploader.signing import SecretKey
 from uploader.spool import DEFAULT_SPOOL
 from uploader.state import KnownCache
@@ -35,6 +36,7 @@ __all__ = [
     "main",
     "make_engine",
     "queue_options",
+    "refuse_cache_key",
     "secret_key_file",
     "setup_logging",
     "verbosity",
@@ -121,7 +123,7 @@ def main() -> None:
 
 def make_engine(
     store_url: str,
-    key: SecretKey,
+    key: SecretKey | None,
     *,
     compression: str | None,
     compression_level: int | None,
@@ -131,24 +133,34 @@ def make_engine(
     upstreams: Upstreams | None = None,
     store: NixStore | None = None,
     write_nar_listing: bool = False,
+    attest: SecretKey | None = None,
 ) -> Engine:
-    """The engine for a store URL; flags win over the URL's own parameters."""
+    """The engine for a store URL; flags win over the URL's own parameters.
+    With ``attest`` (a builder key, and no cache ``key``) it attests instead
+    of signing narinfos."""
     url = parse_store_url(store_url)
     level = compression_level
     if level is None and "compression-level" in url.params:
         level = int(url.params["compression-level"])
     method = compression or url.compression or "zstd"
     check_level(method, level)  # before anything touches the cache
+    target = open_target(url, max_connections=worker_threads(jobs))
+    is_upstream = upstreams.served if upstreams else None
+    recorder = None
+    if attest is not None:
+        recorder = Attester(target, attest, upstream=is_upstream)
+        is_upstream = recorder.skip
     return Engine(
         store or NixStore(),
-        open_target(url, max_connections=worker_threads(jobs)),
+        target,
         key,
         compression=method,
         compression_level=level,
         jobs=jobs,
         tmp_dir=tmp_dir,
         known=known,
-        is_upstream=upstreams.served if upstreams else None,
+        is_upstream=is_upstream,
+        recorder=recorder,
         write_nar_listing=write_nar_listing or url.write_nar_listing,
     )
 
@@ -162,6 +174,16 @@ def secret_key_file(flag: str | None, store_url: str) -> str:
             "or secret-key-file in the config file)"
         )
     return path
+
+
+def refuse_cache_key(flag: str | None, store_url: str | None) -> None:
+    """Attest mode holds no cache key: given one, refuse before opening it."""
+    if flag or (store_url and parse_store_url(store_url).secret_key_file):
+        raise ConfigError(
+            "attest mode holds no cache key: drop --secret-key-file (or secret-key-file in "
+            "the config file, secret-key= in the store URL); builders sign attestations with "
+            "--attest-key-file, and only the publisher holds the cache key"
+        )
 
 
 def queue_options(fn: F) -> F:

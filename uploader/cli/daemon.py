@@ -22,6 +22,7 @@ from uploader.cli._common import (
     main,
     make_engine,
     queue_options,
+    refuse_cache_key,
     secret_key_file,
     setup_logging,
     verbosity,
@@ -49,6 +50,10 @@ log = logging.getLogger("nix-cache-uploader")
 @queue_options
 @click.option("--to", "store_url", metavar="STORE_URL", help="Binary cache URL (as for push).")
 @click.option("--secret-key-file", help="Signing key file (mode 0600, owned by this user).")
+@click.option(
+    "--attest-key-file", metavar="FILE",
+    help="Attest mode: a builder key; stage NARs and sign attestations, hold no cache key.",
+)  # fmt: skip
 @click.option("--compression", type=click.Choice(METHODS), default=None, help="NAR compression.")
 @click.option("--compression-level", type=int, default=None, help="Level for zstd or xz.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Paths at once [4].")
@@ -101,12 +106,17 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
                 "running as root: run the uploader as its own unprivileged user so that "
                 "the signing key is out of reach of everything else"
             )
-        key = SecretKey.load(secret_key_file(settings.secret_key_file, settings.to))
+        key, attest = None, None
+        if settings.attest_key_file:
+            refuse_cache_key(settings.secret_key_file, settings.to)
+            attest = SecretKey.load(settings.attest_key_file)
+        else:
+            key = SecretKey.load(secret_key_file(settings.secret_key_file, settings.to))
         if settings.low_priority:
             # Before any thread starts: threads inherit the priority.
             lowered = lower_priority()
             log.info("running at low priority (%s)", ", ".join(lowered) or "refused")
-        daemon, locks = _make_daemon(settings, key)
+        daemon, locks = _make_daemon(settings, key, attest)
     except UploaderError as e:
         fail(str(e))
     try:
@@ -123,7 +133,9 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
         lock.release()
 
 
-def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[DirectoryLock]]:
+def _make_daemon(
+    settings: Settings, key: SecretKey | None, attest: SecretKey | None
+) -> tuple[Daemon, list[DirectoryLock]]:
     spool = Spool(settings.spool)
     if not os.path.isdir(spool.path) or not os.access(spool.path, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError(
@@ -150,9 +162,13 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
         DirectoryLock(settings.state_dir, "state directory"),
     ]
     assert settings.to is not None
+    # In attest mode the memory is of this builder's attestations, not of narinfos.
+    memory_of = parse_store_url(settings.to).redacted() + (
+        f"#attest={attest.name}" if attest else ""
+    )
     known = KnownCache(
         os.path.join(settings.state_dir, "state.sqlite"),
-        parse_store_url(settings.to).redacted(),
+        memory_of,
         ttl=settings.known_ttl,
     )
     upstreams = Upstreams(settings.upstream, settings.upstream_keys, memory=known)
@@ -168,6 +184,7 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
         known=known,
         upstreams=upstreams if upstreams else None,
         write_nar_listing=settings.write_nar_listing,
+        attest=attest,
     )
     metrics = None
     if settings.metrics:
@@ -430,11 +447,14 @@ def _settings_warnings(settings: Settings) -> list[str]:
     profile = parse_store_url(settings.to).params.get("profile") if settings.to else None
     if profile and not profile_exists(profile):
         warnings.append(f"AWS profile {profile!r} is not configured for this user (yet)")
-    key = settings.secret_key_file
+    if settings.attest_key_file:
+        refuse_cache_key(settings.secret_key_file, settings.to)
+    setting = "attest-key-file" if settings.attest_key_file else "secret-key-file"
+    key = settings.attest_key_file or settings.secret_key_file
     if key is not None and not os.path.exists(key):
-        warnings.append(f"secret-key-file {key} does not exist (yet)")
+        warnings.append(f"{setting} {key} does not exist (yet)")
     elif key is not None and not os.access(key, os.R_OK):
-        warnings.append(f"secret-key-file {key} is not readable by this user; not checked")
+        warnings.append(f"{setting} {key} is not readable by this user; not checked")
     elif key is not None:
         SecretKey.load(key)
     return warnings

@@ -9,11 +9,20 @@ import click
 
 from uploader import redact
 from uploader._exceptions import UploaderError
-from uploader.cli._common import EXIT_FAILURE, fail, main, make_engine, setup_logging, verbosity
+from uploader.cli._common import (
+    EXIT_FAILURE,
+    fail,
+    main,
+    make_engine,
+    refuse_cache_key,
+    setup_logging,
+    verbosity,
+)
 from uploader.cli._common import secret_key_file as cli_key_file
 from uploader.compression import METHODS
-from uploader.engine import PushResult
+from uploader.engine import Engine, PushResult
 from uploader.progress import TerminalProgress, human_bytes, plural
+from uploader.quorum import Attester
 from uploader.signing import SecretKey
 from uploader.storepath import to_store_path
 
@@ -31,6 +40,13 @@ from uploader.storepath import to_store_path
     default=None,
     metavar="FILE",
     help="Signing key in Nix's format (mode 0600 or stricter) [default: the URL's secret-key=].",
+)
+@click.option(
+    "--attest-key-file",
+    default=None,
+    metavar="FILE",
+    help="Attest mode: stage NARs and sign attestations with this builder key for a "
+    "quorum publisher; never holds the cache key (see docs/fleet.md).",
 )
 @click.option(
     "--compression",
@@ -52,6 +68,7 @@ from uploader.storepath import to_store_path
 def push(
     store_url: str,
     secret_key_file: str | None,
+    attest_key_file: str | None,
     compression: str | None,
     compression_level: int | None,
     jobs: int,
@@ -65,12 +82,21 @@ def push(
     PATH is a store path, a path inside one, or a link to one such as
     ./result.  Paths the cache already has are skipped; a path whose contents
     differ from what the Nix database registered is refused and not signed.
+    With --attest-key-file, the paths of the closure this machine built
+    itself are staged and attested instead, for `publish` to sign.
     """
     setup_logging(-1 if quiet else verbose)
     try:
+        key, attest = None, None
+        if attest_key_file is not None:
+            refuse_cache_key(secret_key_file, store_url)
+            attest = SecretKey.load(attest_key_file)
+        else:
+            key = SecretKey.load(cli_key_file(secret_key_file, store_url))
         engine = make_engine(
             store_url,
-            SecretKey.load(cli_key_file(secret_key_file, store_url)),
+            key,
+            attest=attest,
             compression=compression,
             compression_level=compression_level,
             jobs=jobs,
@@ -89,23 +115,32 @@ def push(
         if progress:
             progress.finish()
         engine.close()
-    _report(result, method, quiet)
+    _report(result, method, quiet, engine)
     if not result.ok:
         sys.exit(EXIT_FAILURE)
 
 
-def _report(result: PushResult, method: str, quiet: bool) -> None:
+def _report(result: PushResult, method: str, quiet: bool, engine: Engine) -> None:
     for path, error in sorted(result.failed.items()):
         click.echo(redact.scrub(f"error: {path}: {error}"), err=True)
     if quiet and result.ok:
         return
-    line = (
-        f"uploaded {plural(len(result.uploaded), 'path')} ({human_bytes(result.nar_bytes)} NAR, "
-        f"{human_bytes(result.file_bytes)} {method}), "
-        f"{len(result.present)} already in the cache"
-    )
-    if result.skipped_upstream:
-        line += f", {len(result.skipped_upstream)} served upstream"
+    done = f"{plural(len(result.uploaded), 'path')} ({human_bytes(result.nar_bytes)} NAR, "
+    done += f"{human_bytes(result.file_bytes)} {method})"
+    upstream = set(result.skipped_upstream)
+    if isinstance(engine.recorder, Attester):
+        line = f"attested {done}, {len(result.present)} attested before"
+        published = upstream & engine.recorder.published
+        foreign = upstream & engine.recorder.not_built_here
+        upstream -= published | foreign
+        if published:
+            line += f", {len(published)} published already"
+        if foreign:
+            line += f", {len(foreign)} not built here (substituted: not attested)"
+    else:
+        line = f"uploaded {done}, {len(result.present)} already in the cache"
+    if upstream:
+        line += f", {len(upstream)} served upstream"
     if result.failed:
         line += f", {len(result.failed)} failed"
     click.echo(line, err=True)

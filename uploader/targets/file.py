@@ -6,6 +6,7 @@ renamed into place, so a reader never sees a partial NAR or narinfo.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -71,6 +72,27 @@ class FileTarget:
             return None
         except OSError as e:
             raise TargetError(f"reading {self._path(key)}: {e}") from e
+
+    def list_prefix(self, prefix: str) -> list[tuple[str, float]]:
+        """Every key under ``prefix`` (a directory), with its modification time."""
+        found: list[tuple[str, float]] = []
+        top = self._path(prefix)
+        for directory, _, files in os.walk(top):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue  # a write in progress
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    found.append((os.path.relpath(path, self.root), os.stat(path).st_mtime))
+        return found
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise TargetError(f"deleting {self._path(key)}: {e}") from e
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         self._write(key, lambda out: shutil.copyfileobj(body, out, 1 << 20))

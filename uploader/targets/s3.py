@@ -295,6 +295,27 @@ class S3Target:
         body: IO[bytes] = resp["Body"]
         return body
 
+    def list_prefix(self, prefix: str) -> list[tuple[str, float]]:
+        """Every key under ``prefix`` (at any depth), with its modification time."""
+        found: list[tuple[str, float]] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                found.extend(
+                    (o["Key"], o["LastModified"].timestamp()) for o in page.get("Contents", [])
+                )
+        except Exception as e:
+            raise self._describe(e, "listing", self._where(prefix)) from e
+        return found
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            raise self._describe(e, "deleting", self._where(key)) from e
+
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
             self.put_bytes(key, body.read(size), content_type)

@@ -1,0 +1,348 @@
+"""The publisher: signs what enough builders agree on, references first.
+
+One pass (``Publisher.run_pass``) reads every pending attestation and then:
+
+- paths whose narinfo exists are published already (perhaps by a pass that
+  was killed before it tidied up): their narinfo is never touched, their
+  record is written if missing, their attestations and staged NARs go;
+- disputed paths get a conflict report and are never signed;
+- ready paths are published bottom-up, each only once every reference has
+  a narinfo in the cache or is served by an upstream: every attestation's
+  staged NAR is downloaded and checked (those that differ stop counting and
+  are reported), then the checked NAR goes to ``nar/``, then the narinfo
+  signed with the cache key, then the record; a kill between any two steps
+  leaves the cache closed under references, and the next pass finishes;
+- attestations that waited longer than ``expire_after`` are reported, then
+  removed with their staged NARs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from uploader.compression import extension
+from uploader.engine import NAR_TYPE, narinfo_key
+from uploader.narinfo import NarInfo
+from uploader.quorum.attestation import VERSION, Attestation
+from uploader.quorum.bucket import Bucket
+from uploader.quorum.layout import (
+    ATTESTATIONS,
+    STAGING,
+    attestation_key,
+    conflict_key,
+    parse_attestation_key,
+    published_key,
+)
+from uploader.quorum.reports import STATUS_KEY, conflict_report, dump, publication_record
+from uploader.quorum.staged import StagedMismatch, VerifiedNar, fetch_verified
+from uploader.quorum.tally import CONFLICT, READY, Verdict, judge
+from uploader.signing import PublicKey, SecretKey
+from uploader.storepath import basename, hash_part
+
+__all__ = ["PassResult", "Publisher"]
+
+log = logging.getLogger(__name__)
+_JSON = "application/json"
+
+
+@dataclass
+class PassResult:
+    published: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # by hash part
+    conflicts: list[str] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Path:
+    hashpart: str
+    found: list[tuple[str, bytes]]
+    newest: float
+    verdict: Verdict
+
+
+class Publisher:
+    def __init__(
+        self,
+        bucket: Bucket,
+        key: SecretKey,
+        builder_keys: Mapping[str, PublicKey],
+        *,
+        quorum: int,
+        trusted: Iterable[str] = (),
+        upstream: Callable[[list[str]], set[str]] | None = None,
+        tmp_dir: str | None = None,
+        expire_after: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bucket = bucket
+        self._key = key
+        self.keys = dict(builder_keys)
+        self.quorum = quorum
+        self.trusted = frozenset(trusted)
+        self.upstream = upstream
+        self.tmp_dir = tmp_dir
+        self.expire_after = expire_after
+        self.clock = clock
+        # Attestations whose staged NAR was found to differ from their claim.
+        self.excluded: dict[str, str] = {}
+
+    def run_pass(self) -> PassResult:
+        result = PassResult()
+        paths = self._read()
+        self._has: dict[str, bool] = {}
+        in_use = collections.Counter(
+            a.nar.url for p in paths.values() for a in _parsed(p.found) if a is not None
+        )
+        pending: list[_Path] = []
+        for p in paths.values():
+            result.rejected.extend(r.__dict__ for r in p.verdict.rejected)
+            if self._published(p.hashpart):
+                self._tidy(p, in_use, record=True)
+                result.already.append(p.verdict.store_path or p.hashpart)
+            elif p.verdict.state == CONFLICT:
+                self._report_conflict(p.verdict)
+                result.conflicts.append(p.verdict.store_path or p.hashpart)
+            elif p.verdict.state == READY:
+                pending.append(p)
+        done = self._publish_bottom_up(pending, in_use, result)
+        for p in paths.values():
+            if p.hashpart in done or p.hashpart in result.waiting or self._has.get(p.hashpart):
+                continue
+            if p.verdict.state != CONFLICT:
+                result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, "")
+        self._expire(paths, done, in_use, result)
+        self._write_status(result)
+        return result
+
+    def _read(self) -> dict[str, _Path]:
+        """Every pending attestation, grouped by path and judged."""
+        groups: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+        for key, mtime in self.bucket.list_prefix(ATTESTATIONS):
+            parsed = parse_attestation_key(key)
+            if parsed is None:
+                log.warning("ignoring %s: not an attestation's key", key)
+                continue
+            groups[parsed[0]].append((key, mtime))
+        paths = {}
+        for hashpart, objects in sorted(groups.items()):
+            found = [(k, data) for k, _ in objects if (data := self.bucket.get(k)) is not None]
+            verdict = self._judge(hashpart, found)
+            newest = max(m for _, m in objects)
+            paths[hashpart] = _Path(hashpart, found, newest, verdict)
+        return paths
+
+    def _judge(self, hashpart: str, found: list[tuple[str, bytes]], **extra: str) -> Verdict:
+        excluded = {**self.excluded, **extra}
+        return judge(
+            hashpart, found, self.keys, quorum=self.quorum, trusted=self.trusted, excluded=excluded
+        )
+
+    def _published(self, hashpart: str) -> bool:
+        if hashpart not in self._has:
+            self._has[hashpart] = self.bucket.exists(f"{hashpart}.narinfo")
+        return self._has[hashpart]
+
+    def _publish_bottom_up(
+        self, pending: list[_Path], in_use: collections.Counter[str], result: PassResult
+    ) -> set[str]:
+        """Publish ready paths, each after its references; returns their hash parts."""
+        done: set[str] = set()
+        progress = True
+        while pending and progress:
+            progress = False
+            for p in list(pending):
+                unmet = self._unmet(p.verdict, {q.hashpart for q in pending})
+                if unmet is None:
+                    continue  # a reference is ready too: after it
+                pending.remove(p)
+                progress = True
+                if unmet:
+                    why = f"waiting for its reference {unmet[0]} to be published"
+                    result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, why)
+                elif self._publish(p, in_use, result):
+                    done.add(p.hashpart)
+                    self._has[p.hashpart] = True
+        for p in pending:  # a cycle through other paths cannot happen in Nix
+            result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, "reference cycle")
+        return done
+
+    def _unmet(self, verdict: Verdict, ready: set[str]) -> list[str] | None:
+        """References neither in the cache nor upstream; None while one is ready."""
+        path = verdict.store_path
+        refs = [r for r in verdict.support[0].references if r != path]
+        if any(hash_part(r) in ready for r in refs):
+            return None
+        missing = [r for r in refs if not self._published(hash_part(r))]
+        if missing and self.upstream is not None:
+            served = self.upstream(missing)
+            missing = [r for r in missing if r not in served]
+        return missing
+
+    def _publish(self, p: _Path, in_use: collections.Counter[str], result: PassResult) -> bool:
+        verdict = p.verdict
+        checked: list[tuple[Attestation, VerifiedNar]] = []
+        missing: dict[str, str] = {}
+        try:
+            for a in sorted(verdict.support, key=lambda a: a.builder):
+                key = attestation_key(a.store_path, a.builder)
+                try:
+                    checked.append((a, fetch_verified(self.bucket, a, self.tmp_dir)))
+                except StagedMismatch as e:
+                    reason = f"not counted: {e}"
+                    log.warning("%s: %s's attestation %s", a.store_path, a.builder, reason)
+                    (missing if e.missing else self.excluded)[key] = reason
+                    result.rejected.append({"key": key, "builder": a.builder, "reason": reason})
+            counted = self._judge(p.hashpart, p.found, **missing)
+            if counted.state != READY or not checked:
+                why = "staged NARs that differ from their attestations do not count"
+                result.waiting[p.hashpart] = _waiting(counted, self.quorum, why)
+                return False
+            first, nar = checked[0]
+            url = f"nar/{nar.file_hash.removeprefix('sha256:')}.nar"
+            url += extension(first.nar.compression)
+            if not self.bucket.exists(url):
+                self.bucket.put_file(url, nar.file.name, nar.file_size, NAR_TYPE)
+            self._put_narinfo(first, counted, url, nar)
+        finally:
+            for _, nar in checked:
+                nar.file.close()
+        now = self.clock()
+        builders = [a for a in counted.support if a.builder in {c.builder for c, _ in checked}]
+        record = publication_record(counted, url, builders, now)
+        self.bucket.put_bytes(published_key(p.hashpart), dump(record), _JSON)
+        log.info("published %s (attested by %s)", first.store_path, ", ".join(record["builders"]))
+        result.published.append(first.store_path)
+        self._tidy(p, in_use, record=False)
+        return True
+
+    def _put_narinfo(self, a: Attestation, verdict: Verdict, url: str, nar: VerifiedNar) -> None:
+        info = NarInfo(
+            store_path=a.store_path,
+            url=url,
+            compression=a.nar.compression,
+            file_hash=nar.file_hash,
+            file_size=nar.file_size,
+            nar_hash=a.nar_hash,
+            nar_size=a.nar_size,
+            references=tuple(basename(r) for r in a.references),
+            deriver=basename(a.deriver) if a.deriver else None,
+            ca=verdict.ca,
+        )
+        signed = NarInfo(**{**info.__dict__, "sigs": (self._key.sign(info.fingerprint()),)})
+        key = narinfo_key(a.store_path)
+        if self.bucket.exists(key):
+            return  # published meanwhile: a published narinfo is never changed
+        self.bucket.put_bytes(key, signed.render().encode(), "text/x-nix-narinfo")
+
+    def _tidy(self, p: _Path, in_use: collections.Counter[str], *, record: bool) -> None:
+        """Remove a published path's attestations and the staged NARs no other
+        attestation names (a NAR can stand for several paths)."""
+        attestations = [a for a in _parsed(p.found) if a is not None]
+        counted = p.verdict.support
+        if record and counted and not self.bucket.exists(published_key(p.hashpart)):
+            # The pass that published it was stopped before its record.
+            doc = publication_record(p.verdict, "", counted, self.clock())
+            self.bucket.put_bytes(published_key(p.hashpart), dump(doc), _JSON)
+        self._remove(p, attestations, in_use)
+        self.bucket.delete(conflict_key(p.hashpart))
+
+    def _remove(
+        self, p: _Path, attestations: list[Attestation], in_use: collections.Counter[str]
+    ) -> None:
+        for a in attestations:
+            in_use[a.nar.url] -= 1
+            # Only in the builder's own staging area: an attestation must not
+            # make the publisher delete anything else.
+            if in_use[a.nar.url] <= 0 and a.nar.url.startswith(f"{STAGING}{a.builder}/"):
+                self.bucket.delete(a.nar.url)
+        for key, _ in p.found:
+            self.bucket.delete(key)
+
+    def _report_conflict(self, verdict: Verdict) -> None:
+        key = conflict_key(verdict.hashpart)
+        doc = conflict_report(verdict, self.clock())
+        old = self.bucket.get(key)
+        if old is not None and _same_claims(old, doc):
+            return
+        self.bucket.put_bytes(key, dump(doc), _JSON)
+        hashes = ", ".join(
+            f"{c['narHash']} ({', '.join(b['builder'] for b in c['builders'])})"
+            for c in doc["claims"]
+        )
+        log.warning("CONFLICT %s: builders disagree: %s; not signed", verdict.store_path, hashes)
+
+    def _expire(
+        self,
+        paths: dict[str, _Path],
+        done: set[str],
+        in_use: collections.Counter[str],
+        result: PassResult,
+    ) -> None:
+        if self.expire_after is None:
+            return
+        limit = self.clock() - self.expire_after
+        for p in paths.values():
+            if p.hashpart in done or self._has.get(p.hashpart) or p.newest > limit:
+                continue
+            name = p.verdict.store_path or p.hashpart
+            builders = sorted({k.rsplit("/", 1)[-1].removesuffix(".json") for k, _ in p.found})
+            log.warning(
+                "expiring %s: attested by %s, never published; removing its attestations",
+                name,
+                ", ".join(builders) or "nobody",
+            )
+            self._remove(p, [a for a in _parsed(p.found) if a is not None], in_use)
+            result.waiting.pop(p.hashpart, None)
+            result.expired.append(name)
+
+    def _write_status(self, result: PassResult) -> None:
+        doc = {
+            "version": VERSION,
+            "updatedAt": int(self.clock()),
+            "quorum": self.quorum,
+            "builders": sorted(self.keys),
+            "trusted": sorted(self.trusted),
+            "waiting": sorted(result.waiting.values(), key=lambda w: w["storePath"]),
+            "conflicts": sorted(result.conflicts),
+            "rejected": result.rejected,
+            "expired": result.expired,
+            "published": result.published,
+        }
+        self.bucket.put_bytes(STATUS_KEY, dump(doc), _JSON)
+
+
+def _parsed(found: list[tuple[str, bytes]]) -> list[Attestation | None]:
+    out: list[Attestation | None] = []
+    for _, data in found:
+        try:
+            out.append(Attestation.parse(data))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def _waiting(verdict: Verdict, quorum: int, why: str) -> dict[str, Any]:
+    builders = sorted(a.builder for a in verdict.support)
+    return {
+        "storePath": verdict.store_path or verdict.hashpart,
+        "have": len(builders),
+        "needed": verdict.needed or quorum,
+        "builders": builders,
+        "why": why or f"{len(builders)} of {verdict.needed or quorum} attestations",
+    }
+
+
+def _same_claims(old: bytes, doc: dict[str, Any]) -> bool:
+    try:
+        return bool(json.loads(old).get("claims") == doc["claims"])
+    except ValueError:
+        return False
