@@ -22,7 +22,7 @@ import zstandard
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build, nix_path_info, substitute
-from tests.support.services import NixDaemon, SeaweedFS, nix_client_env
+from tests.support.services import NixDaemon, S3Server, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash, parse_hash
@@ -89,11 +89,11 @@ def format_hash_any(nix_hash: object) -> str:
     return format_hash(parse_hash(str(nix_hash)))
 
 
-def narinfo(weed: SeaweedFS, bucket: str, path: str) -> bytes | None:
+def narinfo(weed: S3Server, bucket: str, path: str) -> bytes | None:
     return weed.get(bucket, f"{hash_part(path)}.narinfo")
 
 
-def keys_in(weed: SeaweedFS, bucket: str, prefix: str = "") -> list[str]:
+def keys_in(weed: S3Server, bucket: str, prefix: str = "") -> list[str]:
     client = weed.client()
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
@@ -101,12 +101,12 @@ def keys_in(weed: SeaweedFS, bucket: str, prefix: str = "") -> list[str]:
 
 def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     nix_daemon: NixDaemon,
-    seaweedfs: SeaweedFS,
+    s3: S3Server,
     bucket: str,
     fleet: dict[str, KeyPair],
     tmp_path: Path,
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     expr = chain_expr(uuid.uuid4().hex[:10], 3)
     top = build(expr)[0]
     paths = closure(top)
@@ -116,8 +116,8 @@ def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     # One attestation of two: nothing is signed.
     one = run_cli(*publish_args(url, fleet))
     assert "published 0 paths, 3 waiting" in one.stderr
-    assert all(narinfo(seaweedfs, bucket, p) is None for p in paths)
-    assert keys_in(seaweedfs, bucket, "nar/") == []
+    assert all(narinfo(s3, bucket, p) is None for p in paths)
+    assert keys_in(s3, bucket, "nar/") == []
     status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
     assert {(w["storePath"], w["attestations"], w["needed"]) for w in status["waiting"]} == {
         (p, 1, 2) for p in paths
@@ -131,36 +131,36 @@ def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     order = [line.split()[2] for line in two.stderr.splitlines() if "INFO published" in line]
     assert order == sorted(paths, key=lambda p: len(closure(p)))  # references first
 
-    copied = substitute(seaweedfs.http_url(bucket), [top], fleet["cache"].public,
+    copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public,
                         dest=str(tmp_path / "fresh"))  # fmt: skip
     assert copied.returncode == 0, copied.stderr
     for p in paths:
         assert Path(str(tmp_path / "fresh") + p).exists()
-        info = NarInfo.parse((narinfo(seaweedfs, bucket, p) or b"").decode())
+        info = NarInfo.parse((narinfo(s3, bucket, p) or b"").decode())
         assert [s.split(":")[0] for s in info.sigs] == ["cache-1"]
     # A builder key alone is not enough for a client.
-    refused = substitute(seaweedfs.http_url(bucket), [top], fleet["a"].public,
+    refused = substitute(s3.http_url(bucket), [top], fleet["a"].public,
                          dest=str(tmp_path / "builder-key"))  # fmt: skip
     assert refused.returncode != 0
     # Published paths' staging and attestations are gone; the records stay.
-    assert keys_in(seaweedfs, bucket, "quorum/v1/staging/") == []
-    assert keys_in(seaweedfs, bucket, "quorum/v1/attestations/") == []
-    assert len(keys_in(seaweedfs, bucket, "quorum/v1/published/")) == 3
+    assert keys_in(s3, bucket, "quorum/v1/staging/") == []
+    assert keys_in(s3, bucket, "quorum/v1/attestations/") == []
+    assert len(keys_in(s3, bucket, "quorum/v1/published/")) == 3
 
     # Attesting again writes nothing; publishing again changes nothing.
-    before = {k: seaweedfs.get(bucket, k) for k in keys_in(seaweedfs, bucket)}
+    before = {k: s3.get(bucket, k) for k in keys_in(s3, bucket)}
     assert "0 paths" in attest(url, fleet["c"], top).stderr
     run_cli(*publish_args(url, fleet))
-    after = {k: seaweedfs.get(bucket, k) for k in keys_in(seaweedfs, bucket)}
+    after = {k: s3.get(bucket, k) for k in keys_in(s3, bucket)}
     after.pop("quorum/v1/publisher-status.json")
     before.pop("quorum/v1/publisher-status.json")
     assert after == before
 
 
 def test_an_unreproducible_path_is_reported_and_nothing_above_it_published(
-    nix_daemon: NixDaemon, seaweedfs: SeaweedFS, bucket: str, fleet: dict[str, KeyPair]
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair]
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     expr = chain_expr(uuid.uuid4().hex[:10], 2, random_bottom=True)
     top = build(expr)[0]
     paths = closure(top)
@@ -175,16 +175,16 @@ def test_an_unreproducible_path_is_reported_and_nothing_above_it_published(
     result = run_cli(*publish_args(url, fleet))
     assert "published 0 paths" in result.stderr
     assert f"CONFLICT {bottom}" in result.stderr
-    assert narinfo(seaweedfs, bucket, bottom) is None
-    assert narinfo(seaweedfs, bucket, top) is None  # its referrer agrees, but waits
-    report = json.loads(seaweedfs.get(bucket, f"quorum/v1/conflicts/{hash_part(bottom)}.json")
+    assert narinfo(s3, bucket, bottom) is None
+    assert narinfo(s3, bucket, top) is None  # its referrer agrees, but waits
+    report = json.loads(s3.get(bucket, f"quorum/v1/conflicts/{hash_part(bottom)}.json")
                         or b"{}")  # fmt: skip
     assert report["storePath"] == bottom
     hashes = {c["narHash"]: [b["builder"] for b in c["builders"]] for c in report["claims"]}
     registered = {format_hash_any(first): ["ci-a-1"], format_hash_any(second): ["ci-b-1"]}
     assert hashes == registered
     for claim in report["claims"]:  # both NARs are kept, for diffoscope
-        assert seaweedfs.get(bucket, claim["builders"][0]["nar"]) is not None
+        assert s3.get(bucket, claim["builders"][0]["nar"]) is not None
 
     status = run_cli("quorum", "status", "--to", url).stdout
     assert f"{bottom}: ci-a-1:" in status or f"{bottom}: ci-b-1:" in status
@@ -193,15 +193,15 @@ def test_an_unreproducible_path_is_reported_and_nothing_above_it_published(
 
 def test_attestations_that_cannot_be_trusted_are_not_counted_and_are_reported(
     nix_daemon: NixDaemon,
-    seaweedfs: SeaweedFS,
+    s3: S3Server,
     bucket: str,
     fleet: dict[str, KeyPair],
     tmp_path: Path,
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     path = build(chain_expr(uuid.uuid4().hex[:10], 1))[0]
     attest(url, fleet["a"], path)
-    client = seaweedfs.client()
+    client = s3.client()
     a_key = f"quorum/v1/attestations/{hash_part(path)}/ci-a-1.json"
     genuine = Attestation.parse(client.get_object(Bucket=bucket, Key=a_key)["Body"].read())
 
@@ -228,7 +228,7 @@ def test_attestations_that_cannot_be_trusted_are_not_counted_and_are_reported(
     attest(url, stranger, path)
 
     result = run_cli(*publish_args(url, fleet))
-    assert narinfo(seaweedfs, bucket, path) is None
+    assert narinfo(s3, bucket, path) is None
     assert "published 0 paths" in result.stderr
     assert "3 attestations not counted" in result.stderr
     status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
@@ -240,9 +240,9 @@ def test_attestations_that_cannot_be_trusted_are_not_counted_and_are_reported(
 
 
 def test_a_builder_refuses_the_cache_key_without_opening_it(
-    seaweedfs: SeaweedFS, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+    s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     # A key file that does not exist: the refusal comes before any attempt to open it.
     absent = str(tmp_path / "no-such-cache-key")
     attempts = [
@@ -265,17 +265,17 @@ def test_a_builder_refuses_the_cache_key_without_opening_it(
     )
     checked = run_cli("check-config", "--config", str(config), check=False)
     assert checked.returncode == 1 and "attest mode holds no cache key" in checked.stderr
-    assert keys_in(seaweedfs, bucket) == []
+    assert keys_in(s3, bucket) == []
 
 
 def test_a_publisher_killed_mid_publication_leaves_a_closed_cache_and_finishes(
     nix_daemon: NixDaemon,
-    seaweedfs: SeaweedFS,
+    s3: S3Server,
     bucket: str,
     fleet: dict[str, KeyPair],
     tmp_path: Path,
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     expr = chain_expr(uuid.uuid4().hex[:10], 30)
     top = build(expr)[0]
     paths = closure(top)
@@ -288,25 +288,25 @@ def test_a_publisher_killed_mid_publication_leaves_a_closed_cache_and_finishes(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
     )  # fmt: skip
     try:
-        while proc.poll() is None and len(narinfos(seaweedfs, bucket)) < 5:
+        while proc.poll() is None and len(narinfos(s3, bucket)) < 5:
             pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    seen = narinfos(seaweedfs, bucket)
-    assert_closed(seaweedfs, bucket, seen)
+    seen = narinfos(s3, bucket)
+    assert_closed(s3, bucket, seen)
 
     run_cli(*publish_args(url, fleet))
-    final = narinfos(seaweedfs, bucket)
+    final = narinfos(s3, bucket)
     assert set(final) == {f"{hash_part(p)}.narinfo" for p in paths}
     assert all(final[k] == v for k, v in seen.items()), "a published narinfo changed"
-    assert_closed(seaweedfs, bucket, final)
-    copied = substitute(seaweedfs.http_url(bucket), [top], fleet["cache"].public,
+    assert_closed(s3, bucket, final)
+    copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public,
                         dest=str(tmp_path / "fresh"))  # fmt: skip
     assert copied.returncode == 0, copied.stderr
 
 
-def narinfos(weed: SeaweedFS, bucket: str) -> dict[str, bytes]:
+def narinfos(weed: S3Server, bucket: str) -> dict[str, bytes]:
     found = {}
     for key in keys_in(weed, bucket):
         if key.endswith(".narinfo"):
@@ -314,7 +314,7 @@ def narinfos(weed: SeaweedFS, bucket: str) -> dict[str, bytes]:
     return found
 
 
-def assert_closed(weed: SeaweedFS, bucket: str, infos: dict[str, bytes]) -> None:
+def assert_closed(weed: S3Server, bucket: str, infos: dict[str, bytes]) -> None:
     """Every narinfo's NAR and every reference's narinfo are there."""
     present = set(keys_in(weed, bucket))
     for key, text in infos.items():
@@ -327,12 +327,12 @@ def assert_closed(weed: SeaweedFS, bucket: str, infos: dict[str, bytes]) -> None
 
 def test_the_daemon_in_attest_mode_attests_each_build_and_signs_no_narinfo(
     nix_daemon: NixDaemon,
-    seaweedfs: SeaweedFS,
+    s3: S3Server,
     bucket: str,
     fleet: dict[str, KeyPair],
     tmp_path: Path,
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     run = UploaderRun(root=tmp_path / "builder-a", store_url=url, secret_key_file="")
     run.config_file = tmp_path / "builder-a.toml"
     run.config_file.write_text(
@@ -347,25 +347,25 @@ def test_the_daemon_in_attest_mode_attests_each_build_and_signs_no_narinfo(
     finally:
         run.stop()
     paths = closure(top)
-    attested = keys_in(seaweedfs, bucket, "quorum/v1/attestations/")
+    attested = keys_in(s3, bucket, "quorum/v1/attestations/")
     assert attested == sorted(f"quorum/v1/attestations/{hash_part(p)}/ci-a-1.json" for p in paths)
-    assert narinfos(seaweedfs, bucket) == {}
-    assert keys_in(seaweedfs, bucket, "nar/") == []
+    assert narinfos(s3, bucket) == {}
+    assert keys_in(s3, bucket, "nar/") == []
 
 
 def test_attestations_that_never_reach_the_quorum_expire_reported(
-    nix_daemon: NixDaemon, seaweedfs: SeaweedFS, bucket: str, fleet: dict[str, KeyPair]
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair]
 ) -> None:
-    url = seaweedfs.store_url(bucket)
+    url = s3.store_url(bucket)
     path = build(chain_expr(uuid.uuid4().hex[:10], 1))[0]
     attest(url, fleet["a"], path)
     kept = run_cli(*publish_args(url, fleet))
     assert "expir" not in kept.stderr
-    assert keys_in(seaweedfs, bucket, "quorum/v1/staging/") != []
+    assert keys_in(s3, bucket, "quorum/v1/staging/") != []
 
     expired = run_cli(*publish_args(url, fleet), "--expire-days", "0")
     assert f"expiring {path}: attested by ci-a-1, never published" in expired.stderr
     assert "1 expired" in expired.stderr
-    assert keys_in(seaweedfs, bucket, "quorum/v1/attestations/") == []
-    assert keys_in(seaweedfs, bucket, "quorum/v1/staging/") == []
-    assert narinfos(seaweedfs, bucket) == {}
+    assert keys_in(s3, bucket, "quorum/v1/attestations/") == []
+    assert keys_in(s3, bucket, "quorum/v1/staging/") == []
+    assert narinfos(s3, bucket) == {}
