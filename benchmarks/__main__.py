@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import bulk, hook, interference, memory, noop, small
+from benchmarks import bulk, hook, interference, lifecycle, memory, noop, small
 from benchmarks.harness import LOGS, REPO, RESULTS, Bench, Row, remove
 from benchmarks.machine import describe
 from benchmarks.table import render
@@ -20,7 +20,7 @@ from tests.support.cli import make_keys
 from tests.support.services import running_services
 
 MEASUREMENTS: dict[str, ModuleType] = {
-    m.NAME: m for m in (hook, bulk, small, memory, noop, interference)
+    m.NAME: m for m in (hook, bulk, small, memory, noop, interference, lifecycle)
 }
 LATEST = RESULTS / "latest.md"
 
