@@ -26,7 +26,9 @@ def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_every_issue_target_has_a_measurement() -> None:
-    assert set(MEASUREMENTS) == {"hook", "bulk", "small", "memory", "noop", "interference"}
+    assert set(MEASUREMENTS) == {
+        "hook", "bulk", "small", "memory", "noop", "interference", "lifecycle",
+    }  # fmt: skip
 
 
 def test_table_rows_are_one_line_each_and_escape_pipes() -> None:
