@@ -15,6 +15,8 @@
 
 let
   cfg = config.services.nix-cache-uploader;
+  # A builder of a fleet (docs/fleet.md): its own key, never the cache key.
+  attesting = cfg.attestKeyFile != null;
   format = pkgs.formats.toml { };
 
   # TOML has no null: unset settings are left out, so the program's own
@@ -293,6 +295,21 @@ in
       '';
     };
 
+    attestKeyFile = lib.mkOption {
+      type = lib.types.nullOr secretPath;
+      default = null;
+      example = "/var/lib/secrets/builder.key";
+      description = ''
+        Instead of {option}`services.nix-cache-uploader.secretKeyFile`: this
+        machine is a builder of a fleet that trusts no single builder
+        (see docs/fleet.md).  It holds only its own builder key (made by
+        `nix-cache-uploader keygen`), stages the NARs of what it built and
+        writes signed attestations; a publisher elsewhere signs narinfos
+        once enough builders agree.  Passed like the secret key, through
+        `LoadCredential`; set exactly one of the two.
+      '';
+    };
+
     environmentFile = lib.mkOption {
       type = lib.types.nullOr secretPath;
       default = null;
@@ -358,7 +375,22 @@ in
         '';
       }
       {
-        assertion = cfg.secretKeyFile != null;
+        assertion = cfg.secretKeyFile == null || cfg.attestKeyFile == null;
+        message = ''
+          services.nix-cache-uploader.secretKeyFile and attestKeyFile are both
+          set.  A builder in attest mode must not hold the cache key: keep
+          attestKeyFile on builders and the cache key on the publisher only.
+        '';
+      }
+      {
+        assertion = !(cfg.settings ? attest-key-file);
+        message = ''
+          services.nix-cache-uploader.settings.attest-key-file is set; use
+          services.nix-cache-uploader.attestKeyFile (passed through LoadCredential).
+        '';
+      }
+      {
+        assertion = cfg.secretKeyFile != null || cfg.attestKeyFile != null;
         message = ''
           services.nix-cache-uploader.secretKeyFile is not set.  Create a key
           pair outside the Nix store, e.g.
@@ -464,11 +496,15 @@ in
             "--config ${checkedConfigFile}"
             # %d is the service's credentials directory; the key arrives there
             # readable by the service user only, wherever the original lives.
-            "--secret-key-file %d/secret-key"
+            (if attesting then "--attest-key-file %d/attest-key" else "--secret-key-file %d/secret-key")
           ]
           ++ map execWord cfg.extraArgs
         );
-        LoadCredential = "secret-key:${escapeSpecifiers cfg.secretKeyFile}";
+        LoadCredential =
+          if attesting then
+            "attest-key:${escapeSpecifiers cfg.attestKeyFile}"
+          else
+            "secret-key:${escapeSpecifiers cfg.secretKeyFile}";
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) (escapeSpecifiers cfg.environmentFile);
 
         User = cfg.user;

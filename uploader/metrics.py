@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from uploader._exceptions import ConfigError
 
-__all__ = ["Metrics", "parse_listen_address"]
+__all__ = ["Metrics", "parse_listen_address", "serve_registry"]
 
 _PREFIX = "nix_cache_uploader_"
 
@@ -96,15 +96,21 @@ class Metrics:
         self.upload_seconds.observe(seconds)
 
     def serve(self, address: str) -> tuple[str, int]:
-        host, port = parse_listen_address(address)
-        try:
-            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from e
-        bound: tuple[str, int] = self._server.server_address[:2]
+        self._server, bound = serve_registry(self.registry, address)
         return bound
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def serve_registry(registry: CollectorRegistry, address: str) -> tuple[Any, tuple[str, int]]:
+    """Serve ``registry`` at http://ADDRESS/metrics; the server and where it listens."""
+    host, port = parse_listen_address(address)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from e
+    bound_host, bound_port = server.server_address[:2]
+    return server, (str(bound_host), int(bound_port))

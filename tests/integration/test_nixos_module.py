@@ -127,6 +127,11 @@ def test_users_and_meta() -> None:
             "settings.secret-key-file is set",
         ),
         ({**BASE, "openFirewall": True}, "openFirewall is set, but settings.metrics"),
+        ({**BASE, "attestKeyFile": "/run/secrets/builder"}, "secretKeyFile and attestKeyFile"),
+        (
+            with_settings(**{"attest-key-file": "/etc/builder-key"}),
+            "settings.attest-key-file is set",
+        ),
     ],
 )
 def test_assertions_stop_the_build(config: dict[str, Any], needle: str) -> None:
@@ -391,3 +396,16 @@ def test_the_firewall_stays_closed_by_default() -> None:
         with_settings(metrics="0.0.0.0:9100"), select="config.networking.firewall.allowedTCPPorts"
     )
     assert found.value == []
+
+
+def test_a_builder_in_attest_mode_gets_its_own_key_and_never_the_cache_key() -> None:
+    config = {**BASE, "secretKeyFile": None, "attestKeyFile": "/run/secrets/builder"}
+    unit = service(config)
+    assert "--attest-key-file %d/attest-key" in unit["ExecStart"]
+    assert "--secret-key-file" not in unit["ExecStart"]
+    assert unit["LoadCredential"] == "attest-key:/run/secrets/builder"
+    # The cache machine (publisher) keeps the usual key handling.
+    assert service(BASE)["LoadCredential"] == f"secret-key:{KEY}"
+    for refused in ("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-key", "relative/key"):
+        with pytest.raises(EvalError):
+            evaluate({**config, "attestKeyFile": refused})

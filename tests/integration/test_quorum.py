@@ -13,16 +13,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from tests.integration.test_metrics import scrape
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build, nix_path_info, substitute
-from tests.support.services import NixDaemon, S3Server, nix_client_env
+from tests.support.services import NixDaemon, S3Server, free_ports, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash, parse_hash
@@ -369,3 +371,39 @@ def test_attestations_that_never_reach_the_quorum_expire_reported(
     assert keys_in(s3, bucket, "quorum/v1/attestations/") == []
     assert keys_in(s3, bucket, "quorum/v1/staging/") == []
     assert narinfos(s3, bucket) == {}
+
+
+def test_a_trusted_builder_alone_publishes_through_the_publisher_daemon_and_its_metrics(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    """The publisher as a service: --trusted-builder makes one attestation
+    enough, passes repeat, /metrics counts, SIGTERM stops it."""
+    url = s3.store_url(bucket)
+    top = build(chain_expr(uuid.uuid4().hex[:10], 2))[0]
+    paths = closure(top)
+    attest(url, fleet["c"], top)
+    (port,) = free_ports(1)
+    args = publish_args(url, fleet, quorum=3)
+    args.remove("--once")
+    args += ["--trusted-builder", "ci-c-1", "--interval", "0.5", "--metrics", str(port)]
+    log = tmp_path / "publisher.log"
+    with open(log, "wb") as out:
+        publisher = subprocess.Popen([sys.executable, "-m", "uploader", *args], stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all(narinfo(s3, bucket, p) is not None for p in paths):
+            assert publisher.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        # The next pass has nothing left to do; the counters say what happened.
+        time.sleep(1.5)
+        series = scrape(port)
+        assert series["nix_cache_uploader_quorum_published_total"] == len(paths)
+        assert series["nix_cache_uploader_quorum_waiting"] == 0
+        assert series["nix_cache_uploader_quorum_last_pass_timestamp_seconds"] > 0
+    finally:
+        publisher.send_signal(signal.SIGTERM)
+        assert publisher.wait(timeout=60) == 0, log.read_text()
+    copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public, dest=str(tmp_path / "f"))
+    assert copied.returncode == 0, copied.stderr

@@ -17,6 +17,7 @@ from uploader.cli._common import fail, main, setup_logging, verbosity
 from uploader.cli._common import secret_key_file as cache_key_file
 from uploader.progress import plural
 from uploader.quorum import PassResult, Publisher, check_builder_name, open_bucket, quorum_status
+from uploader.quorum.metrics import PublisherMetrics
 from uploader.signing import PublicKey, SecretKey
 from uploader.store import PathInfo
 from uploader.upstream import Upstreams
@@ -74,6 +75,10 @@ def _builder_keys(values: tuple[str, ...], trusted: tuple[str, ...]) -> dict[str
     help="Attestations that waited this long without a quorum are reported, then removed.",
 )  # fmt: skip
 @click.option("--tmp-dir", default=None, metavar="DIR", help="Where staged NARs are checked.")
+@click.option(
+    "--metrics", default=None, metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (host defaults to 127.0.0.1).",
+)  # fmt: skip
 @verbosity
 def publish(
     store_url: str,
@@ -86,6 +91,7 @@ def publish(
     interval: float,
     expire_days: float,
     tmp_dir: str | None,
+    metrics: str | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -113,15 +119,36 @@ def publish(
         )
     except UploaderError as e:
         fail(str(e))
+    gauges = None
+    if metrics:
+        try:
+            gauges = PublisherMetrics()
+            host, port = gauges.serve(metrics)
+        except UploaderError as e:
+            fail(str(e))
+        log.info("serving metrics at http://%s:%d/metrics", host, port)
     if once:
         try:
-            result = publisher.run_pass()
+            result = _timed_pass(publisher, gauges)
         except UploaderError as e:
             fail(str(e))
         if not quiet:
             click.echo(_summary(result), err=True)
         return
-    _serve(publisher, interval)
+    _serve(publisher, interval, gauges)
+
+
+def _timed_pass(publisher: Publisher, gauges: PublisherMetrics | None) -> PassResult:
+    started = time.monotonic()
+    try:
+        result = publisher.run_pass()
+    except UploaderError:
+        if gauges is not None:
+            gauges.failed()
+        raise
+    if gauges is not None:
+        gauges.record(result, time.monotonic() - started)
+    return result
 
 
 def _upstream(urls: tuple[str, ...]) -> Any:
@@ -142,7 +169,7 @@ def _summary(result: PassResult) -> str:
     return line
 
 
-def _serve(publisher: Publisher, interval: float) -> None:
+def _serve(publisher: Publisher, interval: float, gauges: PublisherMetrics | None) -> None:
     """Passes until SIGTERM or SIGINT; a failed pass is logged and retried."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,7 +178,7 @@ def _serve(publisher: Publisher, interval: float) -> None:
     while not stop.is_set():
         started = time.monotonic()
         try:
-            result = publisher.run_pass()
+            result = _timed_pass(publisher, gauges)
             if result.published or result.conflicts or result.expired:
                 log.info("%s", _summary(result))
         except UploaderError as e:
