@@ -352,10 +352,22 @@ class Daemon:
         if not ready:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
-        # Outputs the cache has need no closure from Nix: a re-enqueued build
-        # costs one listing, or nothing when remembered.  The others are
-        # rooted before the cache is asked, which may take long.
-        present = self.engine.known_present(all_outputs)
+        guard = self.engine.guard
+        try:
+            # The batch's root in the cache, before anything is taken as there.
+            if guard is not None:
+                await asyncio.to_thread(guard.begin, all_outputs)
+            # Outputs the cache has need no closure from Nix: a re-enqueued
+            # build costs one listing, or nothing when remembered.
+            present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
+        except CredentialsError as e:
+            self._cache_down(e, ready)
+            return
+        except UploaderError as e:
+            retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
+            self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+            return
+        # The others are rooted (locally) before the cache is asked, which may take long.
         self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
         unknown = [p for p in all_outputs if p not in present]
         try:
@@ -384,6 +396,8 @@ class Daemon:
                 return
             queried = time.monotonic()
             try:
+                if guard is not None:
+                    await asyncio.to_thread(guard.extend, infos)
                 result = await self.engine.push_infos(todo, infos, absent=todo)
             except CredentialsError as e:
                 self._cache_down(e, ready)
@@ -401,6 +415,11 @@ class Daemon:
                 plural(len(result.uploaded), "path"),
                 time.monotonic() - queried,
             )
+        if guard is not None and result.ok:
+            try:
+                await asyncio.to_thread(guard.complete)
+            except UploaderError as e:
+                log.warning("completing this batch's root in the cache: %s", e)
         self._settle(ready, infos, result)
 
     def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:

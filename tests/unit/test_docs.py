@@ -220,7 +220,12 @@ def check_subcommand(where: str, args: list[str]) -> click.Command | None:
         f"{where}: no subcommand {args[0]!r} (there are {sorted(main.commands)})"
     )
     command = main.commands[args[0]]
-    check_options(where, command, args[1:])
+    rest = args[1:]
+    # A group (`pin add …`): its own subcommand takes the options.
+    while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
+        assert rest[0] in command.commands, f"{where}: no subcommand {rest[0]!r} of {args[0]}"
+        command, rest = command.commands[rest[0]], rest[1:]
+    check_options(where, command, rest)
     return command
 
 

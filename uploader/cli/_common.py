@@ -18,6 +18,8 @@ from uploader._exceptions import ConfigError
 from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.engine import Engine, worker_threads
+from uploader.lifecycle.layout import check_name
+from uploader.lifecycle.protect import Protection
 from uploader.malloc import limit_arenas
 from uploader.signing import SecretKey
 from uploader.spool import DEFAULT_SPOOL
@@ -129,17 +131,24 @@ def make_engine(
     known: KnownCache | None = None,
     upstreams: Upstreams | None = None,
     store: NixStore | None = None,
+    root: str | None = None,
 ) -> Engine:
-    """The engine for a store URL; flags win over the URL's own parameters."""
+    """The engine for a store URL; flags win over the URL's own parameters.
+    With ``root``, its uploads record roots of that name for gc, and follow
+    gc's mark (docs/lifecycle.md)."""
     url = parse_store_url(store_url)
     level = compression_level
     if level is None and "compression-level" in url.params:
         level = int(url.params["compression-level"])
     method = compression or url.compression or "zstd"
     check_level(method, level)  # before anything touches the cache
+    target = open_target(url, max_connections=worker_threads(jobs))
+    guard = None
+    if root is not None:
+        guard = Protection(target, check_name(root, "root"), forget=known.forget if known else None)
     return Engine(
         store or NixStore(),
-        open_target(url, max_connections=worker_threads(jobs)),
+        target,
         key,
         compression=method,
         compression_level=level,
@@ -147,6 +156,7 @@ def make_engine(
         tmp_dir=tmp_dir,
         known=known,
         is_upstream=upstreams.served if upstreams else None,
+        guard=guard,
     )
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
 import time
 from typing import Any
@@ -159,6 +160,7 @@ def _make_daemon(settings: Settings, key: SecretKey) -> tuple[Daemon, list[Direc
         tmp_dir=settings.tmp_dir,
         known=known,
         upstreams=upstreams if upstreams else None,
+        root=socket.gethostname(),
     )
     metrics = None
     if settings.metrics:

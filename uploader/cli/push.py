@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import click
@@ -42,6 +43,11 @@ from uploader.storepath import to_store_path
     "-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
     help="Paths processed at once.",
 )  # fmt: skip
+@click.option(
+    "--root", "root_name", default=None, metavar="NAME",
+    help="Name of the root this push records for gc (the newest --keep-last roots of each "
+    "name are kept) [default: this host's name].",
+)  # fmt: skip
 @verbosity
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 def push(
@@ -50,6 +56,7 @@ def push(
     compression: str | None,
     compression_level: int | None,
     jobs: int,
+    root_name: str | None,
     verbose: int,
     quiet: bool,
     paths: tuple[str, ...],
@@ -68,6 +75,7 @@ def push(
             compression=compression,
             compression_level=compression_level,
             jobs=jobs,
+            root=root_name or socket.gethostname(),
         )
         roots = [to_store_path(p) for p in paths]
     except UploaderError as e:
