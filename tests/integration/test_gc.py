@@ -4,22 +4,27 @@ gc running in a loop beside pushing uploaders breaks no closure."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.support.cli import KeyPair, run_cli
-from tests.support.nix import build, substitute
+from tests.support.nix import build, nix_path_info, substitute
 from tests.support.services import NixDaemon, SeaweedFS
 from uploader.lifecycle.gclock import GcLock
 from uploader.lifecycle.layout import LAYOUT, LOCKS, encode, timed_key
 from uploader.narinfo import NarInfo
-from uploader.storepath import hash_part
+from uploader.nixbase32 import encode as nix32
+from uploader.nixbase32 import format_hash
+from uploader.signing import SecretKey
+from uploader.storepath import STORE_DIR, hash_part
 from uploader.targets import open_target
 
 pytestmark = pytest.mark.integration
@@ -158,9 +163,35 @@ def test_a_newer_layout_is_refused(cache: Cache, paths: dict[str, str]) -> None:
     assert cache.has(paths["leaf2"])
 
 
+def _fill(cache: Cache, count: int) -> None:
+    """Unreachable signed paths with their NARs (no Nix needed)."""
+    target = open_target(cache.url)
+    key = SecretKey.load(cache.keys.secret_file)
+
+    def one(_: int) -> None:
+        nar = os.urandom(64)
+        url = f"nar/{nix32(hashlib.sha256(nar).digest())}.nar"
+        info = NarInfo(
+            store_path=f"{STORE_DIR}/{nix32(os.urandom(20))}-filler",
+            url=url, compression="none", file_hash=None, file_size=len(nar),
+            nar_hash=format_hash(hashlib.sha256(nar).digest()), nar_size=len(nar),
+        )  # fmt: skip
+        signed = NarInfo(**{**info.__dict__, "sigs": (key.sign(info.fingerprint()),)})
+        target.put_bytes(url, nar, "application/x-nix-nar")
+        target.put_bytes(
+            f"{hash_part(info.store_path)}.narinfo", signed.render().encode(), "text/x-nix-narinfo"
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(count)))
+
+
 def _concurrent(cache: Cache, paths: dict[str, str], seconds: float, env: dict[str, str]) -> None:
     tops = [paths[f"top{j}"] for j in range(10)]
+    closures = {top: list(nix_path_info([top], recursive=True)) for top in tops}
+    target = open_target(cache.url)
     last: dict[str, list[str]] = {}
+    broken: list[str] = []
     errors: list[BaseException] = []
     deadline = time.monotonic() + seconds
     stop = threading.Event()
@@ -172,12 +203,20 @@ def _concurrent(cache: Cache, paths: dict[str, str], seconds: float, env: dict[s
                 chosen = rnd.sample(tops, 2)
                 cache.push(name, *chosen, env=env)
                 last[name] = chosen
+                # Its root is the newest complete one of its name: until the
+                # next push, nothing of its closure may go.
+                needed = {p for top in chosen for p in closures[top]}
+                broken.extend(p for p in needed if not target.exists(f"{hash_part(p)}.narinfo"))
         except BaseException as e:
             errors.append(e)
 
     def collector() -> None:
+        # One deletion at a time, among hundreds of unreachable fillers: the
+        # deletion phase lasts as long as it does in a large bucket, which
+        # is when an uploader ignoring the mark gets caught.
         while not stop.is_set():
-            cache.gc(*TIGHT, "--delete", check=False)
+            _fill(cache, 150)
+            cache.gc(*TIGHT, "--delete", "-j", "1", check=False)
 
     threads = [threading.Thread(target=worker, args=(f"w{i}", i)) for i in range(3)]
     gc_thread = threading.Thread(target=collector)
@@ -189,6 +228,7 @@ def _concurrent(cache: Cache, paths: dict[str, str], seconds: float, env: dict[s
     stop.set()
     gc_thread.join()
     assert not errors, errors
+    assert not broken, f"paths gone from the closure of a kept root: {broken}"
     cache.verify_clean()
     for chosen in last.values():
         cache.substitutes(chosen)
