@@ -212,7 +212,8 @@ def check_options(where: str, command: click.Command, args: list[str]) -> None:
             )
 
 
-def check_subcommand(where: str, args: list[str]) -> click.Command | None:
+def check_subcommand(where: str, args: list[str]) -> tuple[click.Command, list[str]] | None:
+    """The command ``args`` name (descending into groups) and its own arguments."""
     assert args, f"{where}: no subcommand"
     if args[0] in ("-h", "--help", "--version"):
         return None
@@ -226,7 +227,7 @@ def check_subcommand(where: str, args: list[str]) -> click.Command | None:
         assert rest[0] in command.commands, f"{where}: no subcommand {rest[0]!r} of {args[0]}"
         command, rest = command.commands[rest[0]], rest[1:]
     check_options(where, command, rest)
-    return command
+    return command, rest
 
 
 def test_the_docs_show_commands() -> None:
@@ -237,12 +238,13 @@ def test_the_docs_show_commands() -> None:
 
 @pytest.mark.parametrize("where, args", list(documented_commands()), ids=lambda v: str(v)[:90])
 def test_documented_command_parses(where: str, args: list[str]) -> None:
-    command = check_subcommand(where, args)
-    if command is None or "--help" in args or "-h" in args:
+    found = check_subcommand(where, args)
+    if found is None or "--help" in args or "-h" in args:
         return
+    command, rest = found
     # Parsed as click would (types, ranges, required options, arguments), not run.
     try:
-        command.make_context(args[0], list(args[1:]))
+        command.make_context(args[0], rest)
     except click.ClickException as e:
         pytest.fail(f"{where}: {e.format_message()}", pytrace=False)
 
