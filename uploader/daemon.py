@@ -353,12 +353,15 @@ class Daemon:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
         guard = self.engine.guard
+        # Outputs the cache has need no closure from Nix: a re-enqueued build
+        # costs one listing, or nothing when remembered.  The others are
+        # rooted (locally) before the cache is asked, which may take long.
+        self._root_missing(ready, self.engine.known_present(all_outputs))
         try:
-            # The batch's root in the cache, before anything is taken as there.
+            # The batch's root in the cache, before anything is taken as there
+            # (it also forgets what gc deleted: memory is asked again after).
             if guard is not None:
                 await asyncio.to_thread(guard.begin, all_outputs)
-            # Outputs the cache has need no closure from Nix: a re-enqueued
-            # build costs one listing, or nothing when remembered.
             present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
         except CredentialsError as e:
             self._cache_down(e, ready)
@@ -367,8 +370,7 @@ class Daemon:
             retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
             self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
             return
-        # The others are rooted (locally) before the cache is asked, which may take long.
-        self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
+        self._root_missing(ready, present)
         unknown = [p for p in all_outputs if p not in present]
         try:
             present |= await self.engine.find_present(unknown)
@@ -510,6 +512,16 @@ class Daemon:
         except OSError:
             return False
         return age < _SETTLE and name in self._pending
+
+    def _root_missing(self, ready: dict[str, list[str]], present: set[str]) -> None:
+        """Root the entries not rooted yet that have outputs not in ``present``."""
+        missing = {
+            n: outs
+            for n, outs in ready.items()
+            if n not in self._entry_roots and not present.issuperset(outs)
+        }
+        if missing:
+            self._root(missing, present)
 
     def _root(self, outputs: dict[str, list[str]], present: set[str]) -> None:
         """Make the outputs of these entries that the cache lacks GC roots
