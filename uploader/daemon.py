@@ -359,11 +359,25 @@ class Daemon:
         if not ready:
             return
         all_outputs = sorted({p for outs in ready.values() for p in outs})
+        guard = self.engine.guard
         # Outputs the cache has need no closure from Nix: a re-enqueued build
         # costs one listing, or nothing when remembered.  The others are
-        # rooted before the cache is asked, which may take long.
-        present = self.engine.known_present(all_outputs)
-        self._root({n: outs for n, outs in ready.items() if not present.issuperset(outs)}, present)
+        # rooted (locally) before the cache is asked, which may take long.
+        self._root_missing(ready, self.engine.known_present(all_outputs))
+        try:
+            # The batch's root in the cache, before anything is taken as there
+            # (it also forgets what gc deleted: memory is asked again after).
+            if guard is not None:
+                await asyncio.to_thread(guard.begin, all_outputs)
+            present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
+        except CredentialsError as e:
+            self._cache_down(e, ready)
+            return
+        except UploaderError as e:
+            retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
+            self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+            return
+        self._root_missing(ready, present)
         unknown = [p for p in all_outputs if p not in present]
         try:
             present |= await self.engine.find_present(unknown)
@@ -391,6 +405,8 @@ class Daemon:
                 return
             queried = time.monotonic()
             try:
+                if guard is not None:
+                    await asyncio.to_thread(guard.extend, infos)
                 result = await self.engine.push_infos(todo, infos, absent=todo)
             except CredentialsError as e:
                 self._cache_down(e, ready)
@@ -408,6 +424,11 @@ class Daemon:
                 plural(len(result.uploaded), "path"),
                 time.monotonic() - queried,
             )
+        if guard is not None and result.ok:
+            try:
+                await asyncio.to_thread(guard.complete)
+            except UploaderError as e:
+                log.warning("completing this batch's root in the cache: %s", e)
         self._settle(ready, infos, result)
         if self.settings.upload_logs and result.uploaded:
             await asyncio.to_thread(self._upload_logs, entries, ready, set(result.uploaded))
@@ -519,6 +540,16 @@ class Daemon:
         except OSError:
             return False
         return age < _SETTLE and name in self._pending
+
+    def _root_missing(self, ready: dict[str, list[str]], present: set[str]) -> None:
+        """Root the entries not rooted yet that have outputs not in ``present``."""
+        missing = {
+            n: outs
+            for n, outs in ready.items()
+            if n not in self._entry_roots and not present.issuperset(outs)
+        }
+        if missing:
+            self._root(missing, present)
 
     def _root(self, outputs: dict[str, list[str]], present: set[str]) -> None:
         """Make the outputs of these entries that the cache lacks GC roots

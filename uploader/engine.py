@@ -130,6 +130,24 @@ class Recorder(Protocol):
     def record(self, info: PathInfo, nar: StoredNar) -> None: ...
 
 
+class CacheGuard(Protocol):
+    """The uploader's side of the gc protocol (uploader/lifecycle/protect.py):
+    a root written before any "already in the cache" decision, and the
+    mark consulted for each."""
+
+    def begin(self, paths: Iterable[str]) -> None: ...
+
+    def extend(self, paths: Iterable[str]) -> None: ...
+
+    def complete(self) -> None: ...
+
+    def gone(self, paths: Iterable[str]) -> set[str]: ...
+
+    def nar_unreferenced(self, key: str) -> bool: ...
+
+    def settle_nar(self, key: str, write: Callable[[], None]) -> None: ...
+
+
 class Progress(Protocol):
     def start(self, total_paths: int, total_bytes: int) -> None: ...
 
@@ -224,6 +242,7 @@ class Engine:
         on_uploaded: Callable[[PathInfo, float, int], None] | None = None,
         recorder: Recorder | None = None,
         write_nar_listing: bool = False,
+        guard: CacheGuard | None = None,
     ) -> None:
         extension(compression)  # validates the method early
         if (key is None) == (recorder is None):
@@ -242,6 +261,7 @@ class Engine:
         self.write_nar_listing = write_nar_listing
         # Told (path, seconds, compressed size) after each upload: metrics.
         self.on_uploaded = on_uploaded
+        self.guard = guard
         self._pool = ThreadPoolExecutor(
             max_workers=worker_threads(self.jobs), thread_name_prefix="upload"
         )
@@ -298,14 +318,19 @@ class Engine:
         forced = frozenset(force)
         roots = sorted(set(paths) | forced)
         infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
-        return await self.push_infos(roots, infos, progress, force=forced)
+        if self.guard is not None:
+            await self._run(self.guard.begin, sorted(infos))
+        result = await self.push_infos(roots, infos, progress, force=forced)
+        if self.guard is not None and result.ok:
+            await self._run(self.guard.complete)
+        return result
 
     async def find_present(self, paths: Iterable[str]) -> set[str]:
         """Those of ``paths`` the cache holds (so does their closure): known
         from earlier, else asked.  Lets a caller skip the Nix queries for
         work already done."""
         wanted = sorted(set(paths))
-        known = self.known_present(wanted)
+        known = await self.confirm_present(self.known_present(wanted))
         return known | await self._ask([p for p in wanted if p not in known])
 
     def known_present(self, paths: Iterable[str]) -> set[str]:
@@ -319,10 +344,17 @@ class Engine:
     def _done_key(self, path: str) -> str:
         return self.recorder.done_key(path) if self.recorder else narinfo_key(path)
 
+    async def confirm_present(self, present: set[str]) -> set[str]:
+        """Those of ``present`` (found or remembered in the cache) that it
+        still has by the gc protocol: a gc candidate is asked again."""
+        if self.guard is None or not present:
+            return present
+        return present - await self._run(self.guard.gone, sorted(present))
+
     async def _ask(self, paths: list[str]) -> set[str]:
         """Those of ``paths`` the cache holds, asked of it (and remembered)."""
         found = await self._lookup([self._done_key(p) for p in paths])
-        present = {p for p in paths if self._done_key(p) in found}
+        present = await self.confirm_present({p for p in paths if self._done_key(p) in found})
         if self.known is not None and present:
             self.known.remember(hash_part(p) for p in sorted(present))
         return present
@@ -390,7 +422,7 @@ class Engine:
 
     async def _absent(self, candidates: list[str], push: _Push) -> list[str]:
         """Those of ``candidates`` that neither the cache nor an upstream has."""
-        known = self.known_present(candidates) - push.force
+        known = await self.confirm_present(self.known_present(candidates) - push.force)
         push.result.present.extend(p for p in candidates if p in known)
         candidates = [p for p in candidates if p not in known]
         others = [p for p in candidates if p in self._inflight]
@@ -618,9 +650,22 @@ class Engine:
             raise
 
     def _put_nar(self, url: str, prepared: _Prepared, overwrite: bool) -> None:
+        # A NAR no narinfo names may be deleted by gc: written, and settled.
+        reused = self.guard is not None and self.guard.nar_unreferenced(url)
         # An object at this URL may be the damaged NAR being repaired.
-        if not overwrite and prepared.file_size > _HEAD_NAR_ABOVE and self.target.exists(url):
+        if (
+            not overwrite
+            and not reused
+            and prepared.file_size > _HEAD_NAR_ABOVE
+            and self.target.exists(url)
+        ):
             return
+        self._write_nar(url, prepared)
+        if reused and self.guard is not None:
+            self.guard.settle_nar(url, lambda: self._write_nar(url, prepared))
+
+    def _write_nar(self, url: str, prepared: _Prepared) -> None:
+        prepared.body.seek(0)
         if prepared.filename is not None:
             self.target.put_file(url, prepared.filename, prepared.file_size, NAR_TYPE)
         else:

@@ -75,6 +75,12 @@ class KnownCache:
         with self._lock:
             self._db.executemany("INSERT OR REPLACE INTO known VALUES (?, ?, ?)", rows)
 
+    def forget(self, hash_parts: Iterable[str]) -> None:
+        """Drop what is remembered of these narinfos (gc deleted them)."""
+        rows = [(self.target, h) for h in hash_parts]
+        with self._lock:
+            self._db.executemany("DELETE FROM known WHERE target = ? AND hash = ?", rows)
+
     def upstream_answers(self, url: str, hash_parts: Iterable[str]) -> dict[str, bool]:
         """Cached answers of upstream ``url`` that are still fresh."""
         wanted = list(hash_parts)

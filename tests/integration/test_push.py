@@ -91,11 +91,15 @@ def test_second_push_transfers_nothing(
 ) -> None:
     args = ["push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file]
     run_cli(*args, multi["out"], multi["lib"])
-    before = _objects(s3, bucket)
+
+    def cache_objects() -> object:  # without the roots each push records for gc
+        return {k: v for k, v in _objects(s3, bucket).items() if "/roots/" not in k}
+
+    before = cache_objects()
     again = run_cli(*args, multi["out"], multi["lib"])
     assert "uploaded 0 paths" in again.stderr
     assert "2 already in the cache" in again.stderr  # the walk stops at present roots
-    assert _objects(s3, bucket) == before
+    assert cache_objects() == before
 
 
 def test_result_symlink_is_accepted(

@@ -8,6 +8,7 @@ import asyncio
 import io
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def test_object_listing_pages_with_sizes(s3: S3Server, bucket: str, route: str) 
     target = s3_target(s3, bucket)
     if route == "boto3":
         target._fast = None
+    started = time.time()
     nars = {f"nar/{nix32(os.urandom(32))}.nar.zst": n for n in range(1, 1031)}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda kv: target.put_bytes(kv[0], b"n" * kv[1], NAR), nars.items()))
@@ -155,13 +157,21 @@ def test_object_listing_pages_with_sizes(s3: S3Server, bucket: str, route: str) 
         start = ""
         while True:
             page = target.list_objects(prefix, start)
-            found.update(page.objects)
+            found.update((key, size) for key, size, _ in page.objects)
             if page.last is None:
                 return found
             start = page.last
 
     assert walk("nar/") == nars
     assert walk("") == {"nix-cache-info": 21}  # nar/ and log/ are not objects at the top
+    top = target.list_objects("", "")
+    assert top.prefixes == ("log/", "nar/")
+    (modified,) = [t for _, _, t in top.objects]
+    assert started - 5 <= modified <= time.time() + 5  # the server's clock, in Unix time
+    gone = sorted(nars)[0]
+    target.delete(gone)
+    target.delete(gone)  # not there any more: no error
+    assert gone not in walk("nar/") and len(walk("nar/")) == len(nars) - 1
     assert target.get("nix-cache-info") == b"StoreDir: /nix/store\n"
     body = target.open_object("log/x.drv")
     assert body is not None and body.read() == b"log"
@@ -284,10 +294,22 @@ def test_file_target_lists_objects_with_sizes(tmp_path: Path) -> None:
     target.put_bytes("nar/a.nar", b"a", NAR)
     target.put_bytes("x.narinfo", b"xyz", NARINFO)
     (tmp_path / "nar" / ".tmp-partial").write_bytes(b"half")  # an upload under way
-    assert target.list_objects("nar/", "").objects == (("nar/a.nar", 1), ("nar/b.nar", 2))
-    assert target.list_objects("nar/", "nar/a.nar").objects == (("nar/b.nar", 2),)
-    assert target.list_objects("", "").objects == (("x.narinfo", 3),)
-    assert target.list_objects("log/", "").objects == ()
+
+    def listed(prefix: str, start: str = "") -> list[tuple[str, int]]:
+        return [(key, size) for key, size, _ in target.list_objects(prefix, start).objects]
+
+    assert listed("nar/") == [("nar/a.nar", 1), ("nar/b.nar", 2)]
+    assert listed("nar/", "nar/a.nar") == [("nar/b.nar", 2)]
+    assert listed("") == [("x.narinfo", 3)]
+    assert target.list_objects("", "").prefixes == ("nar/",)
+    assert listed("log/") == []
+    before = time.time()
+    target.put_bytes("nar/a.nar", b"new", NAR)
+    (modified,) = [t for key, _, t in target.list_objects("nar/", "").objects if key == "nar/a.nar"]
+    assert modified >= before - 1
+    target.delete("nar/a.nar")
+    target.delete("nar/a.nar")  # gone already: no error
+    assert listed("nar/") == [("nar/b.nar", 2)]
 
 
 @pytest.mark.parametrize("key", ["../escape", "nar/../../escape", "/etc/passwd", ".."])

@@ -8,6 +8,7 @@ when each put began and when its object became visible.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -129,6 +130,8 @@ class RecordingTarget:
     def __init__(self, *, delay: float = 0.0, seed: int = 0, page: int | None = 1000) -> None:
         self.url = StoreUrl(scheme="file", path="/in-memory", raw="memory:///in-memory")
         self.objects: dict[str, bytes] = {}
+        # Last modified, as Unix time; objects set directly in ``objects`` count as old.
+        self.mtimes: collections.defaultdict[str, float] = collections.defaultdict(float)
         self.content_types: dict[str, str] = {}
         self.events: list[tuple[str, str]] = []
         self.exists_calls: list[str] = []
@@ -172,12 +175,21 @@ class RecordingTarget:
 
     def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
         with self._lock:
+            under = [k[len(prefix) :] for k in self.objects if k.startswith(prefix)]
             found = sorted(
-                (k, len(v))
-                for k, v in self.objects.items()
-                if k.startswith(prefix) and "/" not in k[len(prefix) :] and k > start_after
+                (prefix + rest, len(self.objects[prefix + rest]), self.mtimes[prefix + rest])
+                for rest in under
+                if "/" not in rest and prefix + rest > start_after
             )
-        return ObjectPage(tuple(found), None)
+            prefixes = sorted(
+                {prefix + rest.split("/", 1)[0] + "/" for rest in under if "/" in rest}
+            )
+        return ObjectPage(tuple(found), None, tuple(p for p in prefixes if p > start_after))
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self.objects.pop(key, None)
+            self.events.append(("delete", key))
 
     def open_object(self, key: str) -> IO[bytes] | None:
         data = self.get(key)
@@ -215,6 +227,7 @@ class RecordingTarget:
                 self.events.append(("fail", key))
                 raise TransientTargetError(f"uploading {key}: injected failure")
             self.objects[key] = data
+            self.mtimes[key] = time.time()
             self.content_types[key] = content_type
             self.events.append(("put", key))
 

@@ -212,7 +212,8 @@ def check_options(where: str, command: click.Command, args: list[str]) -> None:
             )
 
 
-def check_subcommand(where: str, args: list[str]) -> click.Command | None:
+def check_subcommand(where: str, args: list[str]) -> tuple[click.Command, list[str]] | None:
+    """The command ``args`` name (descending into groups) and its own arguments."""
     assert args, f"{where}: no subcommand"
     if args[0] in ("-h", "--help", "--version"):
         return None
@@ -220,13 +221,13 @@ def check_subcommand(where: str, args: list[str]) -> click.Command | None:
         f"{where}: no subcommand {args[0]!r} (there are {sorted(main.commands)})"
     )
     command = main.commands[args[0]]
-    if isinstance(command, click.Group) and len(args) > 1 and not args[1].startswith("-"):
-        # A command group (`quorum status`): its subcommand is checked instead.
-        assert args[1] in command.commands, f"{where}: no subcommand {args[:2]}"
-        command = command.commands[args[1]]
-        args = args[1:]
-    check_options(where, command, args[1:])
-    return command
+    rest = args[1:]
+    # A group (`pin add …`): its own subcommand takes the options.
+    while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
+        assert rest[0] in command.commands, f"{where}: no subcommand {rest[0]!r} of {args[0]}"
+        command, rest = command.commands[rest[0]], rest[1:]
+    check_options(where, command, rest)
+    return command, rest
 
 
 def test_the_docs_show_commands() -> None:
@@ -237,14 +238,15 @@ def test_the_docs_show_commands() -> None:
 
 @pytest.mark.parametrize("where, args", list(documented_commands()), ids=lambda v: str(v)[:90])
 def test_documented_command_parses(where: str, args: list[str]) -> None:
-    command = check_subcommand(where, args)
-    if command is None or "--help" in args or "-h" in args:
+    found = check_subcommand(where, args)
+    if found is None or "--help" in args or "-h" in args:
         return
+    command, rest = found
     # Parsed as click would (types, ranges, required options, arguments), not run.
     if args[0] not in main.commands or main.commands[args[0]] is not command:
         args = args[1:]  # a group's subcommand
     try:
-        command.make_context(args[0], list(args[1:]))
+        command.make_context(args[0], rest)
     except click.ClickException as e:
         pytest.fail(f"{where}: {e.format_message()}", pytrace=False)
 

@@ -18,6 +18,8 @@ from uploader._exceptions import ConfigError
 from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.engine import Engine, worker_threads
+from uploader.lifecycle.layout import check_name
+from uploader.lifecycle.protect import Protection
 from uploader.malloc import limit_arenas
 from uploader.quorum import Attester
 from uploader.signing import SecretKey
@@ -134,10 +136,12 @@ def make_engine(
     store: NixStore | None = None,
     write_nar_listing: bool = False,
     attest: SecretKey | None = None,
+    root: str | None = None,
 ) -> Engine:
     """The engine for a store URL; flags win over the URL's own parameters.
     With ``attest`` (a builder key, and no cache ``key``) it attests instead
-    of signing narinfos."""
+    of signing narinfos.  With ``root``, its uploads record roots of that
+    name for gc, and follow gc's mark (docs/lifecycle.md)."""
     url = parse_store_url(store_url)
     level = compression_level
     if level is None and "compression-level" in url.params:
@@ -150,6 +154,9 @@ def make_engine(
     if attest is not None:
         recorder = Attester(target, attest, upstream=is_upstream)
         is_upstream = recorder.skip
+    guard = None
+    if root is not None:
+        guard = Protection(target, check_name(root, "root"), forget=known.forget if known else None)
     return Engine(
         store or NixStore(),
         target,
@@ -162,6 +169,7 @@ def make_engine(
         is_upstream=is_upstream,
         recorder=recorder,
         write_nar_listing=write_nar_listing or url.write_nar_listing,
+        guard=guard,
     )
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
 import time
 from typing import Any
@@ -185,6 +186,8 @@ def _make_daemon(
         upstreams=upstreams if upstreams else None,
         write_nar_listing=settings.write_nar_listing,
         attest=attest,
+        # A builder in attest mode writes no narinfo: nothing for gc to protect.
+        root=None if attest is not None else socket.gethostname(),
     )
     metrics = None
     if settings.metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import click
@@ -63,6 +64,11 @@ from uploader.storepath import to_store_path
     "--write-nar-listing", is_flag=True,
     help="A <hash>.ls listing beside each narinfo (as the URL's write-nar-listing=true).",
 )  # fmt: skip
+@click.option(
+    "--root", "root_name", default=None, metavar="NAME",
+    help="Name of the root this push records for gc (the newest --keep-last roots of each "
+    "name are kept) [default: this host's name].",
+)  # fmt: skip
 @verbosity
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 def push(
@@ -73,6 +79,7 @@ def push(
     compression_level: int | None,
     jobs: int,
     write_nar_listing: bool,
+    root_name: str | None,
     verbose: int,
     quiet: bool,
     paths: tuple[str, ...],
@@ -101,6 +108,7 @@ def push(
             compression_level=compression_level,
             jobs=jobs,
             write_nar_listing=write_nar_listing,
+            root=None if attest is not None else (root_name or socket.gethostname()),
         )
         roots = [to_store_path(p) for p in paths]
     except UploaderError as e:

@@ -27,6 +27,7 @@ __all__ = [
     "list_nars",
     "narinfo_key",
     "to_record",
+    "walk",
 ]
 
 NAR_PREFIX = "nar/"
@@ -68,7 +69,8 @@ def to_record(info: NarInfo) -> PathRecord:
     )
 
 
-def _walk(target: Target, prefix: str) -> Iterator[tuple[str, int]]:
+def walk(target: Target, prefix: str) -> Iterator[tuple[str, int, float]]:
+    """Every object directly under ``prefix``: ``(key, size, last modified)``."""
     start = ""
     while True:
         page = target.list_objects(prefix, start)
@@ -85,7 +87,7 @@ def _is_hash(s: str) -> bool:
 def list_narinfos(target: Target) -> set[str]:
     """The hash parts of every ``<hash>.narinfo`` at the top of the cache."""
     found: set[str] = set()
-    for key, _ in _walk(target, ""):
+    for key, _, _ in walk(target, ""):
         hash_part = key.removesuffix(_NARINFO)
         if key.endswith(_NARINFO) and _is_hash(hash_part):
             found.add(sys.intern(hash_part))
@@ -94,7 +96,7 @@ def list_narinfos(target: Target) -> set[str]:
 
 def list_nars(target: Target) -> dict[str, int]:
     """Every object under ``nar/``, with its size in bytes."""
-    return dict(_walk(target, NAR_PREFIX))
+    return {key: size for key, size, _ in walk(target, NAR_PREFIX)}
 
 
 def fetch_narinfos(

@@ -35,13 +35,16 @@ class KeyPage:
 @dataclass(frozen=True)
 class ObjectPage:
     """One page of a listing of the objects directly under a prefix (the
-    top level, ``nar/``), ``(key, size in bytes)`` in byte order of key.
+    top level, ``nar/``), ``(key, size in bytes, last modified as Unix
+    time)`` in byte order of key, and the sub-prefixes (``nar/``, each
+    ending in ``/``) that sort in the same range.
 
-    ``last`` is where the next page starts (it may name a sub-prefix, which
-    this listing leaves out); None when the listing reached the end."""
+    ``last`` is where the next page starts; None when the listing reached
+    the end."""
 
-    objects: tuple[tuple[str, int], ...]
+    objects: tuple[tuple[str, int, float], ...]
     last: str | None
+    prefixes: tuple[str, ...] = ()
 
 
 class Target(Protocol):
@@ -77,8 +80,13 @@ class Target(Protocol):
 
     def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
         """A page of the objects directly under ``prefix`` that sort after
-        ``start_after``, with their sizes: what auditing the whole cache
-        needs.  Raises TargetError when the cache cannot be listed."""
+        ``start_after``, with their sizes and times: what auditing and
+        collecting the whole cache need.  Raises TargetError when the cache
+        cannot be listed."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is no error."""
         ...
 
     def open_object(self, key: str) -> IO[bytes] | None:

@@ -40,21 +40,40 @@ class FileTarget:
 
     def list_objects(self, prefix: str, start_after: str) -> ObjectPage:
         directory = self._path(prefix) if prefix else self.root
+        objects: list[tuple[str, int, float]] = []
+        prefixes: list[str] = []
         try:
             with os.scandir(directory) as it:
-                found = sorted(
-                    (prefix + e.name, e.stat().st_size)
-                    for e in it
-                    if e.is_file(follow_symlinks=False) and not e.name.startswith(".tmp-")
-                )
+                for e in it:
+                    if e.name.startswith(".tmp-"):
+                        continue  # an upload under way
+                    if e.is_dir(follow_symlinks=False):
+                        prefixes.append(prefix + e.name + "/")
+                    elif e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        objects.append((prefix + e.name, st.st_size, st.st_mtime))
         except FileNotFoundError:
             if not prefix:
                 raise TargetError(f"the cache {self.root} does not exist") from None
-            found = []  # no NAR uploaded yet
         except OSError as e:
             raise TargetError(f"listing {directory}: {e}") from e
         # One page: the directory was read whole anyway.
-        return ObjectPage(tuple(o for o in found if o[0] > start_after), None)
+        return ObjectPage(
+            tuple(sorted(o for o in objects if o[0] > start_after)),
+            None,
+            tuple(sorted(p for p in prefixes if p > start_after)),
+        )
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        # Empty directories stay: removing one would race with a writer
+        # that has just made it.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise TargetError(f"deleting {path}: {e}") from e
 
     def open_object(self, key: str) -> IO[bytes] | None:
         try:
@@ -85,14 +104,6 @@ class FileTarget:
                 with contextlib.suppress(FileNotFoundError):
                     found.append((os.path.relpath(path, self.root), os.stat(path).st_mtime))
         return found
-
-    def delete(self, key: str) -> None:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise TargetError(f"deleting {self._path(key)}: {e}") from e
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         self._write(key, lambda out: shutil.copyfileobj(body, out, 1 << 20))

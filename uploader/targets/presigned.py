@@ -19,6 +19,7 @@ the target keeps to boto3, which knows how to use it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ from botocore.awsrequest import AWSRequest
 
 from uploader.redact import remember_credentials, scrub
 
-__all__ = ["Listing", "PresignedRequests", "usable_for"]
+__all__ = ["Listing", "PresignedRequests", "parse_time", "usable_for"]
 
 # Presigned URLs are used at once; a short life limits what a leaked one is worth.
 _EXPIRES = 300
@@ -87,7 +88,7 @@ class PresignedRequests:
             total=max_attempts - 1,
             backoff_factor=0.2,
             status_forcelist=_TRANSIENT_STATUS,
-            allowed_methods=frozenset({"HEAD", "PUT", "GET"}),
+            allowed_methods=frozenset({"HEAD", "PUT", "GET", "DELETE"}),
             raise_on_status=False,
             respect_retry_after_header=True,
         )
@@ -125,6 +126,9 @@ class PresignedRequests:
     def get(self, key: str) -> bytes:
         """A small object's bytes (narinfos); raises ClientError (404, 403…)."""
         return self._send("GET", "GetObject", key, None, {})
+
+    def delete(self, key: str) -> None:
+        self._send("DELETE", "DeleteObject", key, None, {})
 
     def list(self, client: Any, bucket: str, start_after: str, prefix: str = "") -> Listing:
         """One ListObjectsV2 page of the objects directly under ``prefix``
@@ -178,10 +182,11 @@ class PresignedRequests:
 
 
 class Listing:
-    """The objects (key and size) and common prefixes of one ListObjectsV2 page."""
+    """The objects (key, size, LastModified as Unix time) and common prefixes
+    of one ListObjectsV2 page."""
 
     def __init__(
-        self, objects: list[tuple[str, int]], prefixes: list[str], truncated: bool
+        self, objects: list[tuple[str, int, float]], prefixes: list[str], truncated: bool
     ) -> None:
         self.objects = objects
         self.prefixes = prefixes
@@ -190,7 +195,7 @@ class Listing:
     @property
     def keys(self) -> list[str]:
         """Object keys and prefixes together, as the existence checks want them."""
-        return [k for k, _ in self.objects] + self.prefixes
+        return [k for k, _, _ in self.objects] + self.prefixes
 
     @classmethod
     def parse(cls, body: bytes) -> Listing:
@@ -198,7 +203,7 @@ class Listing:
             root = ET.fromstring(body)
         except ET.ParseError as e:
             raise ValueError(f"unreadable ListObjectsV2 answer: {e}") from e
-        objects: list[tuple[str, int]] = []
+        objects: list[tuple[str, int, float]] = []
         prefixes: list[str] = []
         truncated = False
         for child in root:
@@ -206,12 +211,30 @@ class Listing:
             if tag == "Contents":
                 fields = {_local(c.tag): c.text or "" for c in child}
                 size = fields.get("Size", "")
-                objects.append((fields.get("Key", ""), int(size) if size.isdigit() else -1))
+                objects.append(
+                    (
+                        fields.get("Key", ""),
+                        int(size) if size.isdigit() else -1,
+                        parse_time(fields.get("LastModified", "")),
+                    )
+                )
             elif tag == "CommonPrefixes":
                 prefixes.extend(c.text or "" for c in child if _local(c.tag) == "Prefix")
             elif tag == "IsTruncated":
                 truncated = (child.text or "").strip().lower() == "true"
         return cls(objects, prefixes, truncated)
+
+
+def parse_time(text: str) -> float:
+    """LastModified as S3 writes it (ISO 8601, ``2024-05-01T12:00:00.000Z``)
+    as Unix time; 0 (the oldest possible) when missing or unreadable."""
+    try:
+        stamp = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.UTC)
+    return stamp.timestamp()
 
 
 def _local(tag: str) -> str:

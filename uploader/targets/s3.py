@@ -9,6 +9,7 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import IO, Any
 
@@ -244,7 +245,7 @@ class S3Target:
                 error = TargetError(f"{error} (this needs the s3:ListBucket permission)")
             raise error from e
         last = max(page.keys) if page.truncated else None
-        return ObjectPage(tuple(sorted(page.objects)), last)
+        return ObjectPage(tuple(sorted(page.objects)), last, tuple(sorted(page.prefixes)))
 
     def _list_page(self, prefix: str, start_after: str) -> Listing:
         """One page (up to 1000) of what is directly under ``prefix``."""
@@ -259,7 +260,10 @@ class S3Target:
                 MaxKeys=LIST_PAGE,
             )
             page = Listing(
-                [(c["Key"], int(c.get("Size", -1))) for c in resp.get("Contents", [])],
+                [
+                    (c["Key"], int(c.get("Size", -1)), _timestamp(c.get("LastModified")))
+                    for c in resp.get("Contents", [])
+                ],
                 [p["Prefix"] for p in resp.get("CommonPrefixes", [])],
                 bool(resp.get("IsTruncated")),
             )
@@ -282,6 +286,20 @@ class S3Target:
             raise self._describe(e, "reading", self._where(key)) from e
         except Exception as e:
             raise self._describe(e, "reading", self._where(key)) from e
+
+    def delete(self, key: str) -> None:
+        # S3 answers 204 whether or not the key existed.
+        try:
+            if self._fast is not None:
+                self._fast.delete(key)
+            else:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            if _status(e) == 404:
+                return
+            raise self._describe(e, "deleting", self._where(key)) from e
+        except Exception as e:
+            raise self._describe(e, "deleting", self._where(key)) from e
 
     def open_object(self, key: str) -> IO[bytes] | None:
         try:
@@ -309,12 +327,6 @@ class S3Target:
         except Exception as e:
             raise self._describe(e, "listing", self._where(prefix)) from e
         return found
-
-    def delete(self, key: str) -> None:
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as e:
-            raise self._describe(e, "deleting", self._where(key)) from e
 
     def put(self, key: str, body: IO[bytes], size: int, content_type: str) -> None:
         if size < MULTIPART_THRESHOLD:
@@ -350,6 +362,11 @@ class S3Target:
                 )
         except Exception as e:
             raise self._failed_upload(e, key) from e
+
+
+def _timestamp(value: object) -> float:
+    """boto3's LastModified (a datetime) as Unix time."""
+    return value.timestamp() if isinstance(value, datetime.datetime) else 0.0
 
 
 def profile_exists(name: str) -> bool:

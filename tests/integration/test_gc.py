@@ -1,0 +1,241 @@
+"""Roots, pins and `gc` against real Nix and SeaweedFS: what stays substitutes
+into a fresh store with signatures required, what went was unreachable, and
+gc running in a loop beside pushing uploaders breaks no closure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import KeyPair, run_cli
+from tests.support.nix import build, nix_path_info, substitute
+from tests.support.services import NixDaemon, SeaweedFS
+from uploader.lifecycle.gclock import GcLock
+from uploader.lifecycle.layout import LAYOUT, LOCKS, encode, timed_key
+from uploader.narinfo import NarInfo
+from uploader.nixbase32 import encode as nix32
+from uploader.nixbase32 import format_hash
+from uploader.signing import SecretKey
+from uploader.storepath import STORE_DIR, hash_part
+from uploader.targets import open_target
+
+pytestmark = pytest.mark.integration
+
+TIGHT = ["--keep-days", "0", "--keep-last", "1", "--grace", "0"]
+
+
+def _expr(salt: str, leaves: int, tops: int) -> str:
+    """``leaf-i`` files, ``top-j`` referencing three leaves each, and two
+    ``twin`` paths with the same contents (so the same NAR)."""
+    drv = (
+        'derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";'
+        ' PATH = "/usr/bin:/bin"; args = ["-c" "{script}"]; }}'
+    )
+    parts = [
+        f"leaf{i} = " + drv.format(name=f"leaf{i}-{salt}", script=f"echo {salt} {i} > $out") + ";"
+        for i in range(leaves)
+    ]
+    for j in range(tops):
+        refs = " ".join(f"${{leaf{(j + k) % leaves}}}" for k in (0, 1, 3))
+        parts.append(
+            f"top{j} = " + drv.format(name=f"top{j}-{salt}", script=f"echo {refs} > $out") + ";"
+        )
+    for t in ("a", "b"):
+        parts.append(
+            f"twin{t} = " + drv.format(name=f"twin{t}-{salt}", script="echo twin > $out") + ";"
+        )
+    return "rec {\n" + "\n".join(parts) + "\n}"
+
+
+@pytest.fixture(scope="module")
+def paths(nix_daemon: NixDaemon) -> dict[str, str]:
+    expr = _expr(os.urandom(6).hex(), leaves=10, tops=10)
+    names = [f"leaf{i}" for i in range(10)] + [f"top{j}" for j in range(10)] + ["twina", "twinb"]
+    return {n: build(expr, attr=n)[0] for n in names}
+
+
+class Cache:
+    def __init__(self, weed: SeaweedFS, bucket: str, keys: KeyPair, tmp: Path) -> None:
+        self.weed, self.bucket, self.keys, self.tmp = weed, bucket, keys, tmp
+        self.url = weed.store_url(bucket)
+
+    def push(self, root: str, *paths: str, env: dict[str, str] | None = None) -> None:
+        run_cli("push", "--to", self.url, "--secret-key-file", self.keys.secret_file,
+                "--root", root, "-q", *paths, env=env)  # fmt: skip
+
+    def gc(self, *args: str, check: bool = True) -> dict[str, object]:
+        proc = run_cli("gc", "--to", self.url, "--json", *args, check=check)
+        return json.loads(proc.stdout) if proc.returncode == 0 else {"stderr": proc.stderr}
+
+    def has(self, path: str) -> bool:
+        return self.weed.get(self.bucket, f"{hash_part(path)}.narinfo") is not None
+
+    def nar(self, path: str) -> str:
+        data = self.weed.get(self.bucket, f"{hash_part(path)}.narinfo")
+        assert data is not None
+        return NarInfo.parse(data.decode()).url
+
+    def substitutes(self, paths: list[str]) -> None:
+        dest = self.tmp / f"fresh-{os.urandom(4).hex()}"
+        proc = substitute(self.weed.http_url(self.bucket), paths, self.keys.public, dest=str(dest))
+        assert proc.returncode == 0, proc.stderr
+
+    def verify_clean(self) -> None:
+        proc = run_cli("verify", "--to", self.url, "--public-key", self.keys.public, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def cache(seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path) -> Cache:
+    return Cache(seaweedfs, bucket, keys, tmp_path)
+
+
+def test_retention_keeps_roots_and_pins_and_deletes_the_unreachable(
+    cache: Cache, paths: dict[str, str]
+) -> None:
+    p = paths
+    cache.push("a", p["top0"])  # leaves 0 1 3
+    cache.push("a", p["top5"])  # leaves 5 6 8: top0's root lapses
+    cache.push("b", p["top1"])  # leaves 1 2 4
+    cache.push("twins", p["twina"], p["twinb"])
+    cache.push("twins", p["leaf9"])  # the twins' root lapses...
+    assert cache.nar(p["twina"]) == cache.nar(p["twinb"])  # one NAR, two narinfos
+    refused = run_cli(
+        "pin", "add", "--to", cache.url, "release", p["twina"], p["top7"], check=False
+    )
+    assert refused.returncode == 1 and hash_part(p["top7"]) in refused.stderr
+    run_cli("pin", "add", "--to", cache.url, "release", p["twina"])  # ...but twina is pinned
+    listed = json.loads(run_cli("pin", "list", "--to", cache.url, "--json").stdout)
+    assert [(x["name"], x["paths"]) for x in listed] == [("release", [p["twina"]])]
+
+    everything = {n for n in p if cache.has(p[n])}
+    dry = cache.gc(*TIGHT, "--nar-delay", "0")
+    assert dry["narinfos_deleted"] == []  # no mark yet
+    for _ in range(3):  # mark; delete narinfos; delete the NARs they left
+        cache.gc(*TIGHT, "--nar-delay", "0", "--delete")
+    kept = {n for n in p if cache.has(p[n])}
+    gone = everything - kept
+    assert gone == {"top0", "leaf0", "leaf3", "twinb"}  # leaf1 is top1's too
+    for name in ("top5", "top1", "leaf9", "twina"):
+        cache.substitutes([p[name]])
+    assert cache.weed.get(cache.bucket, cache.nar(p["twina"])) is not None
+    cache.verify_clean()
+    run_cli("pin", "rm", "--to", cache.url, "release")
+    assert run_cli("pin", "rm", "--to", cache.url, "release", check=False).returncode == 1
+
+
+def test_a_second_gc_refuses_and_a_crashed_ones_lock_expires(cache: Cache) -> None:
+    target = open_target(cache.url)
+    first = GcLock(target)
+    first.acquire()
+    try:
+        proc = run_cli("gc", "--to", cache.url, "--delete", check=False)
+        assert proc.returncode == 1
+        assert "another gc is running" in proc.stderr and f"pid {os.getpid()}" in proc.stderr
+        assert cache.gc()["delete"] is False  # a dry run takes no lock
+    finally:
+        first.release()
+    # A gc that died: its lock, last refreshed long ago, has expired.
+    crashed = timed_key(LOCKS, time.time() - 600)
+    record = {
+        "host": "elsewhere",
+        "pid": 1,
+        "started": time.time() - 600,
+        "expires": time.time() - 480,
+    }
+    target.put_bytes(crashed, encode(record), "application/json")
+    assert cache.gc("--delete")["delete"] is True
+
+
+def test_a_newer_layout_is_refused(cache: Cache, paths: dict[str, str]) -> None:
+    cache.push("a", paths["leaf2"])
+    open_target(cache.url).put_bytes(LAYOUT, b'{"version": 2}', "application/json")
+    proc = run_cli("gc", "--to", cache.url, "--delete", check=False)
+    assert proc.returncode == 1 and "layout version 2" in proc.stderr
+    assert cache.has(paths["leaf2"])
+
+
+def _fill(cache: Cache, count: int) -> None:
+    """Unreachable signed paths with their NARs (no Nix needed)."""
+    target = open_target(cache.url)
+    key = SecretKey.load(cache.keys.secret_file)
+
+    def one(_: int) -> None:
+        nar = os.urandom(64)
+        url = f"nar/{nix32(hashlib.sha256(nar).digest())}.nar"
+        info = NarInfo(
+            store_path=f"{STORE_DIR}/{nix32(os.urandom(20))}-filler",
+            url=url, compression="none", file_hash=None, file_size=len(nar),
+            nar_hash=format_hash(hashlib.sha256(nar).digest()), nar_size=len(nar),
+        )  # fmt: skip
+        signed = NarInfo(**{**info.__dict__, "sigs": (key.sign(info.fingerprint()),)})
+        target.put_bytes(url, nar, "application/x-nix-nar")
+        target.put_bytes(
+            f"{hash_part(info.store_path)}.narinfo", signed.render().encode(), "text/x-nix-narinfo"
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(count)))
+
+
+def _concurrent(cache: Cache, paths: dict[str, str], seconds: float, env: dict[str, str]) -> None:
+    tops = [paths[f"top{j}"] for j in range(10)]
+    closures = {top: list(nix_path_info([top], recursive=True)) for top in tops}
+    target = open_target(cache.url)
+    last: dict[str, list[str]] = {}
+    broken: list[str] = []
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + seconds
+    stop = threading.Event()
+
+    def worker(name: str, seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            while time.monotonic() < deadline:
+                chosen = rnd.sample(tops, 2)
+                cache.push(name, *chosen, env=env)
+                last[name] = chosen
+                # Its root is the newest complete one of its name: until the
+                # next push, nothing of its closure may go.
+                needed = {p for top in chosen for p in closures[top]}
+                broken.extend(p for p in needed if not target.exists(f"{hash_part(p)}.narinfo"))
+        except BaseException as e:
+            errors.append(e)
+
+    def collector() -> None:
+        # One deletion at a time, among hundreds of unreachable fillers: the
+        # deletion phase lasts as long as it does in a large bucket, which
+        # is when an uploader ignoring the mark gets caught.
+        while not stop.is_set():
+            _fill(cache, 150)
+            cache.gc(*TIGHT, "--delete", "-j", "1", check=False)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}", i)) for i in range(3)]
+    gc_thread = threading.Thread(target=collector)
+    gc_thread.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    gc_thread.join()
+    assert not errors, errors
+    assert not broken, f"paths gone from the closure of a kept root: {broken}"
+    cache.verify_clean()
+    for chosen in last.values():
+        cache.substitutes(chosen)
+
+
+def test_gc_in_a_loop_beside_pushing_uploaders_breaks_no_closure(
+    cache: Cache, paths: dict[str, str]
+) -> None:
+    seconds = float(os.environ.get("GC_CONCURRENCY_SECONDS", "60"))
+    _concurrent(cache, paths, seconds, dict(os.environ))

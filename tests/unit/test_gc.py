@@ -1,0 +1,254 @@
+"""Roots, pins, marks, the lock and gc on a file:// cache written by the
+engine from a ``FakeStore`` (the same code paths as against S3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.fakes import FakeStore
+from uploader import signing
+from uploader.engine import Engine
+from uploader.lifecycle import (
+    GcResult,
+    LayoutError,
+    LockHeld,
+    PinRefused,
+    Policy,
+    Protection,
+    VerifyOptions,
+    add_pin,
+    collect,
+    list_pins,
+    remove_pin,
+    verify,
+)
+from uploader.lifecycle.gclock import GcLock, held_locks
+from uploader.lifecycle.layout import LAYOUT, ROOTS, key_time, time_key
+from uploader.lifecycle.marks import Marks
+from uploader.lifecycle.roots import list_roots, read_root
+from uploader.narinfo import NarInfo
+from uploader.state import KnownCache
+from uploader.storepath import hash_part
+from uploader.targets import open_target
+from uploader.targets.file import FileTarget
+
+KEY = signing.generate("test-cache-1")
+# Everything unreachable is deletable by the second run: no grace, no days.
+TIGHT = Policy(keep_days=0, keep_last=1, grace=0, nar_delay=0)
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.store = FakeStore(root / "store")
+        self.dir = root / "cache"
+        self.target = open_target(f"file://{self.dir}")
+        assert isinstance(self.target, FileTarget)
+
+    def push(self, root: str, *paths: str, known: KnownCache | None = None) -> Engine:
+        guard = Protection(self.target, root, forget=known.forget if known else None)
+        engine = Engine(self.store, self.target, KEY, jobs=2, guard=guard, known=known)
+        try:
+            assert asyncio.run(engine.push(paths)).ok
+        finally:
+            engine.close()
+        return engine
+
+    def has(self, path: str) -> bool:
+        return (self.dir / f"{hash_part(path)}.narinfo").exists()
+
+    def gc(self, policy: Policy = TIGHT, *, delete: bool = True) -> GcResult:
+        return collect(self.target, policy, delete=delete, jobs=4)
+
+    def clean(self) -> bool:
+        report = verify(self.target, VerifyOptions(keys=(KEY.public_key(),)))
+        return report.clean
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    return Cache(tmp_path)
+
+
+def test_time_keys_sort_by_time_and_read_back() -> None:
+    t = 1_700_000_000.123456
+    assert key_time(f"x/{time_key(t)}-ab.json") == pytest.approx(t)
+    assert time_key(t) < time_key(t + 0.001) < time_key(t + 86400)
+
+
+def test_a_newer_layout_is_refused(cache: Cache) -> None:
+    cache.target.put_bytes(LAYOUT, json.dumps({"version": 2}).encode(), "application/json")
+    with pytest.raises(LayoutError, match="layout version 2, newer than the 1"):
+        cache.gc(delete=False)
+    a = cache.store.add("a")
+    with pytest.raises(LayoutError, match="upgrade"):
+        cache.push("host", a)
+    assert not cache.has(a)
+
+
+def test_a_push_writes_its_root_before_and_completes_it(cache: Cache) -> None:
+    base = cache.store.add("base")
+    app = cache.store.add("app", [base])
+    cache.push("ci", app)
+    (ref,) = list_roots(cache.target)
+    root = read_root(cache.target, ref.key)
+    assert root is not None and root.name == "ci" and root.state == "complete"
+    assert set(root.paths) == {os.path.basename(p) for p in (base, app)}
+    assert ref.key.startswith(f"{ROOTS}ci/")
+    assert json.loads((cache.dir / LAYOUT).read_text()) == {"version": 1}
+
+
+def test_pins_add_list_rm_and_refuse_a_closure_not_in_the_cache(cache: Cache) -> None:
+    base = cache.store.add("base")
+    app = cache.store.add("app", [base])
+    other = cache.store.add("other", [base])
+    cache.push("ci", app)
+    assert add_pin(cache.target, "release", [app]) == 2
+    with pytest.raises(PinRefused, match=f"missing {other}"):
+        add_pin(cache.target, "broken", [other])
+    with pytest.raises(PinRefused):
+        add_pin(cache.target, "release", [other])  # a replacement refused keeps the old pin
+    (pin,) = list_pins(cache.target)
+    assert pin.name == "release" and pin.paths == (os.path.basename(app),)
+    assert remove_pin(cache.target, "release") and not remove_pin(cache.target, "release")
+    assert list_pins(cache.target) == []
+
+
+def test_retention_keeps_pins_and_kept_roots_and_deletes_the_unreachable(cache: Cache) -> None:
+    base = cache.store.add("base")
+    old = cache.store.add("old", [base])
+    old_dep = cache.store.add("old-dep")
+    old_top = cache.store.add("old-top", [old, old_dep])
+    new = cache.store.add("new", [base])
+    pinned_dep = cache.store.add("pinned-dep")
+    pinned = cache.store.add("pinned", [pinned_dep])
+    other = cache.store.add("other", [base])
+    cache.push("a", old_top)
+    cache.push("a", new)  # the newest of name a: old-top lapses
+    cache.push("b", other)
+    cache.push("c", pinned)
+    cache.push("c", new)
+    add_pin(cache.target, "keep", [pinned])
+    first = cache.gc()
+    assert not first.plan.narinfos
+    assert first.plan.candidates == {hash_part(p) for p in (old, old_dep, old_top)}
+    second = cache.gc()
+    assert sorted(second.plan.narinfos) == sorted(hash_part(p) for p in (old, old_dep, old_top))
+    for p in (old, old_dep, old_top):
+        assert not cache.has(p)
+    for p in (base, new, pinned, pinned_dep, other):
+        assert cache.has(p)
+    assert cache.clean()
+    # The lapsed root went with the first run that deleted.
+    assert {r.name for r in list_roots(cache.target)} == {"a", "b", "c"}
+
+
+def test_a_shared_nar_lives_while_one_narinfo_names_it(cache: Cache) -> None:
+    kept = cache.store.add("kept")
+    gone = cache.store.add("gone")
+    cache.push("x", gone)
+    cache.push("x", kept)
+    # A second narinfo naming the NAR of `kept` (as two paths with the same
+    # contents have): it is unreachable, the NAR is not.
+    info = NarInfo.parse((cache.dir / f"{hash_part(kept)}.narinfo").read_text())
+    twin = NarInfo(**{**info.__dict__, "store_path": gone, "references": (), "sigs": ()})
+    (cache.dir / f"{hash_part(gone)}.narinfo").write_text(twin.render())
+    os.utime(cache.dir / f"{hash_part(gone)}.narinfo", (1, 1))
+    for _ in range(3):
+        cache.gc()
+    assert not cache.has(gone)
+    assert (cache.dir / info.url).exists()
+    assert cache.clean()
+
+
+def test_a_nar_goes_only_after_the_nar_delay_in_two_runs(cache: Cache) -> None:
+    a = cache.store.add("a")
+    b = cache.store.add("b")
+    cache.push("x", a)
+    nar = NarInfo.parse((cache.dir / f"{hash_part(a)}.narinfo").read_text()).url
+    cache.push("x", b)
+    late = Policy(keep_days=0, keep_last=1, grace=0, nar_delay=3600)
+    cache.gc(late)
+    cache.gc(late)
+    assert not cache.has(a) and (cache.dir / nar).exists()  # unreferenced, not for an hour
+    os.utime(cache.dir / nar, (1, 1))
+    record = cache.gc(late)
+    assert (cache.dir / nar).exists()  # its "since" is this run's: still an hour to go
+    assert nar in record.plan.unreferenced
+    cache.gc(TIGHT)
+    assert not (cache.dir / nar).exists()
+
+
+def test_a_dry_run_writes_nothing_and_says_what_would_go(cache: Cache) -> None:
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()
+    before = sorted(p.relative_to(cache.dir) for p in cache.dir.rglob("*"))
+    dry = cache.gc(delete=False)
+    assert dry.plan.narinfos == [hash_part(a)]
+    assert sorted(p.relative_to(cache.dir) for p in cache.dir.rglob("*")) == before
+
+
+def test_an_uploader_relying_on_a_candidate_writes_it_again(cache: Cache) -> None:
+    base = cache.store.add("base")
+    a = cache.store.add("a", [base])
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()  # base and a are candidates now
+    cache.push("y", a)  # found in the cache, but marked: written again
+    # The next run would have deleted them (candidates twice), but y's root
+    # keeps them; and once that lapses, they are newer than the mark.
+    cache.gc()
+    assert cache.has(a) and cache.has(base)
+    assert cache.clean()
+
+
+def test_a_path_gc_deleted_is_uploaded_again_and_forgotten(cache: Cache, tmp_path: Path) -> None:
+    a = cache.store.add("a")
+    known = KnownCache(str(tmp_path / "state.sqlite"), "t")
+    cache.push("x", a, known=known)
+    assert known.known([hash_part(a)]) == {hash_part(a)}
+    cache.push("x", cache.store.add("b"), known=known)
+    cache.gc()
+    cache.gc()
+    assert not cache.has(a)
+    # The uploader remembers `a`; the run record makes it forget.
+    marks = Marks(cache.target)
+    guard = Protection(cache.target, "x", forget=known.forget)
+    guard.marks = marks
+    guard.begin([a])
+    assert known.known([hash_part(a)]) == set()
+    cache.push("x", a, known=known)
+    assert cache.has(a) and cache.clean()
+
+
+def test_a_second_gc_refuses_and_an_expired_lock_is_taken_over(cache: Cache) -> None:
+    first = GcLock(cache.target)
+    first.acquire()
+    try:
+        with pytest.raises(LockHeld, match=f"another gc is running.*pid {os.getpid()}"):
+            cache.gc()
+        assert [lock.key for lock in held_locks(cache.target)] == [first.key]
+    finally:
+        first.release()
+    crashed = GcLock(cache.target, expiry=0.2)
+    crashed.acquire()
+    crashed._stop.set()  # a gc that died: never refreshed, never released
+    time.sleep(0.3)
+    cache.gc()  # takes over
+    assert held_locks(cache.target) == []
+
+
+def test_a_gc_that_cannot_refresh_its_lock_stops_before_deleting(cache: Cache) -> None:
+    lock = GcLock(cache.target, expiry=0.4, refresh=3600)
+    lock.acquire()
+    time.sleep(0.35)
+    with pytest.raises(Exception, match="could not be refreshed"):
+        lock.check()
+    lock.release()

@@ -1,0 +1,261 @@
+"""Keeping the bucket small: `gc` and `pin add|list|rm`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import click
+
+from uploader._exceptions import UploaderError
+from uploader.cli._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    main,
+    setup_logging,
+    verbosity,
+)
+from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
+from uploader.lifecycle.layout import check_name
+from uploader.progress import TerminalProgress, human_bytes, plural
+from uploader.storepath import STORE_DIR, to_store_path
+from uploader.targets import Target, open_target
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """``0``, ``30s``, ``15m``, ``12h``, ``31d``, ``2w`` (a bare number is seconds)."""
+    match = _DURATION.fullmatch(value.strip())
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a duration such as 0, 30s, 12h or 31d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _open(store_url: str, jobs: int = 32) -> Target:
+    try:
+        return open_target(store_url, max_connections=jobs + 2)
+    except UploaderError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+_TO = click.option(
+    "--to", "store_url", required=True, metavar="STORE_URL",
+    help="Binary cache: s3://BUCKET?… or file:///DIR.",
+)  # fmt: skip
+
+
+@main.command("gc", epilog="Exit status: 0 done, 1 failed (or damaged narinfos found), "
+              "2 usage error.  See docs/lifecycle.md.")  # fmt: skip
+@_TO
+@click.option(
+    "--keep-days", type=click.FloatRange(min=0), default=30, show_default=True,
+    help="Keep the closure of every root younger than this many days.",
+)  # fmt: skip
+@click.option(
+    "--keep-last", type=click.IntRange(min=0), default=1, show_default=True,
+    help="Keep the closure of the newest K complete roots of each name.",
+)  # fmt: skip
+@click.option(
+    "--grace", metavar="DURATION", callback=_duration, default="1d", show_default=True,
+    help="Keep narinfos (and their closure) written less than this long ago.",
+)  # fmt: skip
+@click.option(
+    "--nar-delay", metavar="DURATION", callback=_duration, default="31d", show_default=True,
+    help="Delete a NAR only this long after its last narinfo went (clients remember "
+    "narinfos for 30 days).",
+)  # fmt: skip
+@click.option("--delete", "do_delete", is_flag=True, help="Delete; without it, only say what.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option(
+    "-j", "--jobs", type=click.IntRange(1, 256), default=32, show_default=True,
+    help="Requests at once.",
+)  # fmt: skip
+@verbosity
+def gc_command(
+    store_url: str,
+    keep_days: float,
+    keep_last: int,
+    grace: float,
+    nar_delay: float,
+    do_delete: bool,
+    as_json: bool,
+    jobs: int,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Delete what no pin, kept root or recent upload needs.
+
+    Live: the closure of every pin, of the roots younger than --keep-days and
+    the newest --keep-last complete roots of each name, and of every narinfo
+    younger than --grace.  A narinfo goes once two `gc --delete` runs in a row
+    found it unreachable; a NAR once no narinfo has named it for --nar-delay.
+    Without --delete, prints what this run would delete, and writes nothing.
+    """
+    setup_logging(-1 if quiet else verbose)
+    target = _open(store_url, jobs)
+    policy = Policy(keep_days=keep_days, keep_last=keep_last, grace=grace, nar_delay=nar_delay)
+    show = sys.stderr.isatty() and not quiet and not as_json
+    try:
+        result = collect(
+            target,
+            policy,
+            delete=do_delete,
+            jobs=jobs,
+            progress=(lambda label: TerminalProgress(label=label)) if show else None,
+        )
+    except UploaderError as e:
+        fail(str(e))
+    if as_json:
+        click.echo(json.dumps(_to_json(result, store_url), indent=2))
+    else:
+        _print(result, quiet)
+    sys.exit(EXIT_FAILURE if result.plan.damaged else EXIT_OK)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _print(result: GcResult, quiet: bool) -> None:
+    bucket, done = result.bucket, result.plan
+    verb = "delete" if result.deleting else "would delete"
+    since = f"a candidate since {_when(result.previous.time)}" if result.previous else ""
+    for h in sorted(done.damaged):
+        e = bucket.narinfos[h]
+        why = "unreadable" if e.url is None else f"its NAR {e.url} is missing"
+        click.echo(f"damaged {e.name}: {why}; kept, with its closure (see `verify`)")
+    if not quiet:
+        for h in done.narinfos:
+            click.echo(f"{verb} {h}.narinfo: {bucket.narinfos[h].name} unreachable, {since}")
+        for k in done.listings:
+            click.echo(f"{verb} {k}: the listing of a deleted narinfo")
+        for k in done.logs:
+            click.echo(f"{verb} {k}: the build log of deleted narinfos only")
+        for k in done.nars:
+            click.echo(f"{verb} {k}: no narinfo names it (for longer than --nar-delay)")
+        for r in result.lapsed_roots if result.deleting else result.seeds.lapsed:
+            click.echo(f"{verb} {r.key}: root {r.name!r} no longer kept")
+    objects, nbytes = done.freed(bucket)
+    waiting = {k: bucket.nars[k][0] for k in done.unreferenced}
+    line = (
+        f"{plural(len(bucket.narinfos), 'narinfo')}, {plural(len(done.live), 'live')}, "
+        f"{plural(len(done.candidates), 'unreachable')} "
+        f"({plural(result.seeds.kept_roots, 'root')} kept, {plural(result.seeds.pins, 'pin')}); "
+        f"{'deleted' if result.deleting else 'would delete'} {plural(objects, 'object')} "
+        f"({human_bytes(nbytes)}): {plural(len(done.narinfos), 'narinfo')}, "
+        f"{plural(len(done.nars), 'NAR')}; "
+        f"{plural(len(waiting), 'unreferenced NAR')} ({human_bytes(sum(waiting.values()))}) "
+        "wait for --nar-delay"
+    )
+    if result.previous is None:
+        line += (
+            "; no earlier run: this one only marks"
+            if result.deleting
+            else "; no gc --delete has marked this bucket yet, so nothing would go"
+        )
+    if done.unreadable:
+        line += "; unreadable narinfos: nothing deleted until `verify --repair` fixes them"
+    if not quiet or done.damaged:
+        click.echo(line, err=True)
+
+
+def _to_json(result: GcResult, store_url: str) -> dict[str, Any]:
+    bucket, done = result.bucket, result.plan
+    objects, nbytes = done.freed(bucket)
+    return {
+        "store_url": store_url,
+        "delete": result.deleting,
+        "previous_mark": result.previous.key if result.previous else None,
+        "mark": result.record,
+        "narinfos": len(bucket.narinfos),
+        "live": len(done.live),
+        "candidates": len(done.candidates),
+        "kept_roots": result.seeds.kept_roots,
+        "pins": result.seeds.pins,
+        "damaged": sorted(bucket.narinfos[h].name for h in done.damaged),
+        "narinfos_deleted": [f"{h}.narinfo" for h in done.narinfos],
+        "nars_deleted": done.nars,
+        "listings_deleted": done.listings,
+        "logs_deleted": done.logs,
+        "roots_deleted": [
+            r.key for r in (result.lapsed_roots if result.deleting else result.seeds.lapsed)
+        ],
+        "freed": {"objects": objects, "bytes": nbytes},
+        "unreferenced_nars": {
+            "count": len(done.unreferenced),
+            "bytes": sum(bucket.nars[k][0] for k in done.unreferenced),
+        },
+    }
+
+
+@main.group("pin")
+def pin() -> None:
+    """Keep the closure of store paths in the cache forever (until `pin rm`)."""
+
+
+@pin.command("add")
+@_TO
+@click.argument("name")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@verbosity
+def pin_add(store_url: str, name: str, paths: tuple[str, ...], verbose: int, quiet: bool) -> None:
+    """Pin PATH... (store paths or links such as ./result) as NAME.
+
+    The closure must be in the cache already: push it first.  A pin of the
+    same name is replaced.
+    """
+    setup_logging(-1 if quiet else verbose)
+    try:
+        check_name(name, "pin")
+        store_paths = [to_store_path(p) for p in paths]
+    except UploaderError as e:
+        fail(str(e), EXIT_USAGE)
+    target = _open(store_url)
+    try:
+        size = add_pin(target, name, store_paths)
+    except UploaderError as e:
+        fail(str(e))
+    if not quiet:
+        click.echo(f"pinned {name}: {plural(size, 'path')} in its closure", err=True)
+
+
+@pin.command("list")
+@_TO
+@click.option("--json", "as_json", is_flag=True, help="Print the pins as JSON on stdout.")
+def pin_list(store_url: str, as_json: bool) -> None:
+    """List the pins: name, when, paths."""
+    try:
+        pins = list_pins(_open(store_url))
+    except UploaderError as e:
+        fail(str(e))
+    if as_json:
+        out = [
+            {"name": p.name, "created": p.created, "paths": [f"{STORE_DIR}/{b}" for b in p.paths]}
+            for p in pins
+        ]
+        click.echo(json.dumps(out, indent=2))
+        return
+    for p in pins:
+        click.echo(
+            f"{p.name}\t{_when(p.created)}\t" + " ".join(f"{STORE_DIR}/{b}" for b in p.paths)
+        )
+
+
+@pin.command("rm")
+@_TO
+@click.argument("name")
+def pin_rm(store_url: str, name: str) -> None:
+    """Remove the pin NAME; its closure goes with a later `gc` if nothing else keeps it."""
+    try:
+        removed = remove_pin(_open(store_url), check_name(name, "pin"))
+    except UploaderError as e:
+        fail(str(e))
+    if not removed:
+        fail(f"no pin named {name!r}")

@@ -1,0 +1,142 @@
+"""`gc`: delete what no pin, kept root or recent upload needs, beside
+uploaders running anywhere (docs/lifecycle.md says why it is safe).
+
+``--delete``, under the lock: read the previous mark; survey the bucket;
+read the roots and pins; write this run's record (the new mark) before
+deleting anything; look at the roots and pins again; delete narinfos (then
+their listings and logs), then NARs unreferenced for long enough; complete
+the record.  Without ``--delete`` it only reads, and plans against the
+current mark.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from uploader.lifecycle.gclock import GcLock
+from uploader.lifecycle.layout import JSON_TYPE, RUNS, check_layout, encode, key_time, timed_key
+from uploader.lifecycle.listing import narinfo_key
+from uploader.lifecycle.marks import COMPLETE, MARKED, RunRecord, read_run, run_keys
+from uploader.lifecycle.plan import Plan, closure, live_set, plan, unreferenced_nars
+from uploader.lifecycle.roots import RootRef
+from uploader.lifecycle.survey import Bucket, Policy, Seeds, changed_seeds, read_seeds, survey
+from uploader.lifecycle.verify import Progress
+from uploader.targets import Target
+
+__all__ = ["GcResult", "collect"]
+
+log = logging.getLogger(__name__)
+
+# Run records are kept this long (and the newest two always): longer than
+# the daemon remembers a path (7 days), so it always learns of a deletion.
+RUNS_KEPT_FOR = 14 * 86400.0
+
+
+@dataclass
+class GcResult:
+    bucket: Bucket
+    seeds: Seeds
+    plan: Plan
+    previous: RunRecord | None
+    deleting: bool
+    record: str | None = None  # this run's record (with --delete)
+    lapsed_roots: list[RootRef] = field(default_factory=list)
+    pruned_runs: list[str] = field(default_factory=list)
+
+
+def collect(
+    target: Target,
+    policy: Policy,
+    *,
+    delete: bool,
+    jobs: int = 32,
+    progress: Callable[[str], Progress] | None = None,
+    lock: GcLock | None = None,
+) -> GcResult:
+    """A gc run; with ``delete``, ``lock`` is taken and held throughout."""
+    check_layout(target, write=delete)
+    if delete:
+        lock = lock or GcLock(target)
+        lock.acquire()
+    try:
+        return _run(target, policy, delete, jobs, progress, lock)
+    finally:
+        if lock is not None and delete:
+            lock.release()
+
+
+def _run(
+    target: Target,
+    policy: Policy,
+    delete: bool,
+    jobs: int,
+    progress: Callable[[str], Progress] | None,
+    lock: GcLock | None,
+) -> GcResult:
+    keys = run_keys(target)
+    previous = read_run(target, keys[-1]) if keys else None
+    bucket = survey(target, jobs, progress("narinfos") if progress else None)
+    now = time.time()
+    seeds = read_seeds(target, policy, now)
+    live = live_set(bucket, seeds.paths, policy, now)
+    if not delete:
+        return GcResult(bucket, seeds, plan(bucket, live, policy, previous, now), previous, False)
+    # The new mark, before anything is deleted: uploaders from now on see
+    # these candidates and wait for this run before relying on one.
+    now = time.time()
+    marked = unreferenced_nars(bucket, set(), previous, now)
+    candidates = set(bucket.narinfos) - live
+    record = timed_key(RUNS, now)
+    _write_record(target, record, now, MARKED, candidates, set(), marked)
+    # Roots and pins written or grown while the bucket was read.
+    live |= closure(bucket, changed_seeds(target, seeds.settled))
+    result = GcResult(
+        bucket, seeds, plan(bucket, live, policy, previous, now, marked=marked), previous, True
+    )
+    result.record = record
+    assert lock is not None
+    done = result.plan
+    _delete(target, lock, [narinfo_key(h) for h in done.narinfos], jobs)
+    _delete(target, lock, done.listings + done.logs + done.nars, jobs)
+    _write_record(target, record, now, COMPLETE, candidates, set(done.narinfos), done.unreferenced)
+    result.lapsed_roots = seeds.lapsed
+    _delete(target, lock, [r.key for r in seeds.lapsed], jobs)
+    # The previous record stays: it is the next run's second-to-last mark.
+    result.pruned_runs = [k for k in keys[:-1] if (key_time(k) or 0.0) < now - RUNS_KEPT_FOR]
+    _delete(target, lock, result.pruned_runs, jobs)
+    return result
+
+
+def _write_record(
+    target: Target,
+    key: str,
+    now: float,
+    state: str,
+    candidates: set[str],
+    deleted: set[str],
+    unreferenced: dict[str, float],
+) -> None:
+    record = {
+        "time": now,
+        "state": state,
+        "candidates": sorted(candidates),
+        "deleted": sorted(deleted),
+        "unreferenced_nars": dict(sorted(unreferenced.items())),
+    }
+    target.put_bytes(key, encode(record), JSON_TYPE)
+
+
+def _delete(target: Target, lock: GcLock, keys: list[str], jobs: int) -> None:
+    """Delete ``keys``, ``jobs`` at a time; each only while the lock is surely ours."""
+
+    def one(key: str) -> None:
+        lock.check()
+        target.delete(key)
+        log.debug("deleted %s", key)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="delete") as pool:
+        list(pool.map(one, keys))

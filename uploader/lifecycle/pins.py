@@ -1,0 +1,80 @@
+"""`pin add`: a pin keeps the closure of its paths, so that closure must be
+in the cache when the pin is written.
+
+The pin is written first and the closure checked after, through the
+narinfos' references, like an uploader that writes its root before it takes
+anything as there: a gc running meanwhile either sees the pin or has marked
+what it would delete, and marked paths are asked again once it finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from uploader._exceptions import UploaderError
+from uploader.lifecycle.listing import fetch_narinfos
+from uploader.lifecycle.protect import Protection
+from uploader.lifecycle.roots import restore_pin, write_pin
+from uploader.narinfo import NarInfo
+from uploader.storepath import HASH_LENGTH, STORE_DIR, hash_part
+from uploader.targets import Target
+
+__all__ = ["PinRefused", "add_pin"]
+
+
+class PinRefused(UploaderError):
+    """Part of the pin's closure is not in the cache."""
+
+
+def add_pin(target: Target, name: str, paths: Iterable[str], *, jobs: int = 32) -> int:
+    """Write the pin; returns the size of its closure.  Raises PinRefused
+    (the pin left as it was) when a path of the closure is not in the cache."""
+    paths = sorted(set(paths))
+    before = write_pin(target, name, paths)
+    try:
+        guard = Protection(target)
+        guard.marks.refresh()
+        found, missing = _closure(target, paths, jobs)
+        missing |= guard.gone(sorted(found))
+    except BaseException:
+        restore_pin(target, name, before)
+        raise
+    if missing:
+        restore_pin(target, name, before)
+        shown = sorted(missing)
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        raise PinRefused(
+            f"pin {name!r} not written: its closure is not all in the cache; missing "
+            f"{', '.join(shown[:5])}{more} (push them first)"
+        )
+    return len(found)
+
+
+def _closure(target: Target, paths: list[str], jobs: int) -> tuple[set[str], set[str]]:
+    """The closure of ``paths`` in the cache (store paths), and the paths
+    of it that have no narinfo there."""
+    by_hash = {hash_part(p): p for p in paths}
+    found: set[str] = set()
+    missing: set[str] = set()
+    frontier = sorted(by_hash)
+    seen = set(frontier)
+    while frontier:
+        nxt: list[str] = []
+        for h, data in fetch_narinfos(target, frontier, jobs=jobs):
+            if data is None:
+                missing.add(by_hash[h])
+                continue
+            try:
+                info = NarInfo.parse(data.decode())
+            except (ValueError, UnicodeDecodeError):
+                missing.add(by_hash[h])  # unreadable: of no use to a client
+                continue
+            found.add(info.store_path)
+            for ref in info.references:
+                r = ref[:HASH_LENGTH]
+                if r not in seen:
+                    seen.add(r)
+                    by_hash[r] = f"{STORE_DIR}/{ref}"
+                    nxt.append(r)
+        frontier = sorted(nxt)
+    return found, missing

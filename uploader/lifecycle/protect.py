@@ -1,0 +1,127 @@
+"""The uploader's side of the gc protocol (docs/lifecycle.md, "The protocol").
+
+Per push or daemon batch: write a root listing every path it may rely on,
+then read the mark; each time the cache "already has" a path that the mark
+names a candidate, wait for the gcs that were running, ask again, and write
+its narinfo again (the same bytes) or report it gone, to be uploaded.  A NAR
+the mark says no narinfo names is written even when it exists, and checked
+again once the gcs running then have finished.  The engine and the daemon
+only call this; it holds no state of theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+
+from uploader.lifecycle.gclock import LockInfo, held_locks, wait_for
+from uploader.lifecycle.layout import check_layout
+from uploader.lifecycle.listing import narinfo_key
+from uploader.lifecycle.marks import Marks
+from uploader.lifecycle.roots import RootWriter
+from uploader.storepath import hash_part
+from uploader.targets import Target
+
+__all__ = ["Protection"]
+
+NARINFO_TYPE = "text/x-nix-narinfo"
+# Set only by the test that shows the concurrency test can fail: uploaders
+# then ignore the mark, as one that does not follow the protocol would.
+_UNSAFE = "NIX_CACHE_UPLOADER_UNSAFE_IGNORE_GC_MARK"
+
+
+class Protection:
+    """Roots and mark checks for the uploads into one cache, one root at a time."""
+
+    def __init__(
+        self,
+        target: Target,
+        name: str | None = None,
+        *,
+        forget: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.name = name or socket.gethostname()
+        # Told the hash parts of paths gc deleted: a local memory of the cache drops them.
+        self.forget = forget
+        self.marks = Marks(target)
+        self.root: RootWriter | None = None
+        self._layout_checked = False
+        self._locks: list[LockInfo] | None = None
+        self._lock = threading.Lock()
+        self._ignore = os.environ.get(_UNSAFE) == "1"
+
+    def begin(self, paths: Iterable[str]) -> None:
+        """Write a new root (in progress) listing ``paths``, then read the mark."""
+        if not self._layout_checked:
+            check_layout(self.target, write=True)
+            self._layout_checked = True
+        self.root = RootWriter(self.target, self.name)
+        self.root.start(paths)
+        self._refresh()
+
+    def extend(self, paths: Iterable[str]) -> None:
+        """Add paths to the root; the mark is read again after it grew, so
+        that it is read after the root covers them."""
+        assert self.root is not None
+        if self.root.extend(paths):
+            self._refresh()
+
+    def complete(self) -> None:
+        if self.root is not None:
+            self.root.complete()
+            self.root = None
+
+    def _refresh(self) -> None:
+        deleted = self.marks.refresh()
+        if deleted and self.forget is not None:
+            self.forget(deleted)
+        with self._lock:
+            self._locks = None  # listed again, after this mark, when needed
+
+    def _wait_for_running_gc(self) -> None:
+        """Wait for the gcs that held the lock after the mark was read (a gc
+        that starts later sees this uploader's root)."""
+        with self._lock:
+            if self._locks is None:
+                self._locks = held_locks(self.target)
+            locks = self._locks
+        wait_for(self.target, locks)
+
+    def gone(self, paths: Iterable[str]) -> set[str]:
+        """Of ``paths``, which the cache seemed to have, those gc took:
+        candidates are asked again once the running gc finished; those still
+        there get their narinfo written again, newer than the mark."""
+        if self._ignore:
+            return set()
+        candidates = [p for p in paths if self.marks.candidate(hash_part(p))]
+        if not candidates:
+            return set()
+        self._wait_for_running_gc()
+        taken: set[str] = set()
+        for path in candidates:
+            key = narinfo_key(hash_part(path))
+            data = self.target.get(key)
+            if data is None:
+                taken.add(path)
+            else:
+                self.target.put_bytes(key, data, NARINFO_TYPE)
+        if taken and self.forget is not None:
+            self.forget({hash_part(p) for p in taken})
+        return taken
+
+    def nar_unreferenced(self, key: str) -> bool:
+        """Whether the mark says no narinfo names this NAR (a gc may delete
+        it): then it is written even when it exists, and settled after."""
+        return not self._ignore and self.marks.unreferenced_nar(key)
+
+    def settle_nar(self, key: str, write: Callable[[], None]) -> None:
+        """After writing such a NAR: once the gcs running now have finished,
+        make sure it is still there (else write it again, and look again)."""
+        while True:
+            wait_for(self.target, held_locks(self.target))
+            if self.target.exists(key):
+                return
+            write()
