@@ -4,8 +4,8 @@ RSS; the requests one run makes, and what a run costs at 1 000 000
 narinfos at AWS S3 list prices ($0.005 per 1000 LIST, $0.0004 per 1000 GET).
 
 The bucket is made by this script, not by Nix: signed narinfos (the bench
-key) whose references form a DAG, each with a small NAR, a few roots and a
-pin, all written straight to SeaweedFS.  Requests are counted from what the
+key) whose references form a DAG, each with a small NAR, 100 roots of 5
+names and a pin, all written straight to SeaweedFS.  Requests are counted from what the
 commands do: one LIST per 1000 keys of the top level and of ``nar/``, one
 GET per narinfo (and per root and pin for gc).
 """
@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.harness import Bench, Row, fmt_s, median, met, run_measured
+from uploader.lifecycle.layout import check_layout
+from uploader.lifecycle.roots import RootWriter, write_pin
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.signing import SecretKey
+from uploader.targets import open_target
 
 __all__ = ["NAME", "run"]
 
@@ -69,15 +73,41 @@ def _objects(count: int, key: SecretKey, seed: int = 1) -> list[tuple[str, bytes
 
 
 def _fill(bench: Bench, bucket: str, count: int) -> int:
-    """Write the synthetic cache; returns the number of objects."""
-    key = SecretKey.load(bench.keys.secret_file)
-    objects = _objects(count, key)
-    client = bench.s3()
+    """Write the synthetic cache, in a child process: the 200 000 objects it
+    holds in memory must not inflate this process, whose size a forked
+    measurement would inherit.  Returns the number of objects."""
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        written: int = pool.apply(_fill_child, (bench.url(bucket), bench.keys.secret_file, count))
+    return written
+
+
+def _fill_child(url: str, key_file: str, count: int) -> int:
+    target = open_target(url, max_connections=32)
+    check_layout(target, write=True)
+    objects = _objects(count, SecretKey.load(key_file))
     objects.append(("nix-cache-info", b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"))
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]),
+        list(pool.map(lambda kv: target.put_bytes(kv[0], kv[1], "application/octet-stream"),
                       objects))  # fmt: skip
-    return len(objects)
+    # What keeps the bucket's paths alive: the newest of 20 roots of each of
+    # 5 names covering the last paths written (and so their closures), and a pin.
+    paths = [k.removesuffix(".narinfo") for k, _ in objects if k.endswith(".narinfo")]
+    for name in range(5):
+        for i in range(20):
+            writer = RootWriter(target, f"builder-{name}")
+            writer.start(_store_paths(objects, paths[-(i + 1) * 50 - name :][:50]))
+            writer.complete()
+    write_pin(target, "release", _store_paths(objects, paths[:10]))
+    return len(objects) + 101
+
+
+def _store_paths(objects: list[tuple[str, bytes]], hash_parts: list[str]) -> list[str]:
+    wanted = set(hash_parts)
+    found = []
+    for key, body in objects:
+        if key.endswith(".narinfo") and key[:32] in wanted:
+            found.append(body.split(b"\n", 1)[0].removeprefix(b"StorePath: ").decode())
+    return found
 
 
 def _command(bench: Bench, bucket: str, *args: str) -> list[str]:
@@ -95,7 +125,7 @@ def run(bench: Bench) -> list[Row]:
             "verify": _command(bench, bucket, "verify", "--public-key", public, "--json"),
         }
         if _has_gc():
-            commands["gc dry run"] = _command(bench, bucket, "gc", "--json")
+            commands["gc dry run"] = _command(bench, bucket, "gc", "--json", "--grace", "0")
         results: dict[str, list[Any]] = {name: [] for name in commands}
 
         def once(_: int) -> None:
@@ -147,4 +177,4 @@ def run(bench: Bench) -> list[Row]:
 def _has_gc() -> bool:
     from uploader.cli import main
 
-    return "gc" in main.commands  # type: ignore[attr-defined]
+    return "gc" in main.commands
