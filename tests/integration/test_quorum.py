@@ -407,3 +407,21 @@ def test_a_trusted_builder_alone_publishes_through_the_publisher_daemon_and_its_
         assert publisher.wait(timeout=60) == 0, log.read_text()
     copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public, dest=str(tmp_path / "f"))
     assert copied.returncode == 0, copied.stderr
+
+
+def test_what_the_publisher_published_is_a_root_that_gc_keeps(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    url = s3.store_url(bucket)
+    expr = chain_expr(uuid.uuid4().hex[:10], 3)
+    top = build(expr)[0]
+    paths = closure(top)
+    attest(url, fleet["a"], top)
+    attest(url, fleet["b"], rebuild(expr, paths))
+    assert "published 3 paths" in run_cli(*publish_args(url, fleet)).stderr
+    gc = ["gc", "--to", url, "--delete", "--grace", "0", "--keep-days", "0", "--nar-delay", "0"]
+    for _ in range(2):  # the second run could delete what the first marked
+        run_cli(*gc)
+    assert all(narinfo(s3, bucket, p) is not None for p in paths)
+    copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public, dest=str(tmp_path / "f"))
+    assert copied.returncode == 0, copied.stderr

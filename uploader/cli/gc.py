@@ -145,8 +145,8 @@ def _print(result: GcResult, quiet: bool) -> None:
     objects, nbytes = done.freed(bucket)
     waiting = {k: bucket.nars[k][0] for k in done.unreferenced}
     line = (
-        f"{plural(len(bucket.narinfos), 'narinfo')}, {plural(len(done.live), 'live')}, "
-        f"{plural(len(done.candidates), 'unreachable')} "
+        f"{plural(len(bucket.narinfos), 'narinfo')}: {len(done.live)} live, "
+        f"{len(done.candidates)} unreachable "
         f"({plural(result.seeds.kept_roots, 'root')} kept, {plural(result.seeds.pins, 'pin')}); "
         f"{'deleted' if result.deleting else 'would delete'} {plural(objects, 'object')} "
         f"({human_bytes(nbytes)}): {plural(len(done.narinfos), 'narinfo')}, "

@@ -28,6 +28,7 @@ from typing import Any
 
 from uploader.compression import extension
 from uploader.engine import NAR_TYPE, narinfo_key
+from uploader.lifecycle.protect import Protection
 from uploader.narinfo import NarInfo
 from uploader.quorum.attestation import VERSION, Attestation
 from uploader.quorum.bucket import Bucket
@@ -46,6 +47,9 @@ from uploader.signing import PublicKey, SecretKey
 from uploader.storepath import basename, hash_part
 
 __all__ = ["PassResult", "Publisher"]
+
+# The name of the publisher's roots (docs/lifecycle.md).
+ROOT_NAME = "quorum-publisher"
 
 log = logging.getLogger(__name__)
 _JSON = "application/json"
@@ -94,18 +98,28 @@ class Publisher:
         self.clock = clock
         # Attestations whose staged NAR was found to differ from their claim.
         self.excluded: dict[str, str] = {}
+        # What the publisher publishes, and the references it finds in the
+        # cache, are a root for gc, written before it trusts them to be there
+        # (docs/lifecycle.md); the gc's mark is followed as uploaders do.
+        self._guard = Protection(bucket, ROOT_NAME)
 
     def run_pass(self) -> PassResult:
         result = PassResult()
         paths = self._read()
         self._has: dict[str, bool] = {}
+        ready = [p.verdict for p in paths.values() if p.verdict.state == READY]
+        if ready:
+            self._guard.begin(
+                {v.store_path for v in ready if v.store_path}
+                | {r for v in ready for a in v.support for r in a.references}
+            )
         in_use = collections.Counter(
             a.nar.url for p in paths.values() for a in _parsed(p.found) if a is not None
         )
         pending: list[_Path] = []
         for p in paths.values():
             result.rejected.extend(r.__dict__ for r in p.verdict.rejected)
-            if self._published(p.hashpart):
+            if self._published(p.hashpart, p.verdict.store_path):
                 self._tidy(p, in_use, record=True)
                 result.already.append(p.verdict.store_path or p.hashpart)
             elif p.verdict.state == CONFLICT:
@@ -121,6 +135,7 @@ class Publisher:
                 result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, "")
         self._expire(paths, done, in_use, result)
         self._write_status(result)
+        self._guard.complete()
         return result
 
     def _read(self) -> dict[str, _Path]:
@@ -146,9 +161,13 @@ class Publisher:
             hashpart, found, self.keys, quorum=self.quorum, trusted=self.trusted, excluded=excluded
         )
 
-    def _published(self, hashpart: str) -> bool:
+    def _published(self, hashpart: str, store_path: str | None = None) -> bool:
         if hashpart not in self._has:
-            self._has[hashpart] = self.bucket.exists(f"{hashpart}.narinfo")
+            present = self.bucket.exists(f"{hashpart}.narinfo")
+            # A gc candidate is asked again (and kept) before it counts.
+            if present and store_path is not None and self._guard.gone([store_path]):
+                present = False
+            self._has[hashpart] = present
         return self._has[hashpart]
 
     def _publish_bottom_up(
@@ -181,7 +200,7 @@ class Publisher:
         refs = [r for r in verdict.support[0].references if r != path]
         if any(hash_part(r) in ready for r in refs):
             return None
-        missing = [r for r in refs if not self._published(hash_part(r))]
+        missing = [r for r in refs if not self._published(hash_part(r), r)]
         if missing and self.upstream is not None:
             served = self.upstream(missing)
             missing = [r for r in missing if r not in served]
