@@ -92,6 +92,49 @@ let
     else
       "\"" + lib.replaceStrings [ "\\" "\"" ] [ "\\\\" "\\\"" ] escaped + "\"";
 
+  # What both services run with; every loosening says why.
+  hardening = {
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    # Python, cffi (PyNaCl), ctypes (watchdog's inotify) and the nix
+    # client need no writable+executable memory: checked with the
+    # kernel's equivalent (prctl PR_SET_MDWE) on a full upload.  Should a
+    # future dependency need it (a JIT, or libffi closures without static
+    # trampolines), this is the line to turn off.
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    # A blocked call fails (and is logged) instead of killing the process
+    # mid-upload.
+    SystemCallErrorNumber = "EPERM";
+    RestrictAddressFamilies = [
+      # The nix-daemon socket: the uploader reads the store through it.
+      "AF_UNIX"
+      # The S3 endpoint and upstream caches.
+      "AF_INET"
+      "AF_INET6"
+    ];
+  };
+
   # The directories the service writes besides its state: systemd must
   # find each one when it sets up the namespace (ProtectSystem=strict), or
   # the unit fails before the program can say what is wrong.
@@ -354,6 +397,51 @@ in
       '';
     };
 
+    gc = {
+      enable = lib.mkEnableOption ''
+        a timer that runs `nix-cache-uploader gc --delete` on the cache: it
+        deletes what no pin, kept root or young narinfo needs, safely beside
+        running uploaders (docs/lifecycle.md).  Enable it on one machine per
+        bucket; a second gc refuses while one runs
+      '';
+      schedule = lib.mkOption {
+        type = lib.types.str;
+        default = "daily";
+        example = "Sun 03:00";
+        description = "When it runs (systemd.time(7) OnCalendar syntax).";
+      };
+      keepDays = lib.mkOption {
+        type = lib.types.nullOr lib.types.ints.unsigned;
+        default = null;
+        description = "Keep the roots younger than this many days [gc's default: 30].";
+      };
+      keepLast = lib.mkOption {
+        type = lib.types.nullOr lib.types.ints.unsigned;
+        default = null;
+        description = "Keep the newest this many complete roots of each name [gc's default: 1].";
+      };
+      grace = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "12h";
+        description = "Keep narinfos younger than this [gc's default: 1d].";
+      };
+      narDelay = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = ''
+          How long a NAR outlives the last narinfo naming it [gc's default:
+          31d, beyond Nix clients' 30-day narinfo cache].
+        '';
+      };
+      extraArgs = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "-v" ];
+        description = "More arguments for `nix-cache-uploader gc`, taken literally.";
+      };
+    };
+
     openFirewall = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -528,12 +616,9 @@ in
         CPUWeight = lib.mkIf cfg.settings.low-priority 20;
         IOSchedulingClass = lib.mkIf cfg.settings.low-priority "idle";
 
-        # Hardening.  The service reads the store, writes only the spool, its
-        # GC roots and its state, and talks to the nix-daemon and to S3.
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        ProtectSystem = "strict";
+        # Hardening (shared with the gc service).  The service reads the
+        # store, writes only the spool, its GC roots and its state, and talks
+        # to the nix-daemon and to S3.
         ReadWritePaths = map escapeSpecifiers (
           [
             spool
@@ -545,41 +630,48 @@ in
           # program, which then says what is missing.
           ++ map (dir: "-${dir}") createdDirs
         );
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        ProtectProc = "invisible";
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        # Python, cffi (PyNaCl), ctypes (watchdog's inotify) and the nix
-        # client need no writable+executable memory: checked with the
-        # kernel's equivalent (prctl PR_SET_MDWE) on a full upload.  Should a
-        # future dependency need it (a JIT, or libffi closures without static
-        # trampolines), this is the line to turn off.
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        # A blocked call fails (and is logged) instead of killing the process
-        # mid-upload.
-        SystemCallErrorNumber = "EPERM";
-        RestrictAddressFamilies = [
-          # The nix-daemon socket: the uploader reads the store through it.
-          "AF_UNIX"
-          # The S3 endpoint and upstream caches.
-          "AF_INET"
-          "AF_INET6"
-        ];
+      }
+      // hardening;
+    };
+
+    systemd.services.nix-cache-uploader-gc = lib.mkIf cfg.gc.enable {
+      description = "Delete what no root or pin of the binary cache keeps";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = lib.concatStringsSep " " (
+          [
+            "${cfg.package}/bin/nix-cache-uploader gc --delete"
+            "--to ${execWord (toString cfg.settings.to)}"
+          ]
+          ++ lib.optional (cfg.gc.keepDays != null) "--keep-days ${toString cfg.gc.keepDays}"
+          ++ lib.optional (cfg.gc.keepLast != null) "--keep-last ${toString cfg.gc.keepLast}"
+          ++ lib.optional (cfg.gc.grace != null) "--grace ${execWord cfg.gc.grace}"
+          ++ lib.optional (cfg.gc.narDelay != null) "--nar-delay ${execWord cfg.gc.narDelay}"
+          ++ map execWord cfg.gc.extraArgs
+        );
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) (escapeSpecifiers cfg.environmentFile);
+        User = cfg.user;
+        Group = cfg.group;
+        # It signs nothing: no key.  It deletes from the cache, and writes
+        # only a file:// cache's directory here.
+        ReadWritePaths = map (dir: "-${escapeSpecifiers dir}") (lib.optional (fileCacheDir != null) fileCacheDir);
+        Nice = 19;
+        IOSchedulingClass = "idle";
+      }
+      // hardening;
+    };
+
+    systemd.timers.nix-cache-uploader-gc = lib.mkIf cfg.gc.enable {
+      description = "Keep the binary cache small: nix-cache-uploader gc";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = cfg.gc.schedule;
+        # A run missed while the machine was off happens at the next boot;
+        # machines of a fleet do not all start at the same minute.
+        Persistent = true;
+        RandomizedDelaySec = "1h";
       };
     };
   };

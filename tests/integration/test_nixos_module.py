@@ -409,3 +409,49 @@ def test_a_builder_in_attest_mode_gets_its_own_key_and_never_the_cache_key() -> 
     for refused in ("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-key", "relative/key"):
         with pytest.raises(EvalError):
             evaluate({**config, "attestKeyFile": refused})
+
+
+# -- the gc timer and the opt-in publications ----------------------------------
+
+
+def test_gc_is_off_unless_enabled() -> None:
+    found = evaluate(BASE, select="{ inherit (config.systemd) timers; }").value
+    assert found == {"timers": {}}
+    assert "nix-cache-uploader-gc" not in evaluate(BASE, select="config.systemd.services").value
+
+
+def test_the_gc_timer_runs_gc_delete_on_the_cache_daily_without_the_key() -> None:
+    config = {**BASE, "gc": {"enable": True, "keepDays": 14, "grace": "12h", "extraArgs": ["-v"]}}
+    found = evaluate(
+        config,
+        select="""{
+      timer = config.systemd.timers.nix-cache-uploader-gc;
+      service = config.systemd.services.nix-cache-uploader-gc.serviceConfig;
+      main = config.systemd.services.nix-cache-uploader.serviceConfig;
+    }""",
+    ).value
+    assert found["timer"]["wantedBy"] == ["timers.target"]
+    assert found["timer"]["timerConfig"]["OnCalendar"] == "daily"
+    assert found["timer"]["timerConfig"]["Persistent"] is True
+    gc = found["service"]
+    assert gc["ExecStart"].split()[1:] == [
+        "gc", "--delete", "--to", "s3://my-nix-cache?region=eu-west-1",
+        "--keep-days", "14", "--grace", "12h", "-v",
+    ]  # fmt: skip
+    assert gc["Type"] == "oneshot" and gc["User"] == "nix-cache-uploader"
+    assert "LoadCredential" not in gc, "gc signs nothing: it gets no key"
+    # The same hardening as the uploader.
+    for directive in ("ProtectSystem", "NoNewPrivileges", "SystemCallFilter", "ProtectHome"):
+        assert gc[directive] == found["main"][directive]
+
+
+def test_a_file_cache_is_writable_to_gc() -> None:
+    config = {**with_settings(to="file:///srv/nix-cache"), "gc": {"enable": True}}
+    gc = evaluate(config, select=SERVICE + "-gc.serviceConfig").value
+    assert gc["ReadWritePaths"] == ["-/srv/nix-cache"]
+
+
+def test_build_logs_and_listings_are_settings_the_config_file_carries() -> None:
+    config = with_settings(**{"upload-logs": True, "write-nar-listing": True})
+    toml = evaluate(config, select=f"{CONFIG_FILE}.env.configFile.value").value
+    assert toml["upload-logs"] is True and toml["write-nar-listing"] is True
