@@ -1,4 +1,4 @@
-"""Roots, pins and `gc` against real Nix and SeaweedFS: what stays substitutes
+"""Roots, pins and `gc` against real Nix and S3 (SeaweedFS, moto): what stays substitutes
 into a fresh store with signatures required, what went was unreachable, and
 gc running in a loop beside pushing uploaders breaks no closure."""
 
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import KeyPair, run_cli
-from tests.support.nix import build, nix_path_info, substitute
-from tests.support.services import NixDaemon, SeaweedFS
+from tests.support.daemon import UploaderRun
+from tests.support.entries import entry_bytes, write_entry
+from tests.support.nix import build, nix_path_info, substitute, trivial_expr
+from tests.support.services import NixDaemon, S3Server
 from uploader.lifecycle.gclock import GcLock
 from uploader.lifecycle.layout import LAYOUT, LOCKS, encode, timed_key
 from uploader.narinfo import NarInfo
@@ -63,7 +65,7 @@ def paths(nix_daemon: NixDaemon) -> dict[str, str]:
 
 
 class Cache:
-    def __init__(self, weed: SeaweedFS, bucket: str, keys: KeyPair, tmp: Path) -> None:
+    def __init__(self, weed: S3Server, bucket: str, keys: KeyPair, tmp: Path) -> None:
         self.weed, self.bucket, self.keys, self.tmp = weed, bucket, keys, tmp
         self.url = weed.store_url(bucket)
 
@@ -94,8 +96,8 @@ class Cache:
 
 
 @pytest.fixture
-def cache(seaweedfs: SeaweedFS, bucket: str, keys: KeyPair, tmp_path: Path) -> Cache:
-    return Cache(seaweedfs, bucket, keys, tmp_path)
+def cache(s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path) -> Cache:
+    return Cache(s3, bucket, keys, tmp_path)
 
 
 def test_retention_keeps_roots_and_pins_and_deletes_the_unreachable(
@@ -239,3 +241,24 @@ def test_gc_in_a_loop_beside_pushing_uploaders_breaks_no_closure(
 ) -> None:
     seconds = float(os.environ.get("GC_CONCURRENCY_SECONDS", "60"))
     _concurrent(cache, paths, seconds, dict(os.environ))
+
+
+def test_the_daemon_forgets_what_gc_deleted_and_uploads_it_again(
+    uploader: UploaderRun, s3: S3Server, bucket: str
+) -> None:
+    """Its memory of the cache (state.sqlite) would otherwise skip the path."""
+    uploader.start()
+    (out,) = build(trivial_expr("forgotten"), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+    narinfo = f"{hash_part(out)}.narinfo"
+    assert s3.get(bucket, narinfo) is not None
+
+    gc = ["gc", "--to", uploader.store_url, "--delete", "--grace", "0", "--keep-days", "0",
+          "--keep-last", "0", "--nar-delay", "0"]  # fmt: skip
+    for _ in range(2):  # the first marks, the second deletes
+        run_cli(*gc)
+    assert s3.get(bucket, narinfo) is None, "gc should have deleted the unrooted path"
+
+    write_entry(uploader.spool / "again.entry", entry_bytes(f"out {out}"))
+    uploader.wait_drained(timeout=120)
+    assert s3.get(bucket, narinfo) is not None, uploader.log()[-3000:]

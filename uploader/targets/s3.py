@@ -245,7 +245,11 @@ class S3Target:
                 error = TargetError(f"{error} (this needs the s3:ListBucket permission)")
             raise error from e
         last = max(page.keys) if page.truncated else None
-        return ObjectPage(tuple(sorted(page.objects)), last, tuple(sorted(page.prefixes)))
+        # A key ending in '/' is a folder marker (S3 consoles make them;
+        # SeaweedFS lists a directory emptied by a delete as one), not an
+        # object of ours.
+        objects = sorted(o for o in page.objects if not o[0].endswith("/"))
+        return ObjectPage(tuple(objects), last, tuple(sorted(page.prefixes)))
 
     def _list_page(self, prefix: str, start_after: str) -> Listing:
         """One page (up to 1000) of what is directly under ``prefix``."""
