@@ -266,6 +266,11 @@ def start_seaweedfs(data_dir: str | None = None) -> SeaweedFS:
         f"-filer.port={f}", f"-filer.port.grpc={fg}", f"-admin.port={admin}",
         f"-s3.port.iceberg={ice}", f"-s3.port.lance={lance}", f"-metricsPort={met}",
         f"-s3.metricsPort={s3met}", "-webdav=false", "-admin.ui=false",
+        # Every bucket is a collection with volumes of its own, and the tests
+        # make hundreds of buckets: by default (volumes of 128 MB, as many as
+        # the free disk holds) writes fail after some 70 of them.  Small
+        # volumes, many allowed: they take disk only as they fill.
+        "-master.volumeSizeLimitMB=32", "-volume.max=20000",
     ]  # fmt: skip
     server = SeaweedFS(
         process=None,
