@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO, Any, Protocol, TypeVar
 
 from uploader._exceptions import TargetError, UploaderError, VerificationError
@@ -34,6 +35,7 @@ from uploader.compression import THREADED_ABOVE, extension, open_compressor
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
+from uploader.roundtrips import MAX_WIDTH, RoundTrips
 from uploader.signing import SecretKey
 from uploader.store import PathInfo
 from uploader.storepath import basename, hash_part
@@ -53,10 +55,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NAR_TYPE = "application/x-nix-nar"
-# NARs up to this size are uploaded up to _SMALL_JOBS at a time, besides
-# the ``jobs`` larger ones.
+# NARs up to this size are uploaded as many at a time as the round-trip
+# time asks for (roundtrips.py), besides the ``jobs`` larger ones.
 _SMALL_NAR = 256 << 10
-_SMALL_JOBS = 16
 # NARs up to this size are compressed in memory; larger ones into a file.
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
@@ -73,10 +74,11 @@ _LIST_MIN_SETTLED = 24
 
 def worker_threads(jobs: int) -> int:
     """Threads the engine runs target requests on: ``jobs`` NARs at once, the
-    small NARs, and a few for existence checks and narinfos (more threads
-    only contend for the GIL).  The target's connection pool must be at
-    least this large, or connections are thrown away and redone."""
-    return max(1, jobs) + _SMALL_JOBS + 4
+    small requests (small NARs, narinfos, existence checks: as many as the
+    round-trip time asks for, so threads are only started far from S3), and
+    a few more.  The target's connection pool must be at least this large,
+    or connections are thrown away and redone."""
+    return max(1, jobs) + MAX_WIDTH + 4
 
 
 def narinfo_key(store_path: str) -> str:
@@ -211,8 +213,9 @@ class Engine:
         self._cache_info_checked = False
         self._cache_info_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.jobs)
-        # Small NARs cost round trips, not CPU or memory: many at once.
-        self._small_slots = asyncio.Semaphore(_SMALL_JOBS)
+        # Small requests cost round trips, not CPU or memory: as many at once
+        # as the distance to the cache asks for.
+        self._round_trips = RoundTrips()
         self._cpu = asyncio.Semaphore(1)
         # Paths being checked or uploaded right now, by any push_infos call,
         # with their outcome (None, or the error) once known.
@@ -388,7 +391,9 @@ class Engine:
             ranges = [rest[i : i + size] for i in range(0, len(rest), size)]
             left = await asyncio.gather(*(self._list_range(r, found) for r in ranges))
             rest = [k for r in left for k in r]
-        exists = await asyncio.gather(*(self._run(self.target.exists, k) for k in rest))
+        exists = await asyncio.gather(
+            *(self._round_trips.run(partial(self._run, self.target.exists, k)) for k in rest)
+        )
         found.update(k for k, e in zip(rest, exists, strict=True) if e)
         return found
 
@@ -430,9 +435,13 @@ class Engine:
         path = info.path
         started = time.monotonic()
         try:
-            slots = self._small_slots if info.nar_size <= _SMALL_NAR else self._slots
-            async with slots:
-                url, prepared = await self._upload_nar(info, overwrite)
+            if info.nar_size <= _SMALL_NAR:
+                url, prepared = await self._round_trips.run(
+                    partial(self._upload_nar, info, overwrite)
+                )
+            else:
+                async with self._slots:
+                    url, prepared = await self._upload_nar(info, overwrite)
             # Slot released first: a path waiting on its references must not
             # hold a place its references need.
             for ref in info.references:
@@ -444,7 +453,7 @@ class Engine:
                             store_path=path,
                             cause=error,
                         )
-            await self._run(self._put_narinfo, info, url, prepared)
+            await self._round_trips.run(partial(self._run, self._put_narinfo, info, url, prepared))
         except UploaderError as e:
             if e.store_path is None:
                 e.store_path = path
