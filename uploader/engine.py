@@ -4,9 +4,12 @@ For a set of store paths it takes their closure, skips what the cache (or an
 upstream cache) already has, and uploads the rest:
 
     for each missing path, references first, at most ``jobs`` at a time:
-        stream the NAR from disk ▸ hash it ▸ compress into a temp file
-        ▸ verify NarHash/NarSize against the Nix database  (else: refuse)
-        ▸ upload the NAR
+        stream the NAR from disk ▸ hash it ▸ compress (large NARs: into the
+        parts of an upload, sent meanwhile, narstream.py; others: in memory
+        or a temp file)
+        ▸ verify NarHash/NarSize against the Nix database  (else: refuse,
+          and abort the upload in parts)
+        ▸ upload the NAR (complete the upload in parts)
         ▸ wait until every reference has its narinfo in the cache
         ▸ sign and upload the narinfo
 
@@ -18,10 +21,8 @@ store and the target are passed in, so tests can hand in plain objects.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,9 +31,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, Protocol, TypeVar
 
-from uploader._exceptions import TargetError, UploaderError, VerificationError
-from uploader.compression import THREADED_ABOVE, extension, open_compressor
+from uploader._exceptions import TargetError, UploaderError
+from uploader.compression import THREADED_ABOVE, extension
 from uploader.narinfo import NarInfo
+from uploader.narstream import STREAM_ABOVE, NarStreamer, compress_checked, stream_key
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
 from uploader.roundtrips import MAX_WIDTH, RoundTrips
@@ -127,27 +129,11 @@ class PushResult:
 
 @dataclass
 class _Prepared:
-    body: IO[bytes]  # in memory, or a named temporary file for large NARs
+    # In memory, or a named temporary file for large NARs; None once streamed.
+    body: IO[bytes] | None
     file_hash: bytes
     file_size: int
     filename: str | None = None
-
-
-class _HashingWriter:
-    """A file-like sink that hashes and counts what the compressor emits."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.out.write(data)
-
-    def flush(self) -> None:
-        self.out.flush()
 
 
 class DependencyFailed(UploaderError):
@@ -207,6 +193,7 @@ class Engine:
         self.is_upstream = is_upstream
         # Told (path, seconds, compressed size) after each upload: metrics.
         self.on_uploaded = on_uploaded
+        self._streamer = NarStreamer(compression, compression_level)
         self._pool = ThreadPoolExecutor(
             max_workers=worker_threads(self.jobs), thread_name_prefix="upload"
         )
@@ -226,6 +213,7 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._streamer.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -482,6 +470,11 @@ class Engine:
 
     async def _upload_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
         started = time.monotonic()
+        if info.nar_size > STREAM_ABOVE:
+            streamed = await self._run(self._stream_nar, info)
+            if streamed is not None:
+                log.debug("%s: NAR streamed in %.2fs", info.path, time.monotonic() - started)
+                return streamed
         if info.nar_size <= _SMALL_NAR:
             # One trip to a worker thread for the lot: for thousands of tiny
             # paths the hand-offs cost more than the work.
@@ -498,7 +491,7 @@ class Engine:
             url = self._nar_url(prepared)
             await self._run(self._put_nar, url, prepared, overwrite)
         finally:
-            prepared.body.close()
+            _close(prepared)
         log.debug(
             "%s: NAR read and compressed in %.2fs, uploaded in %.2fs",
             info.path,
@@ -516,8 +509,18 @@ class Engine:
             url = self._nar_url(prepared)
             self._put_nar(url, prepared, overwrite)
         finally:
-            prepared.body.close()
+            _close(prepared)
         return url, prepared
+
+    def _stream_nar(self, info: PathInfo) -> tuple[str, _Prepared] | None:
+        """Compress and upload at once, under a fresh name (narstream.py);
+        None when the target stores whole files.  Runs in a worker thread."""
+        url = stream_key(info, self.compression)
+        upload = self.target.start_upload(url, NAR_TYPE)
+        if upload is None:
+            return None
+        compressed = self._streamer.upload(info, upload, self.store.dump(info.path))
+        return url, _Prepared(None, compressed.file_hash, compressed.file_size)
 
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:
         """Stream the NAR through sha256 and the compressor into a temp file,
@@ -534,37 +537,16 @@ class Engine:
         except OSError as e:
             raise UploaderError(f"{info.path}: creating a temporary file: {e}") from e
         try:
-            sink = _HashingWriter(body)
-            compressor = open_compressor(
-                self.compression,
-                sink,  # type: ignore[arg-type]
-                level=self.compression_level,
-                size_hint=info.nar_size,
-                threads=os.cpu_count() or 1,
-            )
-            nar_sha = hashlib.sha256()
-            nar_size = 0
-            for chunk in self.store.dump(info.path):
-                nar_sha.update(chunk)
-                nar_size += len(chunk)
-                compressor.write(chunk)
-            compressor.close()
-            nar_hash = format_hash(nar_sha.digest())
-            if nar_hash != info.nar_hash or nar_size != info.nar_size:
-                raise VerificationError(
-                    f"{info.path} differs from what the Nix database registered "
-                    f"(database: {info.nar_hash}, {info.nar_size} bytes; on disk: "
-                    f"{nar_hash}, {nar_size} bytes); refusing to sign it. "
-                    f"Check it with `nix-store --verify-path {info.path}` and repair "
-                    f"with `nix-store --repair-path {info.path}`",
-                    store_path=info.path,
-                )
+            compressed = compress_checked(
+                info, self.store.dump(info.path), body.write,
+                self.compression, self.compression_level,
+            )  # fmt: skip
             body.flush()
             body.seek(0)
             return _Prepared(
                 body=body,
-                file_hash=sink.sha.digest(),
-                file_size=sink.size,
+                file_hash=compressed.file_hash,
+                file_size=compressed.file_size,
                 filename=getattr(body, "name", None),
             )
         except OSError as e:
@@ -581,7 +563,7 @@ class Engine:
             return
         if prepared.filename is not None:
             self.target.put_file(url, prepared.filename, prepared.file_size, NAR_TYPE)
-        else:
+        elif prepared.body is not None:
             self.target.put(url, prepared.body, prepared.file_size, NAR_TYPE)
 
     def _put_narinfo(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
@@ -614,6 +596,11 @@ class Engine:
             prepared.file_size,
             self.compression,
         )
+
+
+def _close(prepared: _Prepared) -> None:
+    if prepared.body is not None:
+        prepared.body.close()
 
 
 def _position(key: str) -> float:
