@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import boto3
 
+from benchmarks.linkproxy import RunningLink
 from tests.support.cli import KeyPair
 from tests.support.daemon import HOOK, UploaderRun
 from tests.support.services import SeaweedFS, nix_client_env
@@ -30,6 +31,7 @@ __all__ = [
     "Bench",
     "Measured",
     "Row",
+    "cpu_seconds",
     "fmt_bytes",
     "fmt_rate",
     "fmt_s",
@@ -92,7 +94,20 @@ class Bench:
     salt: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     built: list[str] = field(default_factory=list)  # store paths to delete at the end
     cache: dict[str, Any] = field(default_factory=dict)  # workloads, built once
+    # The link between the uploader (and the baselines) and S3; None: loopback.
+    # Checks and clean-up (``s3()``) always go straight to SeaweedFS.
+    link: RunningLink | None = None
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def endpoint(self) -> str:
+        """Where the timed clients reach S3: through the link, if any."""
+        return self.link.endpoint if self.link else self.weed.endpoint
+
+    @property
+    def where(self) -> str:
+        """What row names say about the link: nothing on loopback."""
+        return f" [{self.link.link.describe()}]" if self.link else ""
 
     def say(self, msg: str) -> None:
         print(f"bench [{time.monotonic() - _T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -107,7 +122,7 @@ class Bench:
         return self.weed.create_bucket(self.name(prefix))
 
     def url(self, bucket: str) -> str:
-        return self.weed.store_url(bucket)
+        return f"s3://{bucket}?endpoint={self.endpoint}&region=us-east-1"
 
     def s3(self) -> Any:
         """A boto3 client for the SeaweedFS under test."""
@@ -119,6 +134,12 @@ class Bench:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             found += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
         return found
+
+    def object_bytes(self, bucket: str, prefix: str) -> int:
+        """Total size of the objects under ``prefix``."""
+        client = self.s3()
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sum(o["Size"] for page in pages for o in page.get("Contents", []))
 
     def narinfos(self, bucket: str) -> int:
         return len(self.keys_in(bucket, ".narinfo"))
@@ -221,6 +242,12 @@ def enqueue(spool: Path, drvs: Sequence[str]) -> None:
     """One spool entry per derivation, written by the real hook."""
     for drv in drvs:
         spawn_hook(HOOK, drv, {"NIX_CACHE_UPLOADER_SPOOL": str(spool)})
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

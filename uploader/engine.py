@@ -4,9 +4,12 @@ For a set of store paths it takes their closure, skips what the cache (or an
 upstream cache) already has, and uploads the rest:
 
     for each missing path, references first, at most ``jobs`` at a time:
-        stream the NAR from disk ▸ hash it ▸ compress into a temp file
-        ▸ verify NarHash/NarSize against the Nix database  (else: refuse)
-        ▸ upload the NAR
+        stream the NAR from disk ▸ hash it ▸ compress (large NARs: into the
+        parts of an upload, sent meanwhile, narstream.py; others: in memory
+        or a temp file)
+        ▸ verify NarHash/NarSize against the Nix database  (else: refuse,
+          and abort the upload in parts)
+        ▸ upload the NAR (complete the upload in parts)
         ▸ wait until every reference has its narinfo in the cache
         ▸ sign and upload the narinfo
 
@@ -18,23 +21,24 @@ store and the target are passed in, so tests can hand in plain objects.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO, Any, Protocol, TypeVar
 
-from uploader._exceptions import TargetError, UploaderError, VerificationError
-from uploader.compression import THREADED_ABOVE, extension, open_compressor
+from uploader._exceptions import TargetError, UploaderError
+from uploader.compression import THREADED_ABOVE, extension
 from uploader.narinfo import NarInfo
 from uploader.narlisting import NarListing
+from uploader.narstream import STREAM_ABOVE, NarStreamer, compress_checked, stream_key
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
+from uploader.roundtrips import MAX_WIDTH, RoundTrips
 from uploader.signing import SecretKey
 from uploader.store import PathInfo
 from uploader.storepath import basename, hash_part
@@ -56,10 +60,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NAR_TYPE = "application/x-nix-nar"
-# NARs up to this size are uploaded up to _SMALL_JOBS at a time, besides
-# the ``jobs`` larger ones.
+# NARs up to this size are uploaded as many at a time as the round-trip
+# time asks for (roundtrips.py), besides the ``jobs`` larger ones.
 _SMALL_NAR = 256 << 10
-_SMALL_JOBS = 16
 # NARs up to this size are compressed in memory; larger ones into a file.
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
@@ -76,10 +79,11 @@ _LIST_MIN_SETTLED = 24
 
 def worker_threads(jobs: int) -> int:
     """Threads the engine runs target requests on: ``jobs`` NARs at once, the
-    small NARs, and a few for existence checks and narinfos (more threads
-    only contend for the GIL).  The target's connection pool must be at
-    least this large, or connections are thrown away and redone."""
-    return max(1, jobs) + _SMALL_JOBS + 4
+    small requests (small NARs, narinfos, existence checks: as many as the
+    round-trip time asks for, so threads are only started far from S3), and
+    a few more.  The target's connection pool must be at least this large,
+    or connections are thrown away and redone."""
+    return max(1, jobs) + MAX_WIDTH + 4
 
 
 def narinfo_key(store_path: str) -> str:
@@ -172,28 +176,12 @@ class PushResult:
 
 @dataclass
 class _Prepared:
-    body: IO[bytes]  # in memory, or a named temporary file for large NARs
+    # In memory, or a named temporary file for large NARs; None once streamed.
+    body: IO[bytes] | None
     file_hash: bytes
     file_size: int
     filename: str | None = None
     listing: bytes | None = None  # the .ls JSON, with write_nar_listing
-
-
-class _HashingWriter:
-    """A file-like sink that hashes and counts what the compressor emits."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.out.write(data)
-
-    def flush(self) -> None:
-        self.out.flush()
 
 
 class DependencyFailed(UploaderError):
@@ -262,14 +250,16 @@ class Engine:
         # Told (path, seconds, compressed size) after each upload: metrics.
         self.on_uploaded = on_uploaded
         self.guard = guard
+        self._streamer = NarStreamer(compression, compression_level)
         self._pool = ThreadPoolExecutor(
             max_workers=worker_threads(self.jobs), thread_name_prefix="upload"
         )
         self._cache_info_checked = False
         self._cache_info_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.jobs)
-        # Small NARs cost round trips, not CPU or memory: many at once.
-        self._small_slots = asyncio.Semaphore(_SMALL_JOBS)
+        # Small requests cost round trips, not CPU or memory: as many at once
+        # as the distance to the cache asks for.
+        self._round_trips = RoundTrips()
         self._cpu = asyncio.Semaphore(1)
         # Paths being checked or uploaded right now, by any push_infos call,
         # with their outcome (None, or the error) once known.
@@ -280,6 +270,7 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._streamer.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -465,7 +456,9 @@ class Engine:
             ranges = [rest[i : i + size] for i in range(0, len(rest), size)]
             left = await asyncio.gather(*(self._list_range(r, found) for r in ranges))
             rest = [k for r in left for k in r]
-        exists = await asyncio.gather(*(self._run(self.target.exists, k) for k in rest))
+        exists = await asyncio.gather(
+            *(self._round_trips.run(partial(self._run, self.target.exists, k)) for k in rest)
+        )
         found.update(k for k, e in zip(rest, exists, strict=True) if e)
         return found
 
@@ -507,9 +500,13 @@ class Engine:
         path = info.path
         started = time.monotonic()
         try:
-            slots = self._small_slots if info.nar_size <= _SMALL_NAR else self._slots
-            async with slots:
-                url, prepared = await self._upload_nar(info, overwrite)
+            if info.nar_size <= _SMALL_NAR:
+                url, prepared = await self._round_trips.run(
+                    partial(self._upload_nar, info, overwrite)
+                )
+            else:
+                async with self._slots:
+                    url, prepared = await self._upload_nar(info, overwrite)
             # Slot released first: a path waiting on its references must not
             # hold a place its references need.
             for ref in info.references:
@@ -521,7 +518,7 @@ class Engine:
                             store_path=path,
                             cause=error,
                         )
-            await self._run(self._record, info, url, prepared)
+            await self._round_trips.run(partial(self._run, self._record, info, url, prepared))
         except UploaderError as e:
             if e.store_path is None:
                 e.store_path = path
@@ -550,6 +547,11 @@ class Engine:
 
     async def _upload_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
         started = time.monotonic()
+        if info.nar_size > STREAM_ABOVE:
+            streamed = await self._run(self._stream_nar, info)
+            if streamed is not None:
+                log.debug("%s: NAR streamed in %.2fs", info.path, time.monotonic() - started)
+                return streamed
         if info.nar_size <= _SMALL_NAR:
             # One trip to a worker thread for the lot: for thousands of tiny
             # paths the hand-offs cost more than the work.
@@ -566,7 +568,7 @@ class Engine:
             url = self._nar_url(prepared)
             await self._run(self._put_nar, url, prepared, overwrite)
         finally:
-            prepared.body.close()
+            _close(prepared)
         log.debug(
             "%s: NAR read and compressed in %.2fs, uploaded in %.2fs",
             info.path,
@@ -586,8 +588,38 @@ class Engine:
             url = self._nar_url(prepared)
             self._put_nar(url, prepared, overwrite)
         finally:
-            prepared.body.close()
+            _close(prepared)
         return url, prepared
+
+    def _stream_nar(self, info: PathInfo) -> tuple[str, _Prepared] | None:
+        """Compress and upload at once, under a fresh name (narstream.py);
+        None when the target stores whole files.  Runs in a worker thread."""
+        url = stream_key(info, self.compression)
+        upload = self.target.start_upload(url, NAR_TYPE)
+        if upload is None:
+            return None
+        chunks, listing = self._dump(info)
+        compressed = self._streamer.upload(info, upload, chunks)
+        return url, _Prepared(
+            None,
+            compressed.file_hash,
+            compressed.file_size,
+            listing=listing.json() if listing is not None else None,
+        )
+
+    def _dump(self, info: PathInfo) -> tuple[Iterable[bytes], NarListing | None]:
+        """The NAR's chunks; with write_nar_listing, read into a listing on the way."""
+        chunks = self.store.dump(info.path)
+        if not self.write_nar_listing:
+            return chunks, None
+        listing = NarListing()
+
+        def fed() -> Iterator[bytes]:
+            for chunk in chunks:
+                listing.feed(chunk)
+                yield chunk
+
+        return fed(), listing
 
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:
         """Stream the NAR through sha256 and the compressor into a temp file,
@@ -604,40 +636,16 @@ class Engine:
         except OSError as e:
             raise UploaderError(f"{info.path}: creating a temporary file: {e}") from e
         try:
-            sink = _HashingWriter(body)
-            compressor = open_compressor(
-                self.compression,
-                sink,  # type: ignore[arg-type]
-                level=self.compression_level,
-                size_hint=info.nar_size,
-                threads=os.cpu_count() or 1,
+            chunks, listing = self._dump(info)
+            compressed = compress_checked(
+                info, chunks, body.write, self.compression, self.compression_level
             )
-            nar_sha = hashlib.sha256()
-            nar_size = 0
-            listing = NarListing() if self.write_nar_listing else None
-            for chunk in self.store.dump(info.path):
-                nar_sha.update(chunk)
-                nar_size += len(chunk)
-                compressor.write(chunk)
-                if listing is not None:
-                    listing.feed(chunk)
-            compressor.close()
-            nar_hash = format_hash(nar_sha.digest())
-            if nar_hash != info.nar_hash or nar_size != info.nar_size:
-                raise VerificationError(
-                    f"{info.path} differs from what the Nix database registered "
-                    f"(database: {info.nar_hash}, {info.nar_size} bytes; on disk: "
-                    f"{nar_hash}, {nar_size} bytes); refusing to sign it. "
-                    f"Check it with `nix-store --verify-path {info.path}` and repair "
-                    f"with `nix-store --repair-path {info.path}`",
-                    store_path=info.path,
-                )
             body.flush()
             body.seek(0)
             return _Prepared(
                 body=body,
-                file_hash=sink.sha.digest(),
-                file_size=sink.size,
+                file_hash=compressed.file_hash,
+                file_size=compressed.file_size,
                 filename=getattr(body, "name", None),
                 listing=listing.json() if listing is not None else None,
             )
@@ -665,10 +673,11 @@ class Engine:
             self.guard.settle_nar(url, lambda: self._write_nar(url, prepared))
 
     def _write_nar(self, url: str, prepared: _Prepared) -> None:
-        prepared.body.seek(0)
+        if prepared.body is not None:
+            prepared.body.seek(0)  # written again when gc took it meanwhile
         if prepared.filename is not None:
             self.target.put_file(url, prepared.filename, prepared.file_size, NAR_TYPE)
-        else:
+        elif prepared.body is not None:
             self.target.put(url, prepared.body, prepared.file_size, NAR_TYPE)
 
     def _record(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
@@ -716,6 +725,11 @@ class Engine:
             prepared.file_size,
             self.compression,
         )
+
+
+def _close(prepared: _Prepared) -> None:
+    if prepared.body is not None:
+        prepared.body.close()
 
 
 def _position(key: str) -> float:

@@ -3,7 +3,8 @@ of the engine and the daemon (side effects passed in, not mocked).
 
 ``FakeStore`` serves small directories as store paths and registers the hashes
 Nix would; ``RecordingTarget`` keeps objects in memory and records, in order,
-when each put began and when its object became visible.
+when each put began and when its object became visible (and, for uploads in
+parts, each part and an abort).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
 from uploader.storepath import STORE_DIR, basename, is_store_path
-from uploader.targets import KeyPage, ObjectPage, StoreUrl
+from uploader.targets import KeyPage, ObjectPage, StoreUrl, Upload
 
 __all__ = ["FakeStore", "MiB", "RecordingTarget"]
 
@@ -125,9 +126,13 @@ class FakeStore:
 class RecordingTarget:
     """An in-memory binary cache that records ``(event, key)`` in order:
     ``begin`` when a put starts, ``put`` when its object becomes visible,
-    ``fail`` when it was told to fail that key."""
+    ``fail`` when it was told to fail that key; for uploads in parts also
+    ``part`` and ``abort``.  With ``parts=False`` it takes whole files only,
+    as ``file://`` does."""
 
-    def __init__(self, *, delay: float = 0.0, seed: int = 0, page: int | None = 1000) -> None:
+    def __init__(
+        self, *, delay: float = 0.0, seed: int = 0, page: int | None = 1000, parts: bool = True
+    ) -> None:
         self.url = StoreUrl(scheme="file", path="/in-memory", raw="memory:///in-memory")
         self.objects: dict[str, bytes] = {}
         # Last modified, as Unix time; objects set directly in ``objects`` count as old.
@@ -146,6 +151,11 @@ class RecordingTarget:
         self.delay = delay
         # Called (in the worker thread) before answering exists(key).
         self.before_exists: dict[str, Callable[[], object]] = {}
+        self.parts = parts
+        # Uploads in parts begun and neither completed nor aborted.
+        self.incomplete: set[str] = set()
+        # When set, the part with this number fails.
+        self.fail_part: int | None = None
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
@@ -215,6 +225,15 @@ class RecordingTarget:
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         self._store(key, lambda: data, content_type)
 
+    def start_upload(self, key: str, content_type: str) -> Upload | None:
+        if not self.parts:
+            return None
+        self._check_usable()
+        with self._lock:
+            self.events.append(("begin", key))
+            self.incomplete.add(key)
+        return _FakeUpload(self, key, content_type)
+
     def _store(self, key: str, read: Callable[[], bytes], content_type: str) -> None:
         self._check_usable()
         with self._lock:
@@ -238,6 +257,36 @@ class RecordingTarget:
     def narinfo(self, path: str) -> NarInfo | None:
         text = self.get(narinfo_key(path))
         return None if text is None else NarInfo.parse(text.decode())
+
+
+class _FakeUpload:
+    def __init__(self, target: RecordingTarget, key: str, content_type: str) -> None:
+        self.key = key
+        self._target = target
+        self._content_type = content_type
+        self._parts: dict[int, bytes] = {}
+
+    def put_part(self, number: int, data: bytes) -> None:
+        target = self._target
+        with target._lock:
+            target.events.append(("part", self.key))
+            if number == target.fail_part:
+                raise TransientTargetError(f"uploading {self.key}: injected failure")
+            self._parts[number] = data
+
+    def complete(self) -> None:
+        target = self._target
+        with target._lock:
+            assert sorted(self._parts) == list(range(1, len(self._parts) + 1))
+            target.objects[self.key] = b"".join(self._parts[n] for n in sorted(self._parts))
+            target.content_types[self.key] = self._content_type
+            target.incomplete.discard(self.key)
+            target.events.append(("put", self.key))
+
+    def abort(self) -> None:
+        with self._target._lock:
+            self._target.incomplete.discard(self.key)
+            self._target.events.append(("abort", self.key))
 
 
 def _read_exactly(body: IO[bytes], size: int) -> bytes:

@@ -13,7 +13,15 @@ from typing import IO, Protocol
 
 from uploader.targets.url import StoreUrl, parse_store_url
 
-__all__ = ["KeyPage", "ObjectPage", "StoreUrl", "Target", "open_target", "parse_store_url"]
+__all__ = [
+    "KeyPage",
+    "ObjectPage",
+    "StoreUrl",
+    "Target",
+    "Upload",
+    "open_target",
+    "parse_store_url",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,24 @@ class ObjectPage:
     prefixes: tuple[str, ...] = ()
 
 
+class Upload(Protocol):
+    """An object uploaded in numbered parts, invisible until completed."""
+
+    key: str
+
+    def put_part(self, number: int, data: bytes) -> None:
+        """Send part ``number`` (from 1); parts may be sent from several threads."""
+        ...
+
+    def complete(self) -> None:
+        """Make the object visible, made of every part sent, in number order."""
+        ...
+
+    def abort(self) -> None:
+        """Give the upload up: the parts are deleted, no object appears."""
+        ...
+
+
 class Target(Protocol):
     """A binary cache, seen as a flat key/value store."""
 
@@ -70,6 +96,11 @@ class Target(Protocol):
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         """Store a small object held in memory."""
+        ...
+
+    def start_upload(self, key: str, content_type: str) -> Upload | None:
+        """Begin an upload in parts (large NARs, sent while compressed);
+        None when this target stores whole files better (``file://``)."""
         ...
 
     def list_keys(self, start_after: str) -> KeyPage | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, BinaryIO
 
 from uploader._exceptions import TargetError
-from uploader.targets import KeyPage, ObjectPage
+from uploader.targets import KeyPage, ObjectPage, Upload
 from uploader.targets.url import StoreUrl
 
 __all__ = ["FileTarget"]
@@ -117,6 +117,10 @@ class FileTarget:
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         self._write(key, lambda out: out.write(data))
+
+    def start_upload(self, key: str, content_type: str) -> Upload | None:
+        # A local file is renamed into place whole: compress into it first.
+        return None
 
     def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
         dest = self._path(key)

@@ -20,13 +20,14 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 from uploader._exceptions import ConfigError, TargetError, TransientTargetError
 from uploader.redact import scrub
-from uploader.targets import KeyPage, ObjectPage
+from uploader.targets import KeyPage, ObjectPage, Upload
 from uploader.targets.credentials import (
     REJECTED_CODES,
     missing_credentials,
     rejected_credentials,
     session_for,
 )
+from uploader.targets.multipart import S3Upload
 from uploader.targets.presigned import LIST_PAGE, Listing, PresignedRequests, usable_for
 from uploader.targets.url import StoreUrl
 
@@ -355,6 +356,9 @@ class S3Target:
             future.result()
         except Exception as e:
             raise self._failed_upload(e, key) from e
+
+    def start_upload(self, key: str, content_type: str) -> Upload | None:
+        return S3Upload.start(self._client, self.bucket, key, content_type, self._failed_upload)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:

@@ -1,0 +1,118 @@
+"""Large NARs go out in parts while they are read and compressed; the upload
+completes only once the NAR is verified, and is aborted otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.fakes import FakeStore, MiB, RecordingTarget
+from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
+from uploader._exceptions import VerificationError
+from uploader.engine import Engine
+from uploader.narstream import PART_SIZE, STREAM_ABOVE
+
+
+class DumpRecorded(FakeStore):
+    """A store that says in the target's events when it has read a NAR whole."""
+
+    def __init__(self, root: Path, target: RecordingTarget) -> None:
+        super().__init__(root)
+        self.target = target
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        yield from super().dump(path)
+        self.target.events.append(("dumped", path))
+
+
+def big(store: FakeStore, name: str = "big") -> str:
+    # Random bytes do not compress: six parts of the compressed NAR, more
+    # than zstd's worker threads hold back (a few of its 4 MiB jobs).
+    size = STREAM_ABOVE + 32 * MiB
+    assert size == 6 * PART_SIZE
+    return store.add(name, contents=os.urandom(size - 4096))
+
+
+def test_parts_go_out_before_the_nar_is_read_and_the_narinfo_after_it_is_complete(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    store = DumpRecorded(tmp_path, target)
+    path = big(store)
+
+    result = push(store, target, [path])
+
+    assert result.ok, result.failed
+    info = target.narinfo(path)
+    assert info is not None
+    events = target.events
+    first_part = events.index(("part", info.url))
+    assert first_part < events.index(("dumped", path)), "no part went out while compressing"
+    assert events.index(("put", info.url)) < events.index(("put", f"{path[11:43]}.narinfo"))
+    assert [e for e, k in events if k == info.url].count("part") == 6
+    nar_hash = store.registered(path).nar_hash.split(":")[1]
+    assert re.fullmatch(rf"nar/{nar_hash}-[0-9a-f]{{16}}\.nar\.zst", info.url)
+    data = target.objects[info.url]
+    assert decompress(info.url, data) == store.nar(path)
+    assert info.file_size == len(data)
+    assert_signed_as_registered(store, target, path)
+    assert not target.incomplete
+
+
+def test_a_nar_that_differs_from_the_database_is_aborted_and_nothing_is_visible(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    store = FakeStore(tmp_path)
+    path = big(store)
+    store.lie(path, nar_hash="sha256:" + "0" * 52)
+
+    result = push(store, target, [path])
+
+    assert isinstance(result.failed[path], VerificationError)
+    assert not [k for k in target.objects if k.startswith("nar/") or k.endswith(".narinfo")]
+    begun = [k for e, k in target.events if e == "begin" and k.startswith("nar/")]
+    assert len(begun) == 1
+    assert ("abort", begun[0]) in target.events
+    assert ("part", begun[0]) in target.events, "the parts went out before the check"
+    assert not target.incomplete
+
+
+def test_a_failed_part_aborts_the_upload(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    target.fail_part = 2
+    store = FakeStore(tmp_path)
+    path = big(store)
+
+    result = push(store, target, [path])
+
+    assert "injected failure" in str(result.failed[path])
+    assert not [k for k in target.objects if k.startswith("nar/") or k.endswith(".narinfo")]
+    assert [e for e, _ in target.events].count("abort") == 1
+    assert not target.incomplete
+
+
+def test_racing_uploads_never_share_a_name(tmp_path: Path) -> None:
+    """Two uploaders pushing the same path each complete their own object:
+    the one the first narinfo points to is never replaced."""
+    target = RecordingTarget()
+    store = FakeStore(tmp_path)
+    path = big(store)
+    assert push(store, target, [path]).ok
+    first = target.narinfo(path)
+    assert first is not None
+    kept = target.objects[first.url]
+
+    # A second uploader that found no narinfo a moment before the first wrote it.
+    engine = Engine(store, target, KEY)
+    try:
+        assert asyncio.run(engine.push([], force=[path])).ok
+    finally:
+        engine.close()
+
+    second = target.narinfo(path)
+    assert second is not None and second.url != first.url
+    assert target.objects[first.url] == kept

@@ -1,0 +1,63 @@
+"""The window of small requests follows the round-trip time, never lets
+more than its width through, and serves waiting requests in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+from uploader.roundtrips import MAX_WIDTH, MIN_WIDTH, RATE, RoundTrips
+
+
+def test_width_follows_the_smallest_recent_request_time() -> None:
+    gate = RoundTrips()
+    assert gate.width == MIN_WIDTH  # near, or not known yet
+    gate.observe(0.080)
+    assert gate.width == round(0.080 * RATE)
+    # A slow answer (a busy server) does not widen the window further.
+    gate.observe(0.500)
+    assert gate.width == round(0.080 * RATE)
+    gate.observe(10.0)
+    assert gate.width <= MAX_WIDTH
+
+
+def test_no_more_than_the_width_in_flight_and_first_come_first_served() -> None:
+    async def scenario() -> tuple[int, list[int]]:
+        gate = RoundTrips()
+        in_flight = peak = 0
+        order: list[int] = []
+
+        async def request(i: int) -> int:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            order.append(i)
+            await asyncio.sleep(0.001)
+            in_flight -= 1
+            return i
+
+        results = await asyncio.gather(
+            *(gate.run(lambda i=i: request(i)) for i in range(5 * MIN_WIDTH))
+        )
+        assert results == list(range(5 * MIN_WIDTH))
+        return peak, order
+
+    peak, order = asyncio.run(scenario())
+    assert peak == MIN_WIDTH
+    assert order == sorted(order)
+
+
+def test_a_cancelled_waiter_gives_its_turn_on() -> None:
+    async def scenario() -> int:
+        gate = RoundTrips()
+        release = asyncio.Event()
+        holders = [asyncio.create_task(gate.run(release.wait)) for _ in range(MIN_WIDTH)]
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(gate.run(release.wait))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        release.set()
+        await asyncio.gather(*holders)
+        done = await gate.run(lambda: asyncio.sleep(0, result=1))
+        return done
+
+    assert asyncio.run(scenario()) == 1

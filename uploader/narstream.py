@@ -1,0 +1,216 @@
+"""Large NARs compressed and uploaded at once: parts go out while later
+parts are still being read and compressed.
+
+The NAR is read from the store, hashed and compressed; the compressed bytes
+are cut into parts of a multipart upload, a few in flight at a time across
+all NARs (memory stays bounded whatever the NAR size).  Only when the whole
+NAR has been read and its NarHash and NarSize equal what the Nix database
+registered is the upload completed; otherwise, or on any failure, it is
+aborted, and nothing becomes visible.
+
+The object's name cannot be the hash of the compressed file, as Nix names
+NARs: that is known only at the end.  It is ``nar/<NarHash>-<random>.nar.<ext>``:
+a name no narinfo uses yet, so that an object a narinfo points to is never
+replaced, even when two uploaders race (each completes its own object; the
+narinfo written last wins, and the other object is an orphan that `verify`
+reports and `gc` removes).  See docs/operations.md, "NAR object names".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from uploader._exceptions import UploaderError, VerificationError
+from uploader.compression import extension, open_compressor
+from uploader.nixbase32 import format_hash
+from uploader.store import PathInfo
+from uploader.targets import Upload
+
+__all__ = [
+    "PARTS_IN_FLIGHT",
+    "PART_SIZE",
+    "STREAM_ABOVE",
+    "Compressed",
+    "NarStreamer",
+    "compress_checked",
+    "stream_key",
+]
+
+log = logging.getLogger(__name__)
+
+_MiB = 1 << 20
+# NARs larger than this are streamed where the target takes parts: what
+# S3 would receive in parts anyway.
+STREAM_ABOVE = 16 * _MiB
+PART_SIZE = 8 * _MiB
+# Parts being sent at once, across every NAR: with the part being filled,
+# about 40 MiB of compressed bytes in memory.
+PARTS_IN_FLIGHT = 4
+# S3 allows 10,000 parts; the compressed NAR may exceed the NAR slightly.
+_MAX_PARTS = 9000
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """What a narinfo says of the file: its hash and size."""
+
+    file_hash: bytes
+    file_size: int
+
+
+class _Sink:
+    """Where the compressor writes: counted, hashed, passed on."""
+
+    def __init__(self, write: Callable[[bytes | memoryview], object]) -> None:
+        self._write = write
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self._write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def compress_checked(
+    info: PathInfo,
+    chunks: Iterable[bytes],
+    write: Callable[[bytes | memoryview], object],
+    method: str,
+    level: int | None,
+) -> Compressed:
+    """Hash and compress the NAR ``chunks`` into ``write`` (a callable taking
+    bytes); raise VerificationError unless they are the NAR the Nix database
+    registered for ``info.path``."""
+    sink = _Sink(write)
+    compressor = open_compressor(
+        method, sink,  # type: ignore[arg-type]
+        level=level, size_hint=info.nar_size, threads=os.cpu_count() or 1,
+    )  # fmt: skip
+    nar_sha = hashlib.sha256()
+    nar_size = 0
+    for chunk in chunks:
+        nar_sha.update(chunk)
+        nar_size += len(chunk)
+        if nar_size > info.nar_size:
+            break  # already not what was registered: no need to read on
+        compressor.write(chunk)
+    compressor.close()
+    nar_hash = format_hash(nar_sha.digest())
+    if nar_hash != info.nar_hash or nar_size != info.nar_size:
+        raise VerificationError(
+            f"{info.path} differs from what the Nix database registered "
+            f"(database: {info.nar_hash}, {info.nar_size} bytes; on disk: "
+            f"{nar_hash}, {nar_size}{'+' if nar_size > info.nar_size else ''} bytes); "
+            f"refusing to sign it. Check it with `nix-store --verify-path {info.path}` "
+            f"and repair with `nix-store --repair-path {info.path}`",
+            store_path=info.path,
+        )
+    return Compressed(sink.sha.digest(), sink.size)
+
+
+def stream_key(info: PathInfo, method: str) -> str:
+    """A fresh object name for this NAR (see the module's docstring)."""
+    nar_hash = info.nar_hash.split(":", 1)[-1]
+    return f"nar/{nar_hash}-{secrets.token_hex(8)}.nar{extension(method)}"
+
+
+class _Parts:
+    """The parts of one upload: cut, sent on the shared pool, awaited."""
+
+    def __init__(self, streamer: NarStreamer, upload: Upload, part_size: int) -> None:
+        self._streamer = streamer
+        self._upload = upload
+        self._part_size = part_size
+        self._buffer = bytearray()
+        self._sent: list[Future[None]] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            self._send(bytes(self._buffer[: self._part_size]))
+            del self._buffer[: self._part_size]
+
+    def _send(self, data: bytes) -> None:
+        for sent in self._sent:
+            if sent.done() and sent.exception() is not None:
+                raise sent.exception()  # type: ignore[misc]
+        self._streamer.room.acquire()
+        number = len(self._sent) + 1
+        try:
+            self._sent.append(self._streamer.pool.submit(self._put, number, data))
+        except BaseException:
+            self._streamer.room.release()
+            raise
+
+    def _put(self, number: int, data: bytes) -> None:
+        try:
+            self._upload.put_part(number, data)
+        finally:
+            self._streamer.room.release()
+
+    def finish(self) -> None:
+        """Send the last part and wait until every part is in."""
+        if self._buffer or not self._sent:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        for sent in self._sent:
+            sent.result()
+
+    def settle(self) -> None:
+        """Wait for the parts in flight, whatever their outcome."""
+        for sent in self._sent:
+            sent.exception()
+
+
+class NarStreamer:
+    """Streams large NARs into multipart uploads; shared by an engine's NARs."""
+
+    def __init__(self, method: str, level: int | None) -> None:
+        self.method = method
+        self.level = level
+        self.pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="part")
+        self.room = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
+        # zstd compresses one large NAR on every core: one at a time.  The
+        # next starts as soon as the previous one's last part is cut, while
+        # its parts are still on their way.
+        self._compressing = threading.Lock()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def upload(self, info: PathInfo, upload: Upload, chunks: Iterable[bytes]) -> Compressed:
+        """Complete ``upload`` with the compressed NAR once it is verified;
+        abort it otherwise.  Runs in a worker thread."""
+        part_size = max(PART_SIZE, -(-info.nar_size // _MAX_PARTS))
+        parts = _Parts(self, upload, part_size)
+        try:
+            with self._compressing:
+                compressed = compress_checked(info, chunks, parts.write, self.method, self.level)
+            parts.finish()
+            upload.complete()
+            return compressed
+        except BaseException as e:
+            parts.settle()
+            try:
+                upload.abort()
+            except UploaderError as abort_error:
+                log.warning(
+                    "%s: could not abort the incomplete upload of %s (%s); a bucket "
+                    "lifecycle rule for incomplete multipart uploads removes it",
+                    info.path, upload.key, abort_error,
+                )  # fmt: skip
+            if isinstance(e, OSError):
+                raise UploaderError(f"{info.path}: reading its NAR: {e}") from e
+            raise
