@@ -5,8 +5,9 @@ bytes or CPU: each needs a PUT for its NAR and one for its narinfo, and the
 rate is the number of requests in flight divided by the round-trip time
 (Little's law).  Near S3 the CPU is the limit, and more requests in flight
 only add threads contending for the interpreter.  So the width follows the
-round-trip time: enough requests in flight to reach ``RATE`` requests per
-second, between ``MIN_WIDTH`` and ``MAX_WIDTH``.
+round-trip time: ``MIN_WIDTH`` (what keeps the CPU busy on loopback, where
+the time of a request is the machine's own), plus enough to reach ``RATE``
+requests per second over the distance, up to ``MAX_WIDTH``.
 
 The round-trip time is the smallest request time among the recent ones: a
 busy machine or server makes requests slower, and taking that for distance
@@ -56,7 +57,7 @@ class RoundTrips:
         """One small request's time, from send to answer."""
         self._samples.append(seconds)
         rtt = min(self._samples)
-        self._width = max(MIN_WIDTH, min(MAX_WIDTH, math.ceil(rtt * RATE)))
+        self._width = min(MAX_WIDTH, MIN_WIDTH + math.ceil(rtt * RATE))
 
     async def run(self, request: Callable[[], Awaitable[T]]) -> T:
         """``request()`` once there is room for it in the window, timed."""

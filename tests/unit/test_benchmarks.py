@@ -17,7 +17,12 @@ def test_runs_default_to_three_or_one_with_quick() -> None:
     assert parse_args(["--only", "small", "--only", "noop"]).only == ["small", "noop"]
 
 
-@pytest.mark.parametrize("argv", [["--runs", "0"], ["--only", "nonsense"]])
+def test_links_default_to_loopback_and_repeat() -> None:
+    assert parse_args([]).link == ["loopback"]
+    assert parse_args(["--link", "far", "--link", "region"]).link == ["far", "region"]
+
+
+@pytest.mark.parametrize("argv", [["--runs", "0"], ["--only", "nonsense"], ["--link", "moon"]])
 def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)

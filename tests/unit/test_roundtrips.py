@@ -4,6 +4,7 @@ more than its width through, and serves waiting requests in order."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 from uploader.roundtrips import MAX_WIDTH, MIN_WIDTH, RATE, RoundTrips
 
@@ -12,17 +13,18 @@ def test_width_follows_the_smallest_recent_request_time() -> None:
     gate = RoundTrips()
     assert gate.width == MIN_WIDTH  # near, or not known yet
     gate.observe(0.080)
-    assert gate.width == round(0.080 * RATE)
+    assert gate.width == MIN_WIDTH + math.ceil(0.080 * RATE)
     # A slow answer (a busy server) does not widen the window further.
     gate.observe(0.500)
-    assert gate.width == round(0.080 * RATE)
+    assert gate.width == MIN_WIDTH + math.ceil(0.080 * RATE)
     gate.observe(10.0)
     assert gate.width <= MAX_WIDTH
 
 
 def test_no_more_than_the_width_in_flight_and_first_come_first_served() -> None:
+    gate = RoundTrips()
+
     async def scenario() -> tuple[int, list[int]]:
-        gate = RoundTrips()
         in_flight = peak = 0
         order: list[int] = []
 
@@ -42,7 +44,8 @@ def test_no_more_than_the_width_in_flight_and_first_come_first_served() -> None:
         return peak, order
 
     peak, order = asyncio.run(scenario())
-    assert peak == MIN_WIDTH
+    # The 1 ms requests widened it a little; never more went at once.
+    assert MIN_WIDTH <= peak <= gate.width
     assert order == sorted(order)
 
 
