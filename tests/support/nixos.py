@@ -50,14 +50,16 @@ class Evaluation:
 def nixpkgs_lib() -> Path:
     """The directory of nixpkgs' lib (its default.nix); skip or fail without it."""
     given = os.environ.get("NIXPKGS_LIB")
-    candidates = [Path(given)] if given else [REPO.parent / "shared" / "nixpkgs-lib"]
+    # Beside the checkout, as in the workplace this project is built in
+    # (a `shared/nixpkgs-lib` next to it or next to a directory above it).
+    candidates = [Path(given)] if given else [d / "shared" / "nixpkgs-lib" for d in REPO.parents]
     for root in candidates:
         for lib in (root, root / "lib"):
             if (lib / "default.nix").is_file() and (lib / "modules.nix").is_file():
                 return lib.resolve()
     message = (
-        f"nixpkgs' lib is not at {candidates[0]}: set NIXPKGS_LIB to a nixpkgs "
-        "checkout (or its lib directory) to evaluate the NixOS module"
+        f"nixpkgs' lib is not at {candidates[0]} (nor in a shared/ above it): set "
+        "NIXPKGS_LIB to a nixpkgs checkout (or its lib directory) to evaluate the NixOS module"
     )
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
