@@ -281,6 +281,16 @@ class Daemon:
             return  # unreachable: batches retry with their own backoff and say so
         self._cache_up()
 
+    def _batch_failed(self, names: list[str], error: UploaderError) -> None:
+        """A failure before any path (the cache unusable, unreachable, or a
+        Nix query) concerns the whole batch: no credentials wait for them,
+        anything else is retried with backoff."""
+        if isinstance(error, CredentialsError):
+            self._cache_down(error, names)
+            return
+        retry_after = error.retry_after if isinstance(error, TransientTargetError) else None
+        self._retry_later(names, str(error), retry_after=retry_after or 0.0)
+
     def _cache_up(self) -> None:
         if self._cache_problem is not None:
             log.warning("the cache takes the credentials now; uploading the waiting entries")
@@ -370,23 +380,15 @@ class Daemon:
             if guard is not None:
                 await asyncio.to_thread(guard.begin, all_outputs)
             present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
-        except CredentialsError as e:
-            self._cache_down(e, ready)
-            return
         except UploaderError as e:
-            retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
-            self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+            self._batch_failed(list(ready), e)
             return
         self._root_missing(ready, present)
         unknown = [p for p in all_outputs if p not in present]
         try:
             present |= await self.engine.find_present(unknown)
-        except CredentialsError as e:
-            self._cache_down(e, ready)
-            return
         except UploaderError as e:
-            retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
-            self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+            self._batch_failed(list(ready), e)
             return
         if unknown:
             self._cache_up()  # it answered
@@ -408,14 +410,8 @@ class Daemon:
                 if guard is not None:
                     await asyncio.to_thread(guard.extend, infos)
                 result = await self.engine.push_infos(todo, infos, absent=todo)
-            except CredentialsError as e:
-                self._cache_down(e, ready)
-                return
             except UploaderError as e:
-                # Failures before any path (e.g. the cache unreachable while
-                # checking nix-cache-info) concern the whole batch.
-                retry_after = e.retry_after if isinstance(e, TransientTargetError) else None
-                self._retry_later(list(ready), str(e), retry_after=retry_after or 0.0)
+                self._batch_failed(list(ready), e)
                 return
             log.debug(
                 "batch of %s: Nix queries %.2fs, upload of %s %.2fs",
