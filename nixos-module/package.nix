@@ -30,6 +30,7 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
 
   dependencies = with python3Packages; [
+    aiohttp
     boto3
     click
     prometheus-client

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import threading
 from typing import IO, BinaryIO, Protocol
 
 import zstandard
@@ -20,6 +21,7 @@ __all__ = [
     "Compressor",
     "check_level",
     "check_method",
+    "compress_bytes",
     "extension",
     "open_compressor",
     "open_decompressor",
@@ -119,6 +121,28 @@ def open_compressor(
     cctx = zstandard.ZstdCompressor(compression_params=params)
     writer: Compressor = cctx.stream_writer(out, size=-1, closefd=False)
     return writer
+
+
+_local = threading.local()
+
+
+def compress_bytes(method: str, data: bytes, *, level: int | None = None) -> bytes:
+    """``data`` compressed whole, as ``open_compressor`` would write it: for
+    tiny NARs, where setting a compressor up costs more than compressing.
+    zstd's compressor (a few MiB of tables) is kept for the next call, one
+    per thread and level."""
+    check_level(method, level)
+    if method == "none":
+        return data
+    if method == "xz":
+        return lzma.compress(data, preset=6 if level is None else level)
+    level = DEFAULT_ZSTD_LEVEL if level is None else level
+    kept: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zstd", {})
+    cctx = kept.get(level)
+    if cctx is None:
+        params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=False)
+        cctx = kept[level] = zstandard.ZstdCompressor(compression_params=params)
+    return cctx.compress(data)
 
 
 def open_decompressor(method: str, source: IO[bytes]) -> IO[bytes]:

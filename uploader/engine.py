@@ -5,8 +5,8 @@ upstream cache) already has, and uploads the rest:
 
     for each missing path, references first, at most ``jobs`` at a time:
         stream the NAR from disk ▸ hash it ▸ compress (large NARs: into the
-        parts of an upload, sent meanwhile, narstream.py; others: in memory
-        or a temp file)
+        parts of an upload, sent meanwhile, narstream.py; tiny ones: in one
+        call on the event loop; others: in memory or a temp file)
         ▸ verify NarHash/NarSize against the Nix database  (else: refuse,
           and abort the upload in parts)
         ▸ upload the NAR (complete the upload in parts)
@@ -14,7 +14,10 @@ upstream cache) already has, and uploads the rest:
         ▸ sign and upload the narinfo
 
 so a narinfo never becomes visible before its NAR or before its references'
-narinfos, and nothing is signed that differs from what Nix registered.  The
+narinfos, and nothing is signed that differs from what Nix registered.
+Small requests (existence checks, narinfos, small NARs) are awaited on the
+event loop where the target can (the S3 target's direct route), so
+thousands in flight cost no thread each; the rest runs on worker threads.  The
 store and the target are passed in, so tests can hand in plain objects.
 """
 
@@ -35,7 +38,13 @@ from uploader._exceptions import TargetError, UploaderError
 from uploader.compression import THREADED_ABOVE, extension
 from uploader.narinfo import NarInfo
 from uploader.narlisting import NarListing
-from uploader.narstream import STREAM_ABOVE, NarStreamer, compress_checked, stream_key
+from uploader.narstream import (
+    STREAM_ABOVE,
+    NarStreamer,
+    compress_checked,
+    compress_whole,
+    stream_key,
+)
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
 from uploader.roundtrips import MAX_WIDTH, RoundTrips
@@ -63,6 +72,9 @@ NAR_TYPE = "application/x-nix-nar"
 # NARs up to this size are uploaded as many at a time as the round-trip
 # time asks for (roundtrips.py), besides the ``jobs`` larger ones.
 _SMALL_NAR = 256 << 10
+# NARs up to this size are read and compressed on the event loop, in one
+# call (about 0.2 ms here): less than handing them to a thread costs.
+_INLINE_NAR = 64 << 10
 # NARs up to this size are compressed in memory; larger ones into a file.
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
@@ -457,7 +469,7 @@ class Engine:
             left = await asyncio.gather(*(self._list_range(r, found) for r in ranges))
             rest = [k for r in left for k in r]
         exists = await asyncio.gather(
-            *(self._round_trips.run(partial(self._run, self.target.exists, k)) for k in rest)
+            *(self._round_trips.run(partial(self._exists, k)) for k in rest)
         )
         found.update(k for k, e in zip(rest, exists, strict=True) if e)
         return found
@@ -518,7 +530,7 @@ class Engine:
                             store_path=path,
                             cause=error,
                         )
-            await self._round_trips.run(partial(self._run, self._record, info, url, prepared))
+            await self._round_trips.run(partial(self._record, info, url, prepared))
         except UploaderError as e:
             if e.store_path is None:
                 e.store_path = path
@@ -553,9 +565,7 @@ class Engine:
                 log.debug("%s: NAR streamed in %.2fs", info.path, time.monotonic() - started)
                 return streamed
         if info.nar_size <= _SMALL_NAR:
-            # One trip to a worker thread for the lot: for thousands of tiny
-            # paths the hand-offs cost more than the work.
-            return await self._run(self._upload_small_nar, info, overwrite)
+            return await self._upload_small_nar(info, overwrite)
         if info.nar_size > THREADED_ABOVE:
             # zstd compresses a large NAR on every core: one at a time, while
             # the NARs compressed before it upload.
@@ -582,14 +592,41 @@ class Engine:
             return self.recorder.nar_key(prepared.file_hash, extension(self.compression))
         return f"nar/{nix32(prepared.file_hash)}.nar{extension(self.compression)}"
 
-    def _upload_small_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
-        prepared = self._compress_and_verify(info)
+    async def _upload_small_nar(self, info: PathInfo, overwrite: bool) -> tuple[str, _Prepared]:
+        """Compressed in a worker thread, sent from the event loop: thousands
+        of tiny paths in flight cost no thread each."""
+        if info.nar_size <= _INLINE_NAR:
+            prepared = self._compress_whole(info)
+        else:
+            prepared = await self._run(self._compress_and_verify, info)
         try:
             url = self._nar_url(prepared)
-            self._put_nar(url, prepared, overwrite)
+            if not isinstance(prepared.body, io.BytesIO) or (
+                self.guard is not None and self.guard.nar_unreferenced(url)
+            ):
+                await self._run(self._put_nar, url, prepared, overwrite)
+            else:
+                # Small: never worth a HEAD first (see _put_nar).
+                await self._put_bytes(url, prepared.body.getvalue(), NAR_TYPE)
         finally:
             _close(prepared)
         return url, prepared
+
+    async def _exists(self, key: str) -> bool:
+        """``target.exists``, without a thread when the target can."""
+        check = getattr(self.target, "exists_async", None)
+        if check is None:
+            return await self._run(self.target.exists, key)
+        found: bool = await check(key)
+        return found
+
+    async def _put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """``target.put_bytes``, without a thread when the target can."""
+        put = getattr(self.target, "put_bytes_async", None)
+        if put is None:
+            await self._run(self.target.put_bytes, key, data, content_type)
+        else:
+            await put(key, data, content_type)
 
     def _stream_nar(self, info: PathInfo) -> tuple[str, _Prepared] | None:
         """Compress and upload at once, under a fresh name (narstream.py);
@@ -620,6 +657,23 @@ class Engine:
                 yield chunk
 
         return fed(), listing
+
+    def _compress_whole(self, info: PathInfo) -> _Prepared:
+        """A tiny NAR, read, checked against the database and compressed in
+        memory, in one piece."""
+        chunks, listing = self._dump(info)
+        try:
+            data, compressed = compress_whole(
+                info, chunks, self.compression, self.compression_level
+            )
+        except OSError as e:
+            raise UploaderError(f"{info.path}: reading its NAR: {e}") from e
+        return _Prepared(
+            body=io.BytesIO(data),
+            file_hash=compressed.file_hash,
+            file_size=compressed.file_size,
+            listing=listing.json() if listing is not None else None,
+        )
 
     def _compress_and_verify(self, info: PathInfo) -> _Prepared:
         """Stream the NAR through sha256 and the compressor into a temp file,
@@ -680,16 +734,16 @@ class Engine:
         elif prepared.body is not None:
             self.target.put(url, prepared.body, prepared.file_size, NAR_TYPE)
 
-    def _record(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
+    async def _record(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
         if self.recorder is not None:
             stored = StoredNar(
                 url, self.compression, format_hash(prepared.file_hash), prepared.file_size
             )
-            self.recorder.record(info, stored)
+            await self._run(self.recorder.record, info, stored)
         else:
-            self._put_narinfo(info, url, prepared)
+            await self._put_narinfo(info, url, prepared)
 
-    def _put_narinfo(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
+    async def _put_narinfo(self, info: PathInfo, url: str, prepared: _Prepared) -> None:
         assert self._key is not None  # checked in __init__
         unsigned = NarInfo(
             store_path=info.path,
@@ -709,10 +763,10 @@ class Engine:
         try:
             if prepared.listing is not None:
                 # Before the narinfo, as Nix does: whoever sees it finds its listing.
-                self.target.put_bytes(
+                await self._put_bytes(
                     f"{hash_part(info.path)}.ls", prepared.listing, "application/json"
                 )
-            self.target.put_bytes(
+            await self._put_bytes(
                 narinfo_key(info.path), signed.render().encode(), "text/x-nix-narinfo"
             )
         except TargetError as e:

@@ -14,6 +14,7 @@ are skipped, never held.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator
 from typing import Any
 
@@ -81,9 +82,21 @@ class NarListing:
         """The listing, serialised as Nix does (compact, keys in Nix's order)."""
         if self._root is None:
             raise NarError("the NAR ended before its root node did")
-        return json.dumps(
+        text = json.dumps(
             {"version": 1, "root": self._root}, separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        )
+        # Nix 2.8 writes backspace and form feed as \u0008 and \u000c (newer
+        # Nix as \b and \f, as Python does); every reader takes either.
+        return _SHORT_ESCAPE.sub(_long_escape, text).encode()
+
+
+# An escape sequence of a backslash or of a character Nix writes as \u00XX.
+_SHORT_ESCAPE = re.compile(r"\\([\\bf])")
+
+
+def _long_escape(match: re.Match[str]) -> str:
+    char = match.group(1)
+    return match.group(0) if char == "\\" else {"b": "\\u0008", "f": "\\u000c"}[char]
 
 
 def _archive() -> _Parser:

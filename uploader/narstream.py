@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from uploader._exceptions import UploaderError, VerificationError
-from uploader.compression import extension, open_compressor
+from uploader.compression import compress_bytes, extension, open_compressor
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
 from uploader.targets import Upload
@@ -40,6 +40,7 @@ __all__ = [
     "Compressed",
     "NarStreamer",
     "compress_checked",
+    "compress_whole",
     "stream_key",
 ]
 
@@ -107,7 +108,28 @@ def compress_checked(
             break  # already not what was registered: no need to read on
         compressor.write(chunk)
     compressor.close()
-    nar_hash = format_hash(nar_sha.digest())
+    _check(info, nar_sha.digest(), nar_size)
+    return Compressed(sink.sha.digest(), sink.size)
+
+
+def compress_whole(
+    info: PathInfo, chunks: Iterable[bytes], method: str, level: int | None
+) -> tuple[bytes, Compressed]:
+    """``compress_checked`` for a small NAR, compressed in one call: the
+    compressed bytes, their hash and size."""
+    nar = bytearray()
+    for chunk in chunks:
+        nar += chunk
+        if len(nar) > info.nar_size:
+            break
+    _check(info, hashlib.sha256(nar).digest(), len(nar))
+    data = compress_bytes(method, bytes(nar), level=level)
+    return data, Compressed(hashlib.sha256(data).digest(), len(data))
+
+
+def _check(info: PathInfo, nar_sha: bytes, nar_size: int) -> None:
+    """Raise VerificationError unless the NAR read is the one registered."""
+    nar_hash = format_hash(nar_sha)
     if nar_hash != info.nar_hash or nar_size != info.nar_size:
         raise VerificationError(
             f"{info.path} differs from what the Nix database registered "
@@ -117,7 +139,6 @@ def compress_checked(
             f"and repair with `nix-store --repair-path {info.path}`",
             store_path=info.path,
         )
-    return Compressed(sink.sha.digest(), sink.size)
 
 
 def stream_key(info: PathInfo, method: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.cli import KeyPair, make_keys
 from tests.support.daemon import UploaderRun
+from tests.support.faults import FaultProxy
 from tests.support.moto_server import MotoServer, start_moto
 from tests.support.requirements import require_binary, require_module
 from tests.support.services import (
@@ -47,6 +48,14 @@ def nix_daemon() -> Iterator[NixDaemon]:
     daemon = start_nix_daemon()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def faults(seaweedfs: SeaweedFS, nix_daemon: NixDaemon) -> Iterator[FaultProxy]:
+    """A fault-injecting front for SeaweedFS (the tests using it build paths)."""
+    proxy = FaultProxy(seaweedfs)
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="session")

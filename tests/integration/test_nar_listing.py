@@ -64,6 +64,11 @@ CORNERS: dict[str, Tree] = {
         b"nested": {b"deeper": {b"file": (b"12345678", 0o644)}},
     },
     "unicode-and-sorting": {"é".encode(): (b"1", 0o644), b"B": (b"2", 0o644), b"a": {}},
+    # JSON escapes: Nix 2.8 writes \b and \f long (found by the property below).
+    "control-characters": {
+        b"\x08\x0c\t\n\r\x01\x1f\x7f": (b"", 0o644),
+        b'quote"back\\slash': b"target-\x0c\\f",
+    },
     "large-file": {b"big": (os.urandom(3 << 20), 0o644), b"after": (b"x", 0o644)},
 }
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import os
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +54,29 @@ def test_exists_and_get_see_only_what_was_put(s3: S3Server, bucket: str) -> None
     assert target.exists(key) is True
     assert target.get(key) == b"StorePath: x\n"
     assert s3.get(bucket, key) == b"StorePath: x\n"
+
+
+def test_small_requests_share_one_thread_and_await_without_one(s3: S3Server, bucket: str) -> None:
+    """The direct route: every bucket's requests on one event loop thread,
+    awaited from the caller's loop; the signature is in the headers."""
+    targets = [s3_target(s3, bucket) for _ in range(12)]
+    for i, target in enumerate(targets):
+        target.put_bytes(f"k{i}", b"x", NARINFO)
+
+    async def many() -> list[bool]:
+        puts = [targets[0].put_bytes_async(f"a{i}", b"y" * i, NARINFO) for i in range(200)]
+        await asyncio.gather(*puts)
+        return await asyncio.gather(*(t.exists_async(f"k{i}") for i, t in enumerate(targets)))
+
+    before = threading.active_count()
+    assert asyncio.run(many()) == [True] * len(targets)
+    assert threading.active_count() <= before, "no thread per request"
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("s3-requests") == 1, names
+    assert all(s3.get(bucket, f"a{i}") == b"y" * i for i in range(200))
+    assert asyncio.run(targets[1].exists_async("nothing-here")) is False
+    for target in targets:
+        target.close()
 
 
 def test_large_nar_goes_multipart_and_reads_back(s3: S3Server, bucket: str) -> None:
@@ -113,7 +137,7 @@ def fill(target: S3Target, keys: list[str]) -> None:
         list(pool.map(lambda k: target.put_bytes(k, b"x", NARINFO), keys))
 
 
-@pytest.mark.parametrize("route", ["presigned", "boto3"])
+@pytest.mark.parametrize("route", ["direct", "boto3"])
 def test_listing_pages_through_the_top_level(s3: S3Server, bucket: str, route: str) -> None:
     target = s3_target(s3, bucket)
     if route == "boto3":
@@ -140,7 +164,7 @@ def test_listing_pages_through_the_top_level(s3: S3Server, bucket: str, route: s
     assert middle.last is None
 
 
-@pytest.mark.parametrize("route", ["presigned", "boto3"])
+@pytest.mark.parametrize("route", ["direct", "boto3"])
 def test_object_listing_pages_with_sizes(s3: S3Server, bucket: str, route: str) -> None:
     target = s3_target(s3, bucket)
     if route == "boto3":

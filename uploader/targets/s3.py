@@ -3,12 +3,14 @@
 boto3 does the work: credentials from the usual chain (environment, profile,
 instance role), request-level retries in botocore's standard mode, and
 s3transfer's multipart upload with a bounded number of parts in memory.
-Small requests take a faster route through presigned URLs (presigned.py).
+Small requests take a faster route: signed by botocore, sent by aiohttp from
+one event loop (direct.py); the engine awaits them without a thread each.
 Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from typing import IO, Any
@@ -27,8 +29,8 @@ from uploader.targets.credentials import (
     rejected_credentials,
     session_for,
 )
+from uploader.targets.direct import LIST_PAGE, DirectRequests, Listing, usable_for
 from uploader.targets.multipart import S3Upload
-from uploader.targets.presigned import LIST_PAGE, Listing, PresignedRequests, usable_for
 from uploader.targets.url import StoreUrl
 
 __all__ = ["S3Target"]
@@ -156,7 +158,7 @@ class S3Target:
         self._transfers = TransferManager(self._client, _transfer_config())
         self._listable = True
         self._fast = (
-            PresignedRequests(
+            DirectRequests(
                 self._client,
                 session,
                 self.bucket,
@@ -212,6 +214,21 @@ class S3Target:
             raise self._describe(e, "checking", self._where(key)) from e
         return True
 
+    async def exists_async(self, key: str) -> bool:
+        """``exists``, awaited on the caller's event loop without a thread
+        of its own (the many existence checks of a large batch)."""
+        if self._fast is None:
+            return await asyncio.to_thread(self.exists, key)
+        try:
+            await asyncio.wrap_future(self._fast.submit("HEAD", key))
+        except botocore.exceptions.ClientError as e:
+            if _status(e) in (403, 404):
+                return False
+            raise self._describe(e, "checking", self._where(key)) from e
+        except Exception as e:
+            raise self._describe(e, "checking", self._where(key)) from e
+        return True
+
     def list_keys(self, start_after: str) -> KeyPage | None:
         if not self._listable:
             return None
@@ -255,7 +272,7 @@ class S3Target:
     def _list_page(self, prefix: str, start_after: str) -> Listing:
         """One page (up to 1000) of what is directly under ``prefix``."""
         if self._fast is not None:
-            page = self._fast.list(self._client, self.bucket, start_after, prefix)
+            page = self._fast.list(start_after, prefix)
         else:
             resp = self._client.list_objects_v2(
                 Bucket=self.bucket,
@@ -359,6 +376,23 @@ class S3Target:
 
     def start_upload(self, key: str, content_type: str) -> Upload | None:
         return S3Upload.start(self._client, self.bucket, key, content_type, self._failed_upload)
+
+    async def put_bytes_async(self, key: str, data: bytes, content_type: str) -> None:
+        """``put_bytes``, awaited on the caller's event loop without a thread
+        of its own (narinfos and small NARs, thousands at a time)."""
+        if self._fast is None:
+            await asyncio.to_thread(self.put_bytes, key, data, content_type)
+            return
+        try:
+            await asyncio.wrap_future(self._fast.submit("PUT", key, data, content_type))
+        except Exception as e:
+            # Telling a missing bucket apart asks the server: not on the loop.
+            raise await asyncio.to_thread(self._failed_upload, e, key) from e
+
+    def close(self) -> None:
+        """Close the connections of the small requests (also done at exit)."""
+        if self._fast is not None:
+            self._fast.close()
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:
