@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -105,6 +106,9 @@ class Daemon:
         # GC roots held for entries: name -> outputs, and a count per output.
         self._entry_roots: dict[str, list[str]] = {}
         self._root_refs: collections.Counter[str] = collections.Counter()
+        # Roots being made on threads, and what the batch found in the cache.
+        self._rooting: list[asyncio.Future[None]] = []
+        self._answered: set[str] = set()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._forced = False
@@ -372,26 +376,17 @@ class Daemon:
         guard = self.engine.guard
         # Outputs the cache has need no closure from Nix: a re-enqueued build
         # costs one listing, or nothing when remembered.  The others are
-        # rooted (locally) before the cache is asked, which may take long.
-        self._root_missing(ready, self.engine.known_present(all_outputs))
+        # rooted (locally) before the cache is asked, which may take long:
+        # on a thread, skipping what the cache is meanwhile found to hold;
+        # done before anything else happens to the batch.
+        self._answered = set()
         try:
-            # The batch's root in the cache, before anything is taken as there
-            # (it also forgets what gc deleted: memory is asked again after).
-            if guard is not None:
-                await asyncio.to_thread(guard.begin, all_outputs)
-            present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
-        except UploaderError as e:
-            self._batch_failed(list(ready), e)
+            found = await self._find_present(ready, all_outputs)
+        finally:
+            await self._rooted()
+        if found is None:
             return
-        self._root_missing(ready, present)
-        unknown = [p for p in all_outputs if p not in present]
-        try:
-            present |= await self.engine.find_present(unknown)
-        except UploaderError as e:
-            self._batch_failed(list(ready), e)
-            return
-        if unknown:
-            self._cache_up()  # it answered
+        present = found
         todo = [p for p in all_outputs if p not in present]
         infos: dict[str, PathInfo] = {}
         result = PushResult(present=sorted(present))
@@ -428,6 +423,41 @@ class Daemon:
         self._settle(ready, infos, result)
         if self.settings.upload_logs and result.uploaded:
             await asyncio.to_thread(self._upload_logs, entries, ready, set(result.uploaded))
+
+    async def _find_present(
+        self, ready: dict[str, list[str]], all_outputs: list[str]
+    ) -> set[str] | None:
+        """Those of the outputs the cache holds; None when the batch failed."""
+        guard = self.engine.guard
+        self._root_missing(ready, self.engine.known_present(all_outputs))
+        try:
+            # The batch's root in the cache, before anything is taken as there
+            # (it also forgets what gc deleted: memory is asked again after).
+            if guard is not None:
+                await asyncio.to_thread(guard.begin, all_outputs)
+            present = await self.engine.confirm_present(self.engine.known_present(all_outputs))
+        except UploaderError as e:
+            self._batch_failed(list(ready), e)
+            return None
+        self._answered.update(present)
+        self._root_missing(ready, present)
+        unknown = [p for p in all_outputs if p not in present]
+        try:
+            present |= await self.engine.find_present(unknown)
+        except UploaderError as e:
+            self._batch_failed(list(ready), e)
+            return None
+        self._answered.update(present)
+        if unknown:
+            self._cache_up()  # it answered
+        return present
+
+    async def _rooted(self) -> None:
+        """Wait for the GC roots being made on threads."""
+        rooting, self._rooting = self._rooting, []
+        for outcome in await asyncio.gather(*rooting, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.warning("making GC roots: %r", outcome)
 
     def _upload_logs(
         self, entries: list[Entry], ready: dict[str, list[str]], uploaded: set[str]
@@ -557,7 +587,13 @@ class Daemon:
                 needed = [p for p in outs if p not in present]
                 self._entry_roots[name] = needed
                 self._root_refs.update(needed)
-        self.roots.add(sorted({p for outs in outputs.values() for p in outs if p not in present}))
+        paths = sorted({p for outs in outputs.values() for p in outs if p not in present})
+        if paths:
+            # A symlink each: a second for thousands on a busy disk.  Not on
+            # the event loop; paths the cache is found to hold meanwhile are
+            # skipped (nothing else may happen to the batch before it is done).
+            add = functools.partial(self.roots.add, paths, skip=self._answered.__contains__)
+            self._rooting.append(asyncio.get_running_loop().run_in_executor(None, add))
 
     def _unroot(self, name: str) -> None:
         """Drop the roots of a finished entry that no other entry needs."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from uploader.storepath import basename
 
@@ -26,8 +26,12 @@ class GcRoots:
         self.directory = directory
         self._warned = False
 
-    def add(self, paths: Iterable[str]) -> None:
+    def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
+        """Root ``paths``, except those ``skip`` says need none (asked just
+        before each: it may change while this runs)."""
         for path in paths:
+            if skip is not None and skip(path):
+                continue
             link = os.path.join(self.directory, basename(path))
             try:
                 os.symlink(path, link)

@@ -374,10 +374,10 @@ def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     rooted: list[str] = []
 
     class RecordingRoots(GcRoots):
-        def add(self, paths: Iterable[str]) -> None:
+        def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
             paths = list(paths)
-            rooted.extend(paths)
-            super().add(paths)
+            rooted.extend(paths)  # handed over to be rooted (unless found meanwhile)
+            super().add(paths, skip)
 
     s.roots = RecordingRoots(str(tmp_path / "roots"))
     dep = s.store.add("dep")

@@ -122,6 +122,11 @@ class _Sessions:
 
         async def close_all() -> None:
             await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+            # And those being closed already (by close()), and any request
+            # still running: none is left pending when the loop stops.
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others, timeout=5)
 
         with contextlib.suppress(Exception):  # closing is best effort
             asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=10)
