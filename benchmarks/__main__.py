@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where S3 is (repeatable): loopback, or through a modelled link: "
         + "; ".join(p.describe() for p in PROFILES.values()) + " [default: loopback]",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-xz", action="store_true",
+        help="skip baseline (a-xz), nix copy with Nix's default xz (12 minutes in a full run)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.link = args.link or [LOOPBACK]
     if args.runs is None:
@@ -101,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="ncu-bench-") as tmp,
         running_services() as (_, weed),
     ):
-        bench = Bench(Path(tmp), weed, make_keys(Path(tmp), "bench-cache-1"), args.quick, args.runs)
+        bench = Bench(
+            Path(tmp), weed, make_keys(Path(tmp), "bench-cache-1"), args.quick, args.runs,
+            xz=not args.no_xz,
+        )  # fmt: skip
         try:
             for link, name in plan:
                 with _linked(bench, link):

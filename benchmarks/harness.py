@@ -91,6 +91,7 @@ class Bench:
     keys: KeyPair
     quick: bool
     runs: int
+    xz: bool = True  # run baseline (a-xz) (--no-xz: it takes minutes)
     salt: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     built: list[str] = field(default_factory=list)  # store paths to delete at the end
     cache: dict[str, Any] = field(default_factory=dict)  # workloads, built once

@@ -182,6 +182,8 @@ def running_link(link: Link, upstream_port: int) -> Iterator[RunningLink]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def main(argv: list[str]) -> int:

@@ -363,6 +363,12 @@ class Daemon:
         return entries
 
     async def _upload(self, entries: list[Entry]) -> None:
+        # The batch's small requests go out from this loop, on connections
+        # opened for it (no thread each, nor a hand-off to one).
+        async with self.engine.requests_here():
+            await self._upload_batch(entries)
+
+    async def _upload_batch(self, entries: list[Entry]) -> None:
         started = time.monotonic()
         try:
             outputs = await asyncio.to_thread(self._resolve_outputs, entries)

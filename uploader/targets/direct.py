@@ -31,7 +31,9 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import contextvars
 import datetime
+import hashlib
 import logging
 import os
 import random
@@ -41,18 +43,17 @@ import threading
 import urllib.request
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import botocore.exceptions
 import botocore.httpsession
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from yarl import URL
 
 from uploader.redact import remember_credentials, scrub
+from uploader.targets.sigv4 import EMPTY_SHA256, Signer
 
 __all__ = ["DirectRequests", "Listing", "parse_time", "usable_for"]
 
@@ -171,8 +172,9 @@ class DirectRequests:
         self._credentials = session
         self._client = client
         self._bucket = bucket
-        self._region: str = client.meta.region_name
-        self._base: str | None = None
+        self._signer = Signer(client.meta.region_name)
+        # Where objects live: scheme://host, the Host header, the path.
+        self._where: tuple[str, str, str] | None = None
         self._attempts = max(1, max_attempts)
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
@@ -180,6 +182,10 @@ class DirectRequests:
         # threads never wait longer, whatever happens on the loop.
         self._patience = self._attempts * (10 + read_timeout + _RETRY_AFTER_MAX) + 10
         self._session = _Session()
+        # The session of the running loop, inside on_this_loop.
+        self._scoped: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
+            "direct_requests_session", default=None
+        )
         # Closed with this object (or at exit): aiohttp warns of a session
         # that is not.
         self._closer = weakref.finalize(self, _SESSIONS.close, self._session)
@@ -238,77 +244,130 @@ class DirectRequests:
         """Send the request on the requests' own loop; the answer's body (or
         a ClientError, or a ConnectionError) in the future."""
         headers = {"Content-Type": content_type} if content_type else {}
-        return _SESSIONS.submit(self._send(method, key, body, headers, query))
+        return _SESSIONS.submit(self._send(self._session, method, key, body, headers, query))
+
+    async def request(
+        self, method: str, key: str, body: bytes | None = None, content_type: str | None = None
+    ) -> bytes:
+        """The request, awaited from the caller's loop: sent from that loop
+        inside ``on_this_loop``, else from the requests' own thread."""
+        session = self._scoped.get()
+        if session is None:
+            return await asyncio.wrap_future(self.submit(method, key, body, content_type))
+        headers = {"Content-Type": content_type} if content_type else {}
+        return await self._send(session, method, key, body, headers, None)
+
+    @contextlib.asynccontextmanager
+    async def on_this_loop(self) -> AsyncIterator[None]:
+        """Within this block, ``request`` sends from the running loop itself,
+        on connections of its own (closed at the end): no hand-off to another
+        thread and back for each request."""
+        if self._scoped.get() is not None:
+            yield
+            return
+        session = _Session()
+        token = self._scoped.set(session)
+        try:
+            yield
+        finally:
+            self._scoped.reset(token)
+            await session.close()
 
     # -- on the requests' loop -------------------------------------------
 
     @property
-    def _prefix(self) -> str:
-        """Where objects live (endpoint, addressing style): it does not depend
-        on the key, so botocore resolves it once, from a presigned URL for a
+    def _prefix(self) -> tuple[str, str, str]:
+        """Where objects live (endpoint, addressing style): the origin, the
+        Host header, and the path objects are under.  It does not depend on
+        the key, so botocore resolves it once, from a presigned URL for a
         placeholder key.  On first use, not at start: signing needs
         credentials, which may come later."""
-        if self._base is None:
+        if self._where is None:
             probe = self._client.generate_presigned_url(
                 "head_object", Params={"Bucket": self._bucket, "Key": _PROBE}, ExpiresIn=60
             )
-            base = probe.split("?", 1)[0]
-            if not base.endswith("/" + _PROBE):
-                raise ValueError(f"unexpected presigned URL shape: {base}")
-            self._base = base[: -len(_PROBE)]
-        return self._base
+            parts = urlsplit(probe.split("?", 1)[0])
+            if not parts.path.endswith("/" + _PROBE):
+                raise ValueError(f"unexpected presigned URL shape: {parts.path}")
+            host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"
+            default = {"http": 80, "https": 443}.get(parts.scheme)
+            if parts.port is not None and parts.port != default:
+                host += f":{parts.port}"
+            origin = f"{parts.scheme}://{parts.netloc}"
+            self._where = (origin, host, parts.path[: -len(_PROBE)])
+        return self._where
 
-    def _client_session(self) -> aiohttp.ClientSession:
-        if self._session.http is None:
+    def _client_session(self, session: _Session) -> aiohttp.ClientSession:
+        if session.http is None:
             ca = os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True)
             context = ssl.create_default_context(cafile=ca if isinstance(ca, str) else None)
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, limit_per_host=0, ssl=context
             )
-            self._session.http = aiohttp.ClientSession(
+            session.http = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
             )
-            _SESSIONS.opened(self._session)
-        return self._session.http
+            if session is self._session:
+                _SESSIONS.opened(session)
+        return session.http
 
     def _signed(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str]
+        self,
+        method: str,
+        host: str,
+        path: str,
+        query: str,
+        body: bytes | None,
+        headers: dict[str, str],
     ) -> dict[str, str]:
         credentials = self._credentials.get_credentials()
         if credentials is None:
             raise botocore.exceptions.NoCredentialsError()
         frozen = credentials.get_frozen_credentials()
         remember_credentials(frozen)
-        request = AWSRequest(method=method, url=url, data=body, headers=headers)
-        S3SigV4Auth(frozen, "s3", self._region).add_auth(request)
-        return dict(request.headers.items())
+        return self._signer.headers(
+            method,
+            host,
+            path,
+            query,
+            headers,
+            hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
+            access_key=frozen.access_key,
+            secret_key=frozen.secret_key,
+            token=frozen.token,
+        )
 
     async def _send(
         self,
+        session: _Session,
         method: str,
         key: str,
         body: bytes | None,
         headers: dict[str, str],
         query: Mapping[str, str] | None,
     ) -> bytes:
-        url = self._prefix + quote(key, safe="/~")
-        if not key:
-            url = url.rstrip("/")
-        if query:
-            url += "?" + urlencode(sorted(query.items()), quote_via=quote, safe="~")
-        http = self._client_session()
+        origin, host, base = self._prefix
+        path = base + quote(key, safe="/~") if key else base.rstrip("/") or "/"
+        canonical_query = "&".join(
+            f"{k}={v}"
+            for k, v in sorted(
+                (quote(k, safe="~"), quote(v, safe="~")) for k, v in (query or {}).items()
+            )
+        )
+        url = URL(origin + path + (f"?{canonical_query}" if canonical_query else ""), encoded=True)
+        http = self._client_session(session)
         where = f"s3://{self._bucket}/{key}"
         for attempt in range(self._attempts):
             last = attempt + 1 == self._attempts
             # Signed again for each attempt: the signature carries the time.
-            signed = self._signed(method, url, body, headers)
+            signed = self._signed(method, host, path, canonical_query, body, headers)
             try:
-                async with http.request(
-                    method, URL(url, encoded=True), data=body, headers=signed
-                ) as response:
+                async with http.request(method, url, data=body, headers=signed) as response:
                     data = await response.read()
                     status = response.status
                     if status < 300:

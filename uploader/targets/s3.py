@@ -11,6 +11,7 @@ Queue-level retries (minutes, hours) belong to the daemon, not to this layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from typing import IO, Any
@@ -220,7 +221,7 @@ class S3Target:
         if self._fast is None:
             return await asyncio.to_thread(self.exists, key)
         try:
-            await asyncio.wrap_future(self._fast.submit("HEAD", key))
+            await self._fast.request("HEAD", key)
         except botocore.exceptions.ClientError as e:
             if _status(e) in (403, 404):
                 return False
@@ -384,10 +385,17 @@ class S3Target:
             await asyncio.to_thread(self.put_bytes, key, data, content_type)
             return
         try:
-            await asyncio.wrap_future(self._fast.submit("PUT", key, data, content_type))
+            await self._fast.request("PUT", key, data, content_type)
         except Exception as e:
             # Telling a missing bucket apart asks the server: not on the loop.
             raise await asyncio.to_thread(self._failed_upload, e, key) from e
+
+    def requests_here(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A block within which the ``*_async`` requests are sent from the
+        running loop itself (see DirectRequests.on_this_loop)."""
+        if self._fast is None:
+            return contextlib.nullcontext()
+        return self._fast.on_this_loop()
 
     def close(self) -> None:
         """Close the connections of the small requests (also done at exit)."""
