@@ -220,8 +220,20 @@ class Daemon:
             )
 
     async def _main_loop(self) -> None:
+        # The cache is first asked while the first batch is read and its
+        # outputs resolved: a batch that needs an answer waits for it (the
+        # engine's cache-info lock), or fails with it the same way.
+        first_check = asyncio.create_task(self._check_cache())
+        try:
+            await self._serve()
+        finally:
+            if not first_check.done():
+                first_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first_check
+
+    async def _serve(self) -> None:
         last_scan = time.monotonic()
-        await self._check_cache()
         while not self._stopping.is_set():
             now = time.monotonic()
             if now - last_scan > _RESCAN_EVERY:
