@@ -15,6 +15,12 @@ that threshold each time such a buffer is freed, after which 8 MiB parts
 came from the arenas and stayed there: a 1.4 GiB NAR streamed to S3 peaked
 at about 150 MiB instead of 105.
 
+The NAR is read in 1 MiB chunks, below ``MMAP_FROM``: mapped, every chunk
+cost 256 page faults to map and zero, and its unmapping a TLB flush on every
+core; 1.4 GiB of NAR took a second of system time that way.  Served from an
+arena, a freed chunk is the next one's memory, as long as the arena keeps up
+to ``TRIM_FROM`` of free memory instead of handing it back at once.
+
 Best effort: on another libc, or if ``MALLOC_ARENA_MAX`` is set, nothing is
 changed.
 """
@@ -29,8 +35,10 @@ __all__ = ["limit_arenas"]
 
 _M_ARENA_MAX = -8  # mallopt(3)
 _M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
 ARENAS = 2
-MMAP_FROM = 1 << 20
+MMAP_FROM = 2 << 20
+TRIM_FROM = 8 << 20
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
@@ -49,4 +57,5 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
+    mallopt(_M_TRIM_THRESHOLD, TRIM_FROM)
     return bool(mallopt(_M_ARENA_MAX, arenas))

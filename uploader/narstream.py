@@ -154,14 +154,26 @@ class _Parts:
         self._streamer = streamer
         self._upload = upload
         self._part_size = part_size
-        self._buffer = bytearray()
+        # zstd's output, in pieces of about 128 KiB, until a part is full:
+        # joined once into the part, not copied on every write.
+        self._pieces: list[bytes] = []
+        self._filled = 0
         self._sent: list[Future[None]] = []
 
     def write(self, data: bytes | memoryview) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._part_size:
-            self._send(bytes(self._buffer[: self._part_size]))
-            del self._buffer[: self._part_size]
+        piece = bytes(data)
+        while self._filled + len(piece) >= self._part_size:
+            # Every part but the last is exactly part_size (some S3
+            # implementations refuse parts of different sizes).
+            cut = self._part_size - self._filled
+            self._pieces.append(piece[:cut])
+            piece = piece[cut:]
+            self._send(b"".join(self._pieces))
+            self._pieces.clear()
+            self._filled = 0
+        if piece:
+            self._pieces.append(piece)
+            self._filled += len(piece)
 
     def _send(self, data: bytes) -> None:
         for sent in self._sent:
@@ -183,9 +195,9 @@ class _Parts:
 
     def finish(self) -> None:
         """Send the last part and wait until every part is in."""
-        if self._buffer or not self._sent:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+        if self._pieces or not self._sent:
+            self._send(b"".join(self._pieces))
+            self._pieces.clear()
         for sent in self._sent:
             sent.result()
 
