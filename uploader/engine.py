@@ -303,9 +303,8 @@ class Engine:
     async def _ensure_cache_info(self) -> None:
         if self._cache_info_checked:
             return
-        if not await self._run(self.target.exists, "nix-cache-info"):
-            await self._run(
-                self.target.put_bytes,
+        if not await self._exists("nix-cache-info"):
+            await self._put_bytes(
                 "nix-cache-info",
                 self.target.url.cache_info().encode(),
                 "text/x-nix-cache-info",
@@ -321,12 +320,29 @@ class Engine:
         NAR or narinfo), and their NAR is written again whatever is there."""
         forced = frozenset(force)
         roots = sorted(set(paths) | forced)
-        infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
-        if self.guard is not None:
-            await self._run(self.guard.begin, sorted(infos))
-        result = await self.push_infos(roots, infos, progress, force=forced)
-        if self.guard is not None and result.ok:
-            await self._run(self.guard.complete)
+        async with self.requests_here():
+            # What needs no store path is asked while Nix computes the
+            # closure, and nix-cache-info while the root is written: far from
+            # S3 each question is a round trip.
+            cache_info = asyncio.create_task(self.ensure_cache_info())
+            layout = None
+            if self.guard is not None:
+                layout = asyncio.create_task(self._run(self.guard.prepare))
+            early = [t for t in (layout, cache_info) if t is not None]
+            try:
+                infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
+                if self.guard is not None and layout is not None:
+                    await layout
+                    await self._run(self.guard.begin, sorted(infos))
+                await cache_info
+            finally:
+                # After a failure, the other questions are not waited for.
+                for task in early:
+                    task.cancel()
+                await asyncio.gather(*early, return_exceptions=True)
+            result = await self.push_infos(roots, infos, progress, force=forced)
+            if self.guard is not None and result.ok:
+                await self._run(self.guard.complete)
         return result
 
     async def find_present(self, paths: Iterable[str]) -> set[str]:

@@ -15,7 +15,7 @@ from tests.integration.test_metrics import scrape
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build, trivial_expr
-from tests.support.services import S3Server, free_ports
+from tests.support.services import NixDaemon, S3Server, free_ports
 from uploader.storepath import hash_part
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def status(uploader: UploaderRun) -> dict[str, Any]:
 
 
 def test_push_without_credentials_says_where_to_put_them(
-    s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     (out,) = build(trivial_expr("no-credentials"))
     env = env_without_credentials(tmp_path)

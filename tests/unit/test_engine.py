@@ -28,7 +28,12 @@ from hypothesis import strategies as st
 
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from uploader import signing
-from uploader._exceptions import TransientTargetError, UploaderError, VerificationError
+from uploader._exceptions import (
+    StoreError,
+    TransientTargetError,
+    UploaderError,
+    VerificationError,
+)
 from uploader.engine import DependencyFailed, Engine, PushResult, narinfo_key
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
@@ -505,6 +510,69 @@ def test_cache_info_is_not_rewritten(tmp_path: Path) -> None:
     assert target.objects["nix-cache-info"] == theirs
     assert "nix-cache-info" not in target.puts()
     assert target.narinfo(path) is not None
+
+
+class SlowNix(FakeStore):
+    """A store whose closure query answers only once the cache was asked
+    for nix-cache-info (or after a few seconds)."""
+
+    def __init__(self, root: Path, target: RecordingTarget) -> None:
+        super().__init__(root)
+        self.asked = threading.Event()
+        target.before_exists["nix-cache-info"] = self.asked.set
+        self.waited: bool | None = None
+        self.fail: Exception | None = None
+
+    def path_infos(self, paths: Iterable[str], **kwargs: Any) -> dict[str, PathInfo]:
+        self.waited = self.asked.wait(timeout=5)
+        if self.fail is not None:
+            raise self.fail
+        return super().path_infos(paths, **kwargs)
+
+
+def test_the_cache_is_asked_while_nix_computes_the_closure(tmp_path: Path) -> None:
+    """Far from S3 each question is a round trip: nix-cache-info is asked
+    without waiting for Nix, and still written before anything else."""
+    target = RecordingTarget()
+    store = SlowNix(tmp_path, target)
+    path = store.add("app")
+
+    result = push(store, target, [path])
+
+    assert result.ok, result.failed
+    assert store.waited, "the closure was queried before the cache was asked"
+    assert target.puts()[0] == "nix-cache-info"
+    assert target.narinfo(path) is not None
+
+
+def test_a_closure_nix_cannot_give_is_the_error_even_if_the_cache_refuses_too(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    store = SlowNix(tmp_path, target)
+    path = store.add("app")
+    store.fail = StoreError("nix path-info failed: no such path")
+
+    def refused() -> None:
+        store.asked.set()
+        raise TransientTargetError("s3://bucket: no answer")
+
+    target.before_exists["nix-cache-info"] = refused
+
+    with pytest.raises(StoreError, match="no such path"):
+        push(store, target, [path])
+    assert not target.puts()
+
+
+def test_a_cache_that_refuses_stops_the_push_before_any_upload(tmp_path: Path) -> None:
+    target = RecordingTarget()
+    store = FakeStore(tmp_path)
+    path = store.add("app")
+    target.refuse = TransientTargetError("s3://bucket: credentials were refused")
+
+    with pytest.raises(TransientTargetError, match="refused"):
+        push(store, target, [path])
+    assert not target.puts()
 
 
 def test_concurrent_first_pushes_write_cache_info_once(tmp_path: Path) -> None:

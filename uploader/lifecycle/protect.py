@@ -53,11 +53,16 @@ class Protection:
         self._lock = threading.Lock()
         self._ignore = os.environ.get(_UNSAFE) == "1"
 
-    def begin(self, paths: Iterable[str]) -> None:
-        """Write a new root (in progress) listing ``paths``, then read the mark."""
+    def prepare(self) -> None:
+        """Check the bucket's layout (once): what ``begin`` needs first, which
+        a caller may ask for before it knows the paths."""
         if not self._layout_checked:
             check_layout(self.target, write=True)
             self._layout_checked = True
+
+    def begin(self, paths: Iterable[str]) -> None:
+        """Write a new root (in progress) listing ``paths``, then read the mark."""
+        self.prepare()
         self.root = RootWriter(self.target, self.name)
         self.root.start(paths)
         self._refresh()
