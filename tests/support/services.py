@@ -132,6 +132,7 @@ def start_nix_daemon() -> NixDaemon:
     while not _socket_alive(DAEMON_SOCKET):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
             raise RuntimeError("nix-daemon did not start serving " + DAEMON_SOCKET)
         time.sleep(0.05)
     return NixDaemon(process=proc, conf_dir=conf_dir)
@@ -220,7 +221,11 @@ class SeaweedFS(S3Server):
             start_new_session=True,
         )
         log.close()
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # not left running when it never became ready
+            raise
 
     def _wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

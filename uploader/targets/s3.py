@@ -206,14 +206,17 @@ class S3Target:
                 self._fast.head(key)
             else:
                 self._client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as e:
-            # An unlistable bucket answers 403 for a missing key: treat both as absent.
-            if _status(e) in (403, 404):
-                return False
-            raise self._describe(e, "checking", self._where(key)) from e
         except Exception as e:
-            raise self._describe(e, "checking", self._where(key)) from e
+            return self._absent(e, key)
         return True
+
+    def _absent(self, e: Exception, key: str) -> bool:
+        """False for a HEAD that failed because the object is missing;
+        raises our error for any other failure."""
+        # An unlistable bucket answers 403 for a missing key: treat both as absent.
+        if isinstance(e, botocore.exceptions.ClientError) and _status(e) in (403, 404):
+            return False
+        raise self._describe(e, "checking", self._where(key)) from e
 
     async def exists_async(self, key: str) -> bool:
         """``exists``, awaited on the caller's event loop without a thread
@@ -222,12 +225,8 @@ class S3Target:
             return await asyncio.to_thread(self.exists, key)
         try:
             await self._fast.request("HEAD", key)
-        except botocore.exceptions.ClientError as e:
-            if _status(e) in (403, 404):
-                return False
-            raise self._describe(e, "checking", self._where(key)) from e
         except Exception as e:
-            raise self._describe(e, "checking", self._where(key)) from e
+            return self._absent(e, key)
         return True
 
     def list_keys(self, start_after: str) -> KeyPage | None:
