@@ -22,8 +22,19 @@ def test_width_follows_the_smallest_recent_request_time() -> None:
     assert far.width == MAX_WIDTH
 
 
+class Watched(RoundTrips):
+    """The widest the window has been: it follows the round trips measured,
+    up and down, so the width at the end may be below what was allowed."""
+
+    widest = MIN_WIDTH
+
+    def observe(self, seconds: float) -> None:
+        super().observe(seconds)
+        self.widest = max(self.widest, self.width)
+
+
 def test_no_more_than_the_width_in_flight_and_first_come_first_served() -> None:
-    gate = RoundTrips()
+    gate = Watched()
 
     async def scenario() -> tuple[int, list[int]]:
         in_flight = peak = 0
@@ -46,7 +57,7 @@ def test_no_more_than_the_width_in_flight_and_first_come_first_served() -> None:
 
     peak, order = asyncio.run(scenario())
     # The 1 ms requests widened it a little; never more went at once.
-    assert MIN_WIDTH <= peak <= gate.width
+    assert MIN_WIDTH <= peak <= gate.widest
     assert order == sorted(order)
 
 
