@@ -323,29 +323,33 @@ class Engine:
         forced = frozenset(force)
         roots = sorted(set(paths) | forced)
         async with self.requests_here():
-            # What needs no store path is asked while Nix computes the
-            # closure, and nix-cache-info while the root is written: far from
-            # S3 each question is a round trip.
-            cache_info = asyncio.create_task(self.ensure_cache_info())
-            layout = None
-            if self.guard is not None:
-                layout = asyncio.create_task(self._run(self.guard.prepare))
-            early = [t for t in (layout, cache_info) if t is not None]
-            try:
-                infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
-                if self.guard is not None and layout is not None:
-                    await layout
-                    await self._run(self.guard.begin, sorted(infos))
-                await cache_info
-            finally:
-                # After a failure, the other questions are not waited for.
-                for task in early:
-                    task.cancel()
-                await asyncio.gather(*early, return_exceptions=True)
+            infos = await self._closure_and_root(roots)
             result = await self.push_infos(roots, infos, progress, force=forced)
             if self.guard is not None and result.ok:
                 await self._run(self.guard.complete)
         return result
+
+    async def _closure_and_root(self, roots: list[str]) -> dict[str, PathInfo]:
+        """The closure from Nix, with the push's root written in the cache
+        (the gc protocol) and nix-cache-info checked.  What needs no store
+        path is asked while Nix computes the closure, and nix-cache-info
+        while the root is written: far from S3 each question is a round trip."""
+        guard = self.guard
+        early = [asyncio.create_task(self.ensure_cache_info())]
+        if guard is not None:
+            early.append(asyncio.create_task(self._run(guard.prepare)))
+        try:
+            infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
+            if guard is not None:
+                await early[-1]  # the bucket's layout, checked before the root
+                await self._run(guard.begin, sorted(infos))
+            await early[0]
+            return infos
+        finally:
+            # Settled before anything goes on; after a failure, not waited for.
+            for task in early:
+                task.cancel()
+            await asyncio.gather(*early, return_exceptions=True)
 
     async def find_present(self, paths: Iterable[str]) -> set[str]:
         """Those of ``paths`` the cache holds (so does their closure): known
