@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 
 __all__ = ["describe"]
 
@@ -41,10 +42,27 @@ def _memory() -> str:
         return "unknown"
 
 
+def _journal(source: str) -> str:
+    """ext4 only: whether the file system keeps a journal.  Without one, a new
+    file skips the inodes freed in the last minutes, so creating files (the
+    hook's spool entry) slows down after mass deletions."""
+    parts = source.split()
+    if len(parts) != 2 or parts[1] != "ext4":
+        return ""
+    try:
+        task = Path(f"/sys/fs/ext4/{Path(parts[0]).name}/journal_task").read_text().strip()
+    except OSError:
+        return ""
+    return ", no journal" if task == "<none>" else ", journaled"
+
+
 def _disk(path: str = "/nix/store") -> str:
     usage = shutil.disk_usage(path if os.path.exists(path) else "/")
     source = _first(["findmnt", "-no", "SOURCE,FSTYPE", "--target", path])
-    return f"{source}, {usage.total / (1 << 30):.0f} GiB, {usage.free / (1 << 30):.0f} GiB free"
+    return (
+        f"{source}{_journal(source)}, {usage.total / (1 << 30):.0f} GiB, "
+        f"{usage.free / (1 << 30):.0f} GiB free"
+    )
 
 
 def describe() -> list[str]:
