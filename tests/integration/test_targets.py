@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import shutil
 import stat
 import threading
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
 import pytest
@@ -27,6 +29,7 @@ from uploader.engine import Engine
 from uploader.nixbase32 import encode as nix32
 from uploader.targets import open_target
 from uploader.targets.file import FileTarget
+from uploader.targets.multipart import S3Upload
 from uploader.targets.s3 import MULTIPART_THRESHOLD, S3Target
 from uploader.targets.url import parse_store_url
 
@@ -121,6 +124,51 @@ def test_requests_pass_a_server_that_checks_signatures(
     with pytest.raises(TargetError) as refused:
         wrong.put_bytes("other.narinfo", b"x", NARINFO)
     assert "the AWS credentials were refused (SignatureDoesNotMatch)" in str(refused.value)
+
+
+def test_parts_go_with_an_unsigned_payload_past_a_server_that_checks_signatures(
+    checking_seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed NAR's parts carry UNSIGNED-PAYLOAD (their headers are still
+    signed: a wrong secret is refused); the other requests sign their body."""
+    server = checking_seaweedfs
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ncu-signed")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr/et+with=chars")
+    bucket = server.create_bucket("signed-parts")
+    target = s3_target(server, bucket)
+    payloads: dict[str, set[str]] = {}
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[1]
+        value = request.headers["X-Amz-Content-SHA256"]  # bytes once prepared
+        payloads.setdefault(operation, set()).add(
+            value.decode() if isinstance(value, bytes) else value
+        )
+
+    for client in (target._client, target._parts_client):
+        client.meta.events.register("before-send.s3", record)
+    parts = [bytearray(os.urandom(5 * MiB)), b"the last part"]
+    upload = target.start_upload("nar/streamed.nar.zst", NAR)
+    assert upload is not None
+    for number, data in enumerate(parts, 1):
+        upload.put_part(number, data)
+    upload.complete()
+
+    assert target.get("nar/streamed.nar.zst") == b"".join(parts)
+    assert payloads["UploadPart"] == {"UNSIGNED-PAYLOAD"}
+    signed = payloads["CreateMultipartUpload"] | payloads["CompleteMultipartUpload"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p) for p in signed), signed
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    wrong = s3_target(server, bucket)
+    other = target.start_upload("nar/other.nar.zst", NAR)  # by the right key
+    assert other is not None
+    refused = S3Upload(
+        wrong._client, wrong._parts_client, bucket, other.key, other._id, wrong._failed_upload
+    )
+    with pytest.raises(TargetError, match="SignatureDoesNotMatch"):
+        refused.put_part(1, bytearray(b"x" * 1024))
+    other.abort()
 
 
 def test_large_nar_goes_multipart_and_reads_back(s3: S3Server, bucket: str) -> None:

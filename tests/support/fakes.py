@@ -266,13 +266,13 @@ class _FakeUpload:
         self._content_type = content_type
         self._parts: dict[int, bytes] = {}
 
-    def put_part(self, number: int, data: bytes) -> None:
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
         target = self._target
         with target._lock:
             target.events.append(("part", self.key))
             if number == target.fail_part:
                 raise TransientTargetError(f"uploading {self.key}: injected failure")
-            self._parts[number] = data
+            self._parts[number] = bytes(data)  # lent: refilled after the call
 
     def complete(self) -> None:
         target = self._target

@@ -13,7 +13,7 @@ from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
 from uploader._exceptions import VerificationError
 from uploader.engine import Engine
-from uploader.narstream import PART_SIZE, STREAM_ABOVE
+from uploader.narstream import PART_SIZE, PARTS_IN_FLIGHT, STREAM_ABOVE, NarStreamer
 
 
 class DumpRecorded(FakeStore):
@@ -116,3 +116,45 @@ def test_racing_uploads_never_share_a_name(tmp_path: Path) -> None:
     second = target.narinfo(path)
     assert second is not None and second.url != first.url
     assert target.objects[first.url] == kept
+
+
+class KeptParts:
+    """An upload that keeps what it was lent: the buffers themselves (so
+    none is freed and its address reused) and copies of their bytes."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.lent: list[bytes | bytearray] = []
+        self.parts: dict[int, bytes] = {}
+        self.completed = False
+
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
+        self.lent.append(data)
+        self.parts[number] = bytes(data)
+
+    def complete(self) -> None:
+        self.completed = True
+
+    def abort(self) -> None:
+        raise AssertionError("aborted")
+
+
+def test_part_buffers_are_reused_and_let_go_when_no_nar_streams(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path)
+    paths = [store.add(name, contents=os.urandom(10 * PART_SIZE)) for name in ("one", "two")]
+    streamer = NarStreamer("zstd", None)
+    try:
+        for path in paths:
+            upload = KeptParts(f"nar/{path[11:43]}")
+            streamer.upload(store.registered(path), upload, store.dump(path))
+            assert upload.completed
+            data = b"".join(upload.parts[n] for n in sorted(upload.parts))
+            assert decompress("x.nar.zst", data) == store.nar(path)
+            full = [d for d in upload.lent if len(d) == PART_SIZE]
+            assert len(full) == 10 and all(isinstance(d, bytearray) for d in full)
+            # Ten full parts through at most one buffer per part in flight
+            # plus the one being filled.
+            assert len({id(d) for d in full}) <= PARTS_IN_FLIGHT + 1
+            assert not streamer.buffers._free, "an idle streamer keeps no buffer"
+    finally:
+        streamer.close()

@@ -60,8 +60,9 @@ class Upload(Protocol):
 
     key: str
 
-    def put_part(self, number: int, data: bytes) -> None:
-        """Send part ``number`` (from 1); parts may be sent from several threads."""
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
+        """Send part ``number`` (from 1); parts may be sent from several
+        threads.  ``data`` is lent: the caller refills it once this returns."""
         ...
 
     def complete(self) -> None:

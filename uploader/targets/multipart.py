@@ -19,11 +19,13 @@ __all__ = ["S3Upload"]
 
 
 class S3Upload:
-    """One multipart upload (CreateMultipartUpload already sent)."""
+    """One multipart upload (CreateMultipartUpload already sent); its parts
+    go through ``parts_client`` (the same bucket, payloads unsigned)."""
 
     def __init__(
         self,
         client: Any,
+        parts_client: Any,
         bucket: str,
         key: str,
         upload_id: str,
@@ -31,6 +33,7 @@ class S3Upload:
     ) -> None:
         self.key = key
         self._client = client
+        self._parts_client = parts_client
         self._bucket = bucket
         self._id = upload_id
         self._failed = failed
@@ -41,6 +44,7 @@ class S3Upload:
     def start(
         cls,
         client: Any,
+        parts_client: Any,
         bucket: str,
         key: str,
         content_type: str,
@@ -50,11 +54,13 @@ class S3Upload:
             resp = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)
         except Exception as e:
             raise failed(e, key) from e
-        return cls(client, bucket, key, str(resp["UploadId"]), failed)
+        return cls(client, parts_client, bucket, key, str(resp["UploadId"]), failed)
 
-    def put_part(self, number: int, data: bytes) -> None:
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
         try:
-            resp = self._client.upload_part(
+            # A bytearray is sent as it is; bytes would be wrapped in a
+            # stream and sent 16 KiB at a time.
+            resp = self._parts_client.upload_part(
                 Bucket=self._bucket, Key=self.key, UploadId=self._id, PartNumber=number, Body=data
             )
         except Exception as e:
