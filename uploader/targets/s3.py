@@ -153,8 +153,8 @@ class S3Target:
             self._client: Any = session.client("s3", endpoint_url=endpoint, config=config)
             # The parts of streamed NARs go out with an unsigned payload (as
             # Nix's own S3 store sends everything): signing hashes every part
-            # once more here and again at the server, about 0.8 s of CPU per
-            # GiB between them, and proves nothing the narinfo does not.  Its
+            # once more here (about 0.5 s of CPU per GiB) and again at the
+            # server, and proves nothing the narinfo does not.  Its
             # signed FileHash and NarHash, checked by every substituter,
             # cover the bytes end to end; TLS, where used, the transfer.
             # Small requests (narinfos, the gc protocol's objects) stay signed.
