@@ -264,17 +264,21 @@ class Measured:
     max_rss: int  # bytes: the process's and its reaped children's peak (wait4)
     returncode: int
     log: str
+    cpu: float = 0.0  # user + system seconds of the process and its reaped children
 
 
 def run_measured(args: Sequence[str], log_path: Path) -> Measured:
-    """Run a command to completion; wall time and peak RSS from ``wait4``."""
+    """Run a command to completion; wall time, peak RSS and CPU time from ``wait4``."""
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(seconds, usage.ru_maxrss * 1024, proc.returncode, log_path.read_text())
+    return Measured(
+        seconds, usage.ru_maxrss * 1024, proc.returncode, log_path.read_text(),
+        usage.ru_utime + usage.ru_stime,
+    )  # fmt: skip
 
 
 def push_command(bench: Bench, bucket: str, paths: Sequence[str]) -> list[str]:
