@@ -192,15 +192,21 @@ class _Parts:
         try:
             self._upload.put_part(number, data)
         finally:
-            self._streamer.room.release()
-            if isinstance(data, bytearray):
+            # Back in the pool before the room is: the next part takes it
+            # instead of mapping a buffer of its own.
+            if isinstance(data, bytearray) and len(data) == self._part_size:
                 self._streamer.buffers.give(data)
+            self._streamer.room.release()
 
     def finish(self) -> None:
         """Send the last part and wait until every part is in."""
         if self._buffer is not None or not self._sent:
-            last = b"" if self._buffer is None else bytes(self._buffer[: self._filled])
-            self._release()
+            last: bytes | bytearray = b""
+            if self._buffer is not None:
+                # Cut to its length in place, not copied: a copy would be an
+                # extra 8 MiB while the next NAR's compressor starts.
+                last, self._buffer = self._buffer, None
+                del last[self._filled :]
             self._send(last)
         for sent in self._sent:
             sent.result()

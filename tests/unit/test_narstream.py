@@ -124,12 +124,12 @@ class KeptParts:
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.lent: list[bytes | bytearray] = []
+        self.lent: list[tuple[bytes | bytearray, int]] = []  # and its length then
         self.parts: dict[int, bytes] = {}
         self.completed = False
 
     def put_part(self, number: int, data: bytes | bytearray) -> None:
-        self.lent.append(data)
+        self.lent.append((data, len(data)))
         self.parts[number] = bytes(data)
 
     def complete(self) -> None:
@@ -150,11 +150,15 @@ def test_part_buffers_are_reused_and_let_go_when_no_nar_streams(tmp_path: Path) 
             assert upload.completed
             data = b"".join(upload.parts[n] for n in sorted(upload.parts))
             assert decompress("x.nar.zst", data) == store.nar(path)
-            full = [d for d in upload.lent if len(d) == PART_SIZE]
+            full = [d for d, length in upload.lent if length == PART_SIZE]
             assert len(full) == 10 and all(isinstance(d, bytearray) for d in full)
             # Ten full parts through at most one buffer per part in flight
             # plus the one being filled.
             assert len({id(d) for d in full}) <= PARTS_IN_FLIGHT + 1
+            # The last, shorter part goes in the buffer it was filled in, cut
+            # to its length, not copied out of it.
+            (last,) = [d for d, length in upload.lent if length < PART_SIZE]
+            assert isinstance(last, bytearray)
             assert not streamer.buffers._free, "an idle streamer keeps no buffer"
     finally:
         streamer.close()
