@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,50 @@ def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) ->
 
 def test_verify_of_a_cache_that_does_not_exist_is_an_error_not_clean(tmp_path: Path) -> None:
     one_error_line(cli("verify", "--to", f"file://{tmp_path}/nonexistent"), "does not exist")
+
+
+# Output into a pipe is buffered unless PYTHONUNBUFFERED says otherwise.
+_BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def _program(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real entry point, in a process of its own (it ends with os._exit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "uploader", *args], capture_output=True, text=True, env=_BUFFERED
+    )
+
+
+def test_the_program_keeps_its_exit_codes_and_output() -> None:
+    version = _program("--version")
+    assert version.returncode == EXIT_OK
+    assert version.stdout.startswith("nix-cache-uploader, version ")
+    helped = _program("push", "--help")
+    assert helped.returncode == EXIT_OK and "--to" in helped.stdout
+    wrong = _program("push", "--bogus")
+    assert wrong.returncode == EXIT_USAGE
+    assert "error: No such option '--bogus'" in wrong.stderr
+    missing = _program("push", "--to", "file:///nonexistent", STORE_PATH)
+    assert missing.returncode != EXIT_OK and "error:" in missing.stderr
+
+
+def test_the_program_runs_exit_handlers_and_flushes_before_it_ends(tmp_path: Path) -> None:
+    # Exit handlers (logging's, the S3 sessions' close) still run, and what
+    # they leave in stdout's buffer (a pipe's is not flushed by lines) goes out.
+    marker = tmp_path / "ran"
+    code = (
+        "import atexit, sys\n"
+        "def at_exit():\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    sys.stdout.write('at exit')\n"
+        "atexit.register(at_exit)\n"
+        "from uploader.cli import main\n"
+        "sys.argv = ['nix-cache-uploader', '--version']\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_BUFFERED
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert marker.exists()
+    assert done.stdout.startswith("nix-cache-uploader, version ")
+    assert done.stdout.endswith("at exit")
