@@ -198,16 +198,19 @@ class _Parts:
                 self._streamer.buffers.give(data)
             self._streamer.room.release()
 
-    def finish(self) -> None:
-        """Send the last part and wait until every part is in."""
+    def send_last(self) -> None:
+        """Send the last part (once it has room: only then may the next NAR
+        start filling a buffer of its own)."""
         if self._buffer is not None or not self._sent:
             last: bytes | bytearray = b""
             if self._buffer is not None:
-                # Cut to its length in place, not copied: a copy would be an
-                # extra 8 MiB while the next NAR's compressor starts.
+                # Cut to its length in place, not copied out of it.
                 last, self._buffer = self._buffer, None
                 del last[self._filled :]
             self._send(last)
+
+    def wait(self) -> None:
+        """Until every part is in; raises the first part's failure."""
         for sent in self._sent:
             sent.result()
 
@@ -272,8 +275,9 @@ class NarStreamer:
         self.room = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
         self.buffers = _Buffers(PARTS_IN_FLIGHT + 1)
         # zstd compresses one large NAR on every core: one at a time.  The
-        # next starts as soon as the previous one's last part is cut, while
-        # its parts are still on their way.
+        # next starts as soon as the previous one's last part is on its way
+        # (so at most one part per part in flight, plus the one being
+        # filled, is in memory), while its parts are still being sent.
         self._compressing = threading.Lock()
 
     def close(self) -> None:
@@ -288,7 +292,8 @@ class NarStreamer:
         try:
             with self._compressing:
                 compressed = compress_checked(info, chunks, parts.write, self.method, self.level)
-            parts.finish()
+                parts.send_last()
+            parts.wait()
             upload.complete()
             return compressed
         except BaseException as e:

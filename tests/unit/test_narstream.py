@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
@@ -160,5 +163,59 @@ def test_part_buffers_are_reused_and_let_go_when_no_nar_streams(tmp_path: Path) 
             (last,) = [d for d, length in upload.lent if length < PART_SIZE]
             assert isinstance(last, bytearray)
             assert not streamer.buffers._free, "an idle streamer keeps no buffer"
+    finally:
+        streamer.close()
+
+
+class GatedParts(KeptParts):
+    """Parts wait at a gate: a link slower than compression."""
+
+    def __init__(self, key: str, gate: threading.Event) -> None:
+        super().__init__(key)
+        self._gate = gate
+
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
+        assert self._gate.wait(30)
+        super().put_part(number, data)
+
+
+def test_the_next_nar_waits_until_the_last_part_of_the_previous_is_on_its_way(
+    tmp_path: Path,
+) -> None:
+    # With parts slower than compression, the next NAR must not fill a buffer
+    # while the previous one's last part still waits for room: memory stays
+    # at one buffer per part in flight plus the one being filled.
+    store = FakeStore(tmp_path)
+    # Incompressible: as many full parts as there is room, and a short last one.
+    first = store.add("first", contents=os.urandom(PARTS_IN_FLIGHT * PART_SIZE + MiB))
+    second = store.add("second", contents=os.urandom(2 * MiB))
+    gate, second_read = threading.Event(), threading.Event()
+
+    def second_chunks() -> Iterator[bytes]:
+        second_read.set()
+        yield from store.dump(second)
+
+    streamer = NarStreamer("zstd", None)
+    uploads = [GatedParts("nar/first", gate), GatedParts("nar/second", gate)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(streamer.upload, store.registered(first), uploads[0],
+                                store.dump(first))]  # fmt: skip
+            # The first NAR's full parts all wait at the gate; its last part waits for room.
+            deadline = time.monotonic() + 30
+            while streamer.room._value and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.01)
+            done.append(pool.submit(streamer.upload, store.registered(second), uploads[1],
+                                    second_chunks()))  # fmt: skip
+            assert not second_read.wait(0.5), "the second NAR started before the first's last part"
+            gate.set()
+            for future in done:
+                future.result(timeout=60)
+        assert second_read.is_set()
+        for upload, path in zip(uploads, (first, second), strict=True):
+            assert upload.completed
+            data = b"".join(upload.parts[n] for n in sorted(upload.parts))
+            assert decompress("x.nar.zst", data) == store.nar(path)
+        assert len(uploads[0].parts) == PARTS_IN_FLIGHT + 1
     finally:
         streamer.close()
