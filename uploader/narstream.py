@@ -276,7 +276,7 @@ class NarStreamer:
         self.buffers = _Buffers(PARTS_IN_FLIGHT + 1)
         # zstd compresses one large NAR on every core: one at a time.  The
         # next starts as soon as the previous one's last part is on its way
-        # (so at most one part per part in flight, plus the one being
+        # (so at most one buffer per part in flight, plus the one being
         # filled, is in memory), while its parts are still being sent.
         self._compressing = threading.Lock()
 
