@@ -28,9 +28,10 @@ import contextlib
 import io
 import logging
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, Protocol, TypeVar
@@ -41,6 +42,8 @@ from uploader.narinfo import NarInfo
 from uploader.narlisting import NarListing
 from uploader.narstream import (
     STREAM_ABOVE,
+    Compressed,
+    LateUpload,
     NarStreamer,
     compress_checked,
     compress_whole,
@@ -211,6 +214,17 @@ _Outcome = asyncio.Future[UploaderError | None]
 
 
 @dataclass
+class _HeadStart:
+    """The largest NAR a push may need, read and compressed while the cache
+    is still being asked whether it has it (``Engine._head_start``)."""
+
+    info: PathInfo
+    upload: LateUpload
+    done: Future[tuple[Compressed, NarListing | None]]
+    attached: bool = False
+
+
+@dataclass
 class _Push:
     """The state of one push_infos call."""
 
@@ -279,11 +293,17 @@ class Engine:
         # Paths being checked or uploaded right now, by any push_infos call,
         # with their outcome (None, or the error) once known.
         self._inflight: dict[str, _Outcome] = {}
+        # At most one head start at a time, handed from the call that began
+        # it to the worker thread that streams its NAR.
+        self._head: _HeadStart | None = None
+        self._head_lock = threading.Lock()
         # The share of the hash space one listing page spanned last time
         # (1: the whole cache fits in a page; 0: the target does not list).
         self._page_span = 1.0
 
     def close(self) -> None:
+        if self._head is not None:
+            self._drop_head(self._head)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._streamer.close()
 
@@ -323,23 +343,37 @@ class Engine:
         forced = frozenset(force)
         roots = sorted(set(paths) | forced)
         async with self.requests_here():
-            infos = await self._closure_and_root(roots)
-            result = await self.push_infos(roots, infos, progress, force=forced)
+            heads: list[_HeadStart] = []
+            try:
+                infos = await self._closure_and_root(roots, heads)
+                result = await self._push_infos(
+                    roots, infos, progress, absent=(), force=forced, head=heads
+                )
+            finally:
+                for head in heads:
+                    self._drop_head(head)
             if self.guard is not None and result.ok:
                 await self._run(self.guard.complete)
         return result
 
-    async def _closure_and_root(self, roots: list[str]) -> dict[str, PathInfo]:
+    async def _closure_and_root(
+        self, roots: list[str], heads: list[_HeadStart]
+    ) -> dict[str, PathInfo]:
         """The closure from Nix, with the push's root written in the cache
         (the gc protocol) and nix-cache-info checked.  What needs no store
         path is asked while Nix computes the closure, and nix-cache-info
-        while the root is written: far from S3 each question is a round trip."""
+        while the root is written: far from S3 each question is a round trip.
+        The largest NAR starts compressing as soon as the closure is known,
+        into ``heads``."""
         guard = self.guard
         early = [asyncio.create_task(self.ensure_cache_info())]
         if guard is not None:
             early.append(asyncio.create_task(self._run(guard.prepare)))
         try:
             infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
+            head = self._head_start(roots, infos)
+            if head is not None:
+                heads.append(head)
             if guard is not None:
                 await early[-1]  # the bucket's layout, checked before the root
                 await self._run(guard.begin, sorted(infos))
@@ -400,7 +434,14 @@ class Engine:
         found missing by ``find_present``: they are not asked about again;
         paths in ``force`` are uploaded whatever the cache has (see push)."""
         async with self.requests_here():
-            return await self._push_infos(roots, infos, progress, absent=absent, force=force)
+            heads: list[_HeadStart] = []
+            try:
+                return await self._push_infos(
+                    roots, infos, progress, absent=absent, force=force, head=heads
+                )
+            finally:
+                for head in heads:
+                    self._drop_head(head)
 
     async def _push_infos(
         self,
@@ -410,7 +451,15 @@ class Engine:
         *,
         absent: Iterable[str],
         force: frozenset[str],
+        head: list[_HeadStart],
     ) -> PushResult:
+        """``push_infos``; ``head`` holds the head start the caller began, or
+        gets the one begun here (the caller drops it once done)."""
+        roots = list(roots)
+        if not head:
+            started = self._head_start(roots, infos)
+            if started is not None:
+                head.append(started)
         await self.ensure_cache_info()
         push = _Push(infos, hint=frozenset(absent) | force, force=force)
         result = push.result
@@ -418,6 +467,8 @@ class Engine:
         try:
             missing = await self._plan(roots, push)
             mine = [p for p in missing if p in push.claimed]
+            for started in head:
+                await self._settle_head(started, mine)
             done = {**push.foreign, **push.claimed}
             if progress:
                 progress.start(len(mine), sum(infos[p].nar_size for p in mine))
@@ -676,18 +727,99 @@ class Engine:
     def _stream_nar(self, info: PathInfo) -> tuple[str, _Prepared] | None:
         """Compress and upload at once, under a fresh name (narstream.py);
         None when the target stores whole files.  Runs in a worker thread."""
-        url = stream_key(info, self.compression)
-        upload = self.target.start_upload(url, NAR_TYPE)
-        if upload is None:
-            return None
-        chunks, listing = self._dump(info)
-        compressed = self._streamer.upload(info, upload, chunks)
+        head = self._take_head(info)
+        if head is not None:
+            url = head.upload.key
+            compressed, listing = head.done.result()
+        else:
+            url = stream_key(info, self.compression)
+            upload = self.target.start_upload(url, NAR_TYPE)
+            if upload is None:
+                return None
+            chunks, listing = self._dump(info)
+            compressed = self._streamer.upload(info, upload, chunks)
         return url, _Prepared(
             None,
             compressed.file_hash,
             compressed.file_size,
             listing=listing.json() if listing is not None else None,
         )
+
+    def _head_start(self, roots: Iterable[str], infos: Mapping[str, PathInfo]) -> _HeadStart | None:
+        """Begin reading and compressing the largest NAR the cache may lack
+        before asking it, so that the plan's round trips (the root, the
+        mark, the existence checks: several round-trip times far from S3)
+        are not spent idle.  Its parts wait for the answer (LateUpload): at
+        most the parts in flight are compressed ahead, and thrown away,
+        unsent, when the cache has the path."""
+        if not self.target.takes_parts or self._head is not None:
+            return None
+        closure, todo = set(), [p for p in roots if p in infos]
+        while todo:
+            path = todo.pop()
+            if path not in closure:
+                closure.add(path)
+                todo.extend(r for r in infos[path].references if r in infos)
+        large = [
+            infos[p]
+            for p in closure
+            if infos[p].nar_size > STREAM_ABOVE and p not in self._inflight
+        ]
+        known = self.known_present(i.path for i in large)
+        large = [i for i in large if i.path not in known]
+        if not large:
+            return None
+        info = min(large, key=lambda i: (-i.nar_size, i.path))
+        log.debug("%s: compressing its NAR while the cache is asked", info.path)
+        upload = LateUpload(stream_key(info, self.compression))
+        head = _HeadStart(info, upload, self._pool.submit(self._compress_ahead, info, upload))
+        self._head = head
+        return head
+
+    def _compress_ahead(
+        self, info: PathInfo, upload: LateUpload
+    ) -> tuple[Compressed, NarListing | None]:
+        chunks, listing = self._dump(info)
+        return self._streamer.upload(info, upload, upload.fed(chunks)), listing
+
+    async def _settle_head(self, head: _HeadStart, mine: Collection[str]) -> None:
+        """Once the plan is known: begin the head start's upload if this
+        push uploads its path, else drop it."""
+        if self._head is not head:
+            return
+        if head.info.path in mine:
+            try:
+                upload = await self._run(self.target.start_upload, head.upload.key, NAR_TYPE)
+            except UploaderError:
+                upload = None  # the path's own upload tries again, and says why
+            if upload is not None:
+                if head.upload.attach(upload):
+                    with self._head_lock:
+                        head.attached = True
+                    return
+                with contextlib.suppress(UploaderError):
+                    await self._run(upload.abort)
+        else:
+            log.debug(
+                "%s: not uploaded by this push; its NAR compressed ahead is dropped", head.info.path
+            )
+        self._drop_head(head)
+
+    def _drop_head(self, head: _HeadStart) -> None:
+        with self._head_lock:
+            if self._head is not head:
+                return  # taken by the path's upload, or dropped before
+            self._head = None
+        head.upload.drop()
+
+    def _take_head(self, info: PathInfo) -> _HeadStart | None:
+        """The head start for ``info``, once begun for this push."""
+        with self._head_lock:
+            head = self._head
+            if head is None or head.info != info or not head.attached:
+                return None
+            self._head = None
+        return head
 
     def _dump(self, info: PathInfo) -> tuple[Iterable[bytes], NarListing | None]:
         """The NAR's chunks; with write_nar_listing, read into a listing on the way."""

@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,6 +38,7 @@ __all__ = [
     "PART_SIZE",
     "STREAM_ABOVE",
     "Compressed",
+    "LateUpload",
     "NarStreamer",
     "compress_checked",
     "compress_whole",
@@ -263,6 +264,71 @@ class _Buffers:
         with self._lock:
             if self._users and len(self._free) < self._keep:
                 self._free.append(buffer)
+
+
+class LateUpload:
+    """An upload not begun yet: a NAR compressed ahead, while the cache is
+    still being asked whether it lacks the NAR at all (``Engine``'s head
+    start).  Its parts wait, each holding its room, until the upload is
+    begun and attached, so no more than the streamer's parts in flight are
+    compressed ahead; or until it is dropped, when they and the read of the
+    NAR fail with ``Dropped`` and nothing was sent.  Nothing exists in the
+    cache before ``attach``."""
+
+    class Dropped(UploaderError):
+        """The NAR was not wanted after all."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._ready = threading.Condition()
+        self._upload: Upload | None = None
+        self._dropped = False
+
+    def attach(self, upload: Upload) -> bool:
+        """Send the parts to ``upload`` (begun under ``key``); False when this
+        was dropped (or failed) first, and ``upload`` is the caller's to abort."""
+        with self._ready:
+            if self._dropped:
+                return False
+            self._upload = upload
+            self._ready.notify_all()
+            return True
+
+    def drop(self) -> None:
+        """Not wanted: stop reading and compressing; abort what was begun."""
+        with self._ready:
+            self._dropped = True
+            self._ready.notify_all()
+
+    def fed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``chunks`` until dropped."""
+        for chunk in chunks:
+            if self._dropped:
+                raise self.Dropped(f"{self.key}: not wanted after all")
+            yield chunk
+
+    def _begun(self) -> Upload:
+        with self._ready:
+            while self._upload is None and not self._dropped:
+                self._ready.wait()
+            if self._dropped:
+                raise self.Dropped(f"{self.key}: not wanted after all")
+            assert self._upload is not None
+            return self._upload
+
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
+        self._begun().put_part(number, data)
+
+    def complete(self) -> None:
+        self._begun().complete()
+
+    def abort(self) -> None:
+        with self._ready:
+            self._dropped = True
+            upload = self._upload
+            self._ready.notify_all()
+        if upload is not None:
+            upload.abort()
 
 
 class NarStreamer:

@@ -63,6 +63,26 @@ def test_a_large_nar_is_uploaded_in_parts_and_substitutes(
     assert copied.returncode == 0, copied.stderr
 
 
+def test_a_large_nar_the_cache_has_is_compressed_ahead_but_never_sent(
+    s3: S3Server, bucket: str, keys: KeyPair, large: str
+) -> None:
+    push = ["push", "--to", s3.store_url(bucket), "--secret-key-file", keys.secret_file, "-vv"]
+    first = run_cli(*push, large)
+    assert "compressing its NAR while the cache is asked" in first.stderr
+    before = {k: s3.client().head_object(Bucket=bucket, Key=k)["ETag"] for k in _keys(s3, bucket)}
+
+    again = run_cli(*push, large)
+
+    assert "compressed ahead is dropped" in again.stderr
+    assert "uploaded 0 paths" in again.stdout + again.stderr
+    after = {k: s3.client().head_object(Bucket=bucket, Key=k)["ETag"] for k in _keys(s3, bucket)}
+    # Nothing new but the push's root for gc; no NAR begun, none left incomplete.
+    assert {k: v for k, v in after.items() if not k.startswith("lifecycle/")} == {
+        k: v for k, v in before.items() if not k.startswith("lifecycle/")
+    }
+    assert _incomplete(s3, bucket) == []
+
+
 def test_a_nar_that_differs_from_the_database_leaves_nothing(
     s3: S3Server, bucket: str, keys: KeyPair, large: str
 ) -> None:

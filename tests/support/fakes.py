@@ -151,7 +151,7 @@ class RecordingTarget:
         self.delay = delay
         # Called (in the worker thread) before answering exists(key).
         self.before_exists: dict[str, Callable[[], object]] = {}
-        self.parts = parts
+        self.takes_parts = parts
         # Uploads in parts begun and neither completed nor aborted.
         self.incomplete: set[str] = set()
         # When set, the part with this number fails.
@@ -226,7 +226,7 @@ class RecordingTarget:
         self._store(key, lambda: data, content_type)
 
     def start_upload(self, key: str, content_type: str) -> Upload | None:
-        if not self.parts:
+        if not self.takes_parts:
             return None
         self._check_usable()
         with self._lock:

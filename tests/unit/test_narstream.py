@@ -8,14 +8,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
 from uploader._exceptions import VerificationError
-from uploader.engine import Engine
+from uploader.engine import Engine, narinfo_key
 from uploader.narstream import PART_SIZE, PARTS_IN_FLIGHT, STREAM_ABOVE, NarStreamer
 
 
@@ -219,3 +219,135 @@ def test_the_next_nar_waits_until_the_last_part_of_the_previous_is_on_its_way(
         assert len(uploads[0].parts) == PARTS_IN_FLIGHT + 1
     finally:
         streamer.close()
+
+
+class ReadCounted(FakeStore):
+    """A store that counts the NAR bytes read, and says when reading began."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.read = 0
+        self.reading = threading.Event()
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        for chunk in super().dump(path):
+            self.read += len(chunk)
+            self.reading.set()
+            yield chunk
+
+
+def _read_when_asked(store: ReadCounted, seen: list[int], wait: float) -> Callable[[], None]:
+    """An existence check that answers once reading began (or ``wait`` passed)
+    and notes how much was read by then."""
+
+    def asked() -> None:
+        store.reading.wait(wait)
+        seen.append(store.read)
+
+    return asked
+
+
+def test_the_largest_nar_is_read_and_compressed_while_the_cache_is_asked(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    store = ReadCounted(tmp_path)
+    small = store.add("small", contents=b"x" * 1000)
+    path = store.add("large", [small], contents=os.urandom(STREAM_ABOVE + 8 * MiB))
+    seen: list[int] = []
+    ask = _read_when_asked(store, seen, 30)
+    events_then: list[int] = []
+
+    def asked() -> None:
+        ask()
+        events_then.append(len(target.events))
+
+    target.before_exists[narinfo_key(path)] = asked
+
+    result = push(store, target, [path])
+
+    assert result.ok, result.failed
+    assert seen and seen[0] > 0, "nothing was read before the cache answered"
+    info = target.narinfo(path)
+    assert info is not None
+    assert decompress(info.url, target.objects[info.url]) == store.nar(path)
+    assert_signed_as_registered(store, target, path)
+    # Its parts waited for the answer: nothing was begun before it.
+    assert all(not k.startswith("nar/") for _, k in target.events[: events_then[0]])
+    assert not target.incomplete
+
+
+def test_a_nar_the_cache_has_is_compressed_ahead_only_so_far_and_never_sent(
+    tmp_path: Path,
+) -> None:
+    target = RecordingTarget()
+    store = ReadCounted(tmp_path)
+    size = 16 * PART_SIZE  # random: sixteen parts, more than may wait
+    path = store.add("large", contents=os.urandom(size))
+    target.objects[narinfo_key(path)] = b"present"
+    seen: list[int] = []
+
+    def asked() -> None:
+        # Answered once compressing ahead has stopped for want of room.
+        assert store.reading.wait(30)
+        last, deadline = -1, time.monotonic() + 30
+        while store.read != last and time.monotonic() < deadline:
+            last = store.read
+            time.sleep(0.3)
+        seen.append(store.read)
+
+    target.before_exists[narinfo_key(path)] = asked
+
+    result = push(store, target, [path])
+
+    assert result.ok and result.present == [path] and not result.uploaded
+    # The parts that may wait, the one waiting for room, and what zstd's
+    # jobs hold (about 25 MiB of random bytes): far from the whole NAR.
+    assert 0 < seen[0] <= (PARTS_IN_FLIGHT + 1) * PART_SIZE + 24 * MiB < size
+    assert store.read < size, "the NAR was read on after it was not wanted"
+    assert not [k for _, k in target.events if k.startswith("nar/")]
+    assert not target.incomplete
+
+
+def test_no_head_start_for_a_target_that_stores_whole_files(tmp_path: Path) -> None:
+    target = RecordingTarget(parts=False)
+    store = ReadCounted(tmp_path)
+    path = store.add("large", contents=os.urandom(STREAM_ABOVE + MiB))
+    seen: list[int] = []
+    target.before_exists[narinfo_key(path)] = _read_when_asked(store, seen, 0.5)
+
+    result = push(store, target, [path])
+
+    assert result.ok, result.failed
+    assert seen == [0]
+    assert_signed_as_registered(store, target, path)
+
+
+def test_concurrent_pushes_share_a_head_start_without_waiting_on_each_other(
+    tmp_path: Path,
+) -> None:
+    # The first push compresses its largest NAR ahead; the second, asked
+    # meanwhile for a closure holding that NAR and another large one, waits
+    # for neither forever: each large NAR is uploaded once.
+    target = RecordingTarget(delay=0.01)
+    store = FakeStore(tmp_path)
+    shared = store.add("shared", contents=os.urandom(STREAM_ABOVE + 4 * MiB))
+    other = store.add("other", [shared], contents=os.urandom(STREAM_ABOVE + 2 * MiB))
+    infos = store.path_infos([other], closure=True)
+    engine = Engine(store, target, KEY)
+
+    async def both() -> None:
+        await asyncio.wait_for(
+            asyncio.gather(engine.push_infos([shared], infos), engine.push_infos([other], infos)),
+            timeout=120,
+        )
+
+    try:
+        asyncio.run(both())
+    finally:
+        engine.close()
+    for path in (shared, other):
+        assert_signed_as_registered(store, target, path)
+    completed = [k for e, k in target.events if e == "put" and k.startswith("nar/")]
+    assert len(completed) == 2
+    assert not target.incomplete

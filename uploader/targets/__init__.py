@@ -78,6 +78,8 @@ class Target(Protocol):
     """A binary cache, seen as a flat key/value store."""
 
     url: StoreUrl
+    # Whether ``start_upload`` begins uploads in parts (else it returns None).
+    takes_parts: bool
 
     def exists(self, key: str) -> bool:
         """Whether an object with this key is visible."""

@@ -23,6 +23,8 @@ __all__ = ["FileTarget"]
 class FileTarget:
     """A binary cache directory on the local file system."""
 
+    takes_parts = False
+
     def __init__(self, url: StoreUrl) -> None:
         self.url = url
         self.root = url.path

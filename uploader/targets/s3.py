@@ -117,6 +117,8 @@ def _transfer_config() -> TransferConfig:
 class S3Target:
     """An S3 bucket addressed by a Nix store URL."""
 
+    takes_parts = True
+
     def __init__(
         self,
         url: StoreUrl,
