@@ -751,7 +751,7 @@ class Engine:
         mark, the existence checks: several round-trip times far from S3)
         are not spent idle.  Its parts wait for the answer (LateUpload): at
         most the parts in flight are compressed ahead, and thrown away,
-        unsent, when the cache has the path."""
+        unsent, when the cache (or an upstream) has the path."""
         if not self.target.takes_parts or self._head is not None:
             return None
         closure, todo = set(), [p for p in roots if p in infos]
@@ -760,10 +760,12 @@ class Engine:
             if path not in closure:
                 closure.add(path)
                 todo.extend(r for r in infos[path].references if r in infos)
+        # A signed path came from a binary cache (this one, or an upstream
+        # one it need not be uploaded to): built here, it has no signature.
         large = [
             infos[p]
             for p in closure
-            if infos[p].nar_size > STREAM_ABOVE and p not in self._inflight
+            if infos[p].nar_size > STREAM_ABOVE and not infos[p].sigs and p not in self._inflight
         ]
         known = self.known_present(i.path for i in large)
         large = [i for i in large if i.path not in known]

@@ -323,6 +323,22 @@ def test_no_head_start_for_a_target_that_stores_whole_files(tmp_path: Path) -> N
     assert_signed_as_registered(store, target, path)
 
 
+def test_no_head_start_for_a_signed_path(tmp_path: Path) -> None:
+    # Substituted from a binary cache: most likely not to be uploaded.
+    target = RecordingTarget()
+    store = ReadCounted(tmp_path)
+    path = store.add("large", contents=os.urandom(STREAM_ABOVE + MiB))
+    store.lie(path, sigs=("cache.nixos.org-1:" + "A" * 86 + "==",))
+    seen: list[int] = []
+    target.before_exists[narinfo_key(path)] = _read_when_asked(store, seen, 0.5)
+
+    result = push(store, target, [path])
+
+    assert result.ok, result.failed
+    assert seen == [0]
+    assert target.narinfo(path) is not None
+
+
 def test_concurrent_pushes_share_a_head_start_without_waiting_on_each_other(
     tmp_path: Path,
 ) -> None:
