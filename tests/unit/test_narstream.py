@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
-from uploader._exceptions import VerificationError
+from uploader._exceptions import TransientTargetError, VerificationError
 from uploader.engine import Engine, narinfo_key
 from uploader.narstream import PART_SIZE, PARTS_IN_FLIGHT, STREAM_ABOVE, NarStreamer
 
@@ -367,3 +367,38 @@ def test_concurrent_pushes_share_a_head_start_without_waiting_on_each_other(
     completed = [k for e, k in target.events if e == "put" and k.startswith("nar/")]
     assert len(completed) == 2
     assert not target.incomplete
+
+
+def test_a_push_that_fails_before_its_plan_leaves_no_head_start_behind(tmp_path: Path) -> None:
+    # The cache stops answering while the largest NAR is compressed ahead:
+    # the push fails, its waiting parts are dropped and the engine closes.
+    target = RecordingTarget()
+    store = ReadCounted(tmp_path)
+    path = store.add("large", contents=os.urandom(16 * PART_SIZE))
+
+    def asked() -> None:
+        assert store.reading.wait(30)
+        target.refuse = TransientTargetError("the cache went away")
+        raise target.refuse
+
+    target.before_exists[narinfo_key(path)] = asked
+    engine = Engine(store, target, KEY)
+    outcome: list[BaseException | None] = []
+
+    def push_and_close() -> None:
+        try:
+            asyncio.run(engine.push([path]))
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+        finally:
+            engine.close()
+
+    worker = threading.Thread(target=push_and_close, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the push or the engine's close hung"
+    assert isinstance(outcome[0], TransientTargetError)
+    assert store.read < 16 * PART_SIZE, "the NAR was read on after the push failed"
+    assert not [k for _, k in target.events if k.startswith("nar/")]
+    assert engine._head is None
