@@ -139,6 +139,13 @@ def _one_run(bench: Bench, built: Built, run: int) -> dict[str, float]:
             )  # fmt: skip
     if bench.link is None:
         results["zstd"] = _zstd_limit(bench, built)
+    # Each run's pair, so the spread behind the medians shows in the log.
+    bench.say(
+        f"bulk{bench.where}: run {run + 1}: ours {fmt_s(results['ours'])} "
+        f"(CPU: uploader {fmt_s(results['cpu'])}, S3 server {fmt_s(results['server-cpu'])}), "
+        f"(a) {fmt_s(results['a'])} (copy {fmt_s(results['a-copy'])} + upload "
+        f"{fmt_s(results['a-upload'])}): {results['a'] / results['ours']:.2f}x"
+    )
     return results
 
 
