@@ -30,7 +30,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +41,8 @@ from uploader.compression import THREADED_ABOVE, extension
 from uploader.narinfo import NarInfo
 from uploader.narlisting import NarListing
 from uploader.narstream import (
+    PART_SIZE,
+    PARTS_IN_FLIGHT,
     STREAM_ABOVE,
     Compressed,
     LateUpload,
@@ -83,6 +85,11 @@ _INLINE_NAR = 64 << 10
 _IN_MEMORY = 8 << 20
 # Skipping an existing NAR costs a HEAD; only worth it when the PUT is large.
 _HEAD_NAR_ABOVE = 4 << 20
+# How ``_schedule`` weighs a round trip against the bytes of a NAR left to
+# send once it is prepared: an upload rate (only its order of magnitude
+# matters), and what a streamed NAR has left (its parts in flight).
+_UPLOAD_RATE = 100 << 20
+_LEFT_TO_SEND = (PARTS_IN_FLIGHT + 1) * PART_SIZE
 # Asking about at least this many narinfos, the engine lists the cache's keys
 # (a page of 1000 per request) instead of sending a HEAD for each...
 _LIST_FROM = 48
@@ -325,7 +332,9 @@ class Engine:
     async def _ensure_cache_info(self) -> None:
         if self._cache_info_checked:
             return
-        if not await self._exists("nix-cache-info"):
+        # Timed like the other small requests: the first measure of the
+        # round-trip time, which orders the work (``_schedule``).
+        if not await self._round_trips.run(partial(self._exists, "nix-cache-info")):
             await self._put_bytes(
                 "nix-cache-info",
                 self.target.url.cache_info().encode(),
@@ -476,7 +485,7 @@ class Engine:
                 asyncio.create_task(
                     self._upload_one(infos[p], done, result, progress, p in push.force)
                 )
-                for p in _largest_first(mine, infos)
+                for p in _schedule(mine, infos, self._round_trips.rtt)
             ]
             await asyncio.gather(*tasks)
             for path, fut in push.foreign.items():
@@ -566,7 +575,9 @@ class Engine:
         while i < len(keys):
             # Any string that sorts just before the key will do.
             start = keys[i][:-1]
+            asked = time.monotonic()
             page = await self._run(self.target.list_keys, start)
+            self._round_trips.observe(time.monotonic() - asked)
             if page is None:
                 self._page_span = 0.0
                 break
@@ -746,12 +757,13 @@ class Engine:
         )
 
     def _head_start(self, roots: Iterable[str], infos: Mapping[str, PathInfo]) -> _HeadStart | None:
-        """Begin reading and compressing the largest NAR the cache may lack
-        before asking it, so that the plan's round trips (the root, the
-        mark, the existence checks: several round-trip times far from S3)
-        are not spent idle.  Its parts wait for the answer (LateUpload): at
-        most the parts in flight are compressed ahead, and thrown away,
-        unsent, when the cache (or an upstream) has the path."""
+        """Begin reading and compressing the first large NAR the push would
+        prepare (``_schedule``) of those the cache may lack, before asking
+        it, so that the plan's round trips (the root, the mark, the
+        existence checks: several round-trip times far from S3) are not
+        spent idle.  Its parts wait for the answer (LateUpload): at most the
+        parts in flight are compressed ahead, and thrown away, unsent, when
+        the cache (or an upstream) has the path."""
         if not self.target.takes_parts or self._head is not None:
             return None
         closure, todo = set(), [p for p in roots if p in infos]
@@ -762,16 +774,18 @@ class Engine:
                 todo.extend(r for r in infos[path].references if r in infos)
         # A signed path came from a binary cache (this one, or an upstream
         # one it need not be uploaded to): built here, it has no signature.
+        likely = [p for p in closure if not infos[p].sigs and p not in self._inflight]
+        if not any(infos[p].nar_size > STREAM_ABOVE for p in likely):
+            return None
+        known = self.known_present(likely)
         large = [
-            infos[p]
-            for p in closure
-            if infos[p].nar_size > STREAM_ABOVE and not infos[p].sigs and p not in self._inflight
+            p
+            for p in _schedule((p for p in likely if p not in known), infos, self._round_trips.rtt)
+            if infos[p].nar_size > STREAM_ABOVE
         ]
-        known = self.known_present(i.path for i in large)
-        large = [i for i in large if i.path not in known]
         if not large:
             return None
-        info = min(large, key=lambda i: (-i.nar_size, i.path))
+        info = infos[large[0]]
         log.debug("%s: compressing its NAR while the cache is asked", info.path)
         upload = LateUpload(stream_key(info, self.compression))
         head = _HeadStart(info, upload, self._pool.submit(self._compress_ahead, info, upload))
@@ -974,8 +988,56 @@ def _position(key: str) -> float:
     return value
 
 
-def _largest_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> list[str]:
-    """The order in which NARs are prepared: largest first, so the long
-    compress-and-upload of a big NAR overlaps the many small ones.  The order
-    of narinfos is kept separately, by waiting on references."""
-    return sorted(paths, key=lambda p: (-infos[p].nar_size, p))
+def _schedule(paths: Iterable[str], infos: Mapping[str, PathInfo], rtt: float = 0.0) -> list[str]:
+    """The order in which NARs are prepared.
+
+    Preparing NARs (reading, hashing, compressing) keeps the cores busy;
+    what a NAR leaves to do once prepared runs beside the next ones: the
+    rest of its upload, then the narinfos standing on it, written one level
+    of the closure at a time (a narinfo waits for its references'), one
+    round trip each.  The longest such tail first (Jackson's rule) ends the
+    push soonest: the bottom of a deep closure starts its chain of narinfos
+    early, which then goes on while the rest compresses (100 levels are 2 s
+    at 20 ms), and near S3, where round trips cost nothing, this is largest
+    first, so the long upload of a big NAR overlaps the many small ones.
+    """
+    order = sorted(set(paths))
+    above: dict[str, list[str]] = {p: [] for p in order}
+    for path in order:
+        for ref in infos[path].references:
+            if ref != path and ref in above:
+                above[ref].append(path)
+    height = _heights(above)
+    # A round trip, in bytes uploaded meanwhile: only the order matters.
+    level = rtt * _UPLOAD_RATE
+
+    def tail(path: str) -> tuple[float, int]:
+        size = infos[path].nar_size
+        return (-(min(size, _LEFT_TO_SEND) + height[path] * level), -size)
+
+    return sorted(order, key=lambda p: (*tail(p), p))
+
+
+def _heights(above: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """For each path, the narinfos in the longest chain from it up through
+    the paths standing on it (``above``), itself included.  Iterative: a
+    closure may be thousands of paths deep.  A cycle (never in a valid Nix
+    database) is cut where it closes."""
+    height: dict[str, int] = {}
+    for start in above:
+        if start in height:
+            continue
+        stack = [(start, iter(above[start]))]
+        open_ = {start}
+        while stack:
+            node, rest = stack[-1]
+            for nxt in rest:
+                if nxt not in height and nxt not in open_:
+                    stack.append((nxt, iter(above[nxt])))
+                    open_.add(nxt)
+                    break
+            else:
+                stack.pop()
+                open_.discard(node)
+                height[node] = 1 + max((height.get(n, 0) for n in above[node]), default=0)
+    return height

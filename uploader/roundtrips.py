@@ -55,6 +55,11 @@ class RoundTrips:
     def width(self) -> int:
         return self._width
 
+    @property
+    def rtt(self) -> float:
+        """The round-trip time as measured so far (0 before any request)."""
+        return min(self._samples, default=0.0)
+
     def observe(self, seconds: float) -> None:
         """One small request's time, from send to answer."""
         self._samples.append(seconds)

@@ -656,6 +656,28 @@ def test_many_narinfos_in_a_small_cache_cost_a_few_listings_and_no_head() -> Non
     assert 1 <= len(target.list_calls) <= 4
 
 
+def test_listings_measure_the_round_trip_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settled by listings alone, the plan still learns how far the cache is."""
+    import time
+
+    target = RecordingTarget()
+    target.objects = {f"{fake_hash(i)}.narinfo": b"" for i in range(0, 1500, 2)}
+    listed = target.list_keys
+
+    def far(start_after: str) -> Any:
+        time.sleep(0.02)
+        return listed(start_after)
+
+    monkeypatch.setattr(target, "list_keys", far)
+    engine = Engine(FakeStore(Path(tempfile.gettempdir())), target, KEY)
+    try:
+        asyncio.run(engine._lookup([f"{fake_hash(i)}.narinfo" for i in range(2000)]))
+        assert target.exists_calls == []
+        assert engine._round_trips.rtt >= 0.02
+    finally:
+        engine.close()
+
+
 def test_a_cache_much_larger_than_the_batch_is_asked_by_head() -> None:
     # 20000 narinfos, pages of 1000: a page spans ~5% of the key space, so
     # ~3 of 60 asked keys; listing gives up after one page per range.
@@ -715,3 +737,38 @@ def test_forced_paths_are_uploaded_again_nar_before_narinfo(tmp_path: Path) -> N
     info = target.narinfo(big)
     assert info is not None
     assert target.puts(since) == [info.url, narinfo_key(big)]
+
+
+def test_the_nars_are_ordered_by_the_round_trip_time_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request (nix-cache-info) is timed, and the order of the NARs
+    weighs the chain of narinfos by that round-trip time (engine._schedule)."""
+    import time
+
+    from uploader import engine as engine_module
+
+    store = FakeStore(tmp_path / "store")
+    bottom = store.add("bottom")
+    chain = [bottom]
+    for i in range(5):
+        chain.append(store.add(f"link{i}", [chain[-1]]))
+    target = RecordingTarget()
+    # Every question takes 30 ms, as 30 ms from S3.
+    for key in ["nix-cache-info", *(narinfo_key(p) for p in chain)]:
+        target.before_exists[key] = lambda: time.sleep(0.03)
+    seen: list[tuple[list[str], float]] = []
+    schedule = engine_module._schedule
+
+    def recording(paths: Iterable[str], infos: Any, rtt: float = 0.0) -> list[str]:
+        order = schedule(paths, infos, rtt)
+        seen.append((order, rtt))
+        return order
+
+    monkeypatch.setattr(engine_module, "_schedule", recording)
+    result = push(store, target, [chain[-1]])
+    assert result.ok and sorted(result.uploaded) == sorted(chain)
+    # The last call orders the NARs this push uploads.
+    order, rtt = seen[-1]
+    assert rtt >= 0.03
+    assert order == chain  # the bottom of the chain first, then up

@@ -76,3 +76,11 @@ def test_a_cancelled_waiter_gives_its_turn_on() -> None:
         return done
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_the_round_trip_time_is_the_smallest_request_time_seen() -> None:
+    gate = RoundTrips()
+    assert gate.rtt == 0.0  # nothing measured yet
+    for seconds in (0.050, 0.021, 0.300):
+        gate.observe(seconds)
+    assert gate.rtt == 0.021
