@@ -777,12 +777,12 @@ class Engine:
         likely = [p for p in closure if not infos[p].sigs and p not in self._inflight]
         if not any(infos[p].nar_size > STREAM_ABOVE for p in likely):
             return None
-        known = self.known_present(likely)
-        large = [
-            p
-            for p in _schedule((p for p in likely if p not in known), infos, self._round_trips.rtt)
-            if infos[p].nar_size > STREAM_ABOVE
-        ]
+        order = _schedule(likely, infos, self._round_trips.rtt)
+        large = [p for p in order if infos[p].nar_size > STREAM_ABOVE]
+        # Asked of the local memory for the large ones only: the plan asks
+        # about the rest.
+        known = self.known_present(large)
+        large = [p for p in large if p not in known]
         if not large:
             return None
         info = infos[large[0]]
