@@ -51,10 +51,14 @@ _MiB = 1 << 20
 # NARs larger than this are streamed where the target takes parts: what
 # S3 would receive in parts anyway.
 STREAM_ABOVE = 16 * _MiB
-PART_SIZE = 8 * _MiB
 # Parts being sent at once, across every NAR: with the part being filled,
-# about 40 MiB of compressed bytes in memory.
-PARTS_IN_FLIGHT = 4
+# 42 MiB of compressed bytes in memory.  Six parts of 6 MiB rather than four
+# of 8 MiB, in the same memory: a part the server is slow to take (SeaweedFS
+# pauses whenever it opens a volume) holds back less of the compression.
+# Through a 20 ms link, 6.40 s instead of 6.88 s for 1.44 GiB of NARs
+# (docs/benchmarks.md, ninth round).  S3 wants parts of at least 5 MiB.
+PART_SIZE = 6 * _MiB
+PARTS_IN_FLIGHT = 6
 # S3 allows 10,000 parts; the compressed NAR may exceed the NAR slightly.
 _MAX_PARTS = 9000
 
@@ -230,8 +234,8 @@ class _Parts:
 class _Buffers:
     """Part buffers, reused while NARs stream.
 
-    A fresh 8 MiB buffer per part would be mapped by malloc, faulted in and
-    zeroed page by page (2048 faults a part, 130,000 for 1.4 GiB of NARs),
+    A fresh 6 MiB buffer per part would be mapped by malloc, faulted in and
+    zeroed page by page (1536 faults a part, 130,000 for 1.4 GiB of NARs),
     then unmapped again.  At most one buffer per part in flight plus the one
     being filled is kept, and none once no NAR is streaming, so an idle
     daemon holds nothing.
