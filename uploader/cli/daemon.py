@@ -41,7 +41,6 @@ from uploader.spool import Spool
 from uploader.state import KnownCache, read_status
 from uploader.store import NixStore
 from uploader.targets import parse_store_url
-from uploader.targets.s3 import profile_exists
 from uploader.upstream import Upstreams
 
 log = logging.getLogger("nix-cache-uploader")
@@ -448,8 +447,13 @@ def _settings_warnings(settings: Settings) -> list[str]:
     if settings.metrics:
         parse_listen_address(settings.metrics)
     profile = parse_store_url(settings.to).params.get("profile") if settings.to else None
-    if profile and not profile_exists(profile):
-        warnings.append(f"AWS profile {profile!r} is not configured for this user (yet)")
+    if profile:
+        # Imported here: boto3 and aiohttp take 0.15 s to import, which
+        # every command would pay for this one check.
+        from uploader.targets.s3 import profile_exists
+
+        if not profile_exists(profile):
+            warnings.append(f"AWS profile {profile!r} is not configured for this user (yet)")
     if settings.attest_key_file:
         refuse_cache_key(settings.secret_key_file, settings.to)
     setting = "attest-key-file" if settings.attest_key_file else "secret-key-file"
