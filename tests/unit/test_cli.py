@@ -262,7 +262,7 @@ def test_the_program_runs_exit_handlers_and_flushes_before_it_ends(tmp_path: Pat
 
 
 def test_the_command_line_loads_no_s3_client_until_a_command_needs_one() -> None:
-    # boto3 and aiohttp cost 0.15 s and 40 MiB to import: `--help`,
+    # boto3 and aiohttp cost 0.15 s and about 20 MiB to import: `--help`,
     # `status` or `wait` in a CI job should not pay for them.
     heavy = ("boto3", "botocore", "aiohttp", "s3transfer")
     code = f"import sys, uploader.cli; print(' '.join(m for m in {heavy!r} if m in sys.modules))"

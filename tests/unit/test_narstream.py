@@ -33,7 +33,7 @@ class DumpRecorded(FakeStore):
 
 def big(store: FakeStore, name: str = "big") -> str:
     # Random bytes do not compress: six parts of the compressed NAR, more
-    # than zstd's worker threads hold back (a few of its 4 MiB jobs).
+    # than zstd's worker threads hold back (a few of its 2 MiB jobs).
     size = 6 * PART_SIZE
     assert size > STREAM_ABOVE
     return store.add(name, contents=os.urandom(size - 4096))
