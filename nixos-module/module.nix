@@ -65,6 +65,9 @@ let
 
   inStore = path: lib.hasPrefix builtins.storeDir (toString path);
 
+  # gc's durations (uploader/cli/gc.py): a unit is required, except for 0.
+  durationType = lib.types.strMatching "0|([0-9]+(\\.[0-9]+)?[smhdw])+";
+
   # Secrets are named by a string: a path value ends up in the store as soon
   # as something interpolates it (and in a flake, `./key` is in the store
   # already).  lib.types.externalPath refuses path values and store paths;
@@ -421,13 +424,13 @@ in
         description = "Keep the newest this many complete roots of each name [gc's default: 1].";
       };
       grace = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
+        type = lib.types.nullOr durationType;
         default = null;
         example = "12h";
         description = "Keep narinfos younger than this [gc's default: 1d].";
       };
       narDelay = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
+        type = lib.types.nullOr durationType;
         default = null;
         description = ''
           How long a NAR outlives the last narinfo naming it [gc's default:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,9 +128,7 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(
             f"retry-min ({settings.retry_min:g}) must be at most retry-max ({settings.retry_max:g})"
         )
-    for url in settings.upstream:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"upstream {url!r} must be an http:// or https:// binary cache URL")
+    check_upstreams(settings.upstream)
     for name in ("spool", "state_dir", "gc_roots_dir"):
         if not os.path.isabs(getattr(settings, name)):
             raise ConfigError(f"{name.replace('_', '-')} must be an absolute path")
@@ -193,3 +191,13 @@ def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Sett
     except ConfigError as e:
         # Only a flag can have made valid file settings invalid.
         raise ConfigError(f"{e} (from the command line)") from None
+
+
+def check_upstreams(urls: Iterable[str], schemes: tuple[str, ...] = ("http", "https")) -> None:
+    """Refuse an upstream cache URL of a scheme that is not read over HTTP
+    (``schemes``): an s3:// upstream would only ever be "unreachable"."""
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in schemes or not rest:
+            spelled = " or ".join(f"{s}://" for s in schemes)
+            raise ConfigError(f"upstream {url!r}: give a binary cache URL starting {spelled}")

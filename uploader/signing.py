@@ -104,6 +104,23 @@ class PublicKey:
     def load(cls, path: str) -> PublicKey:
         return _load(path, cls.parse, private=False)
 
+    @classmethod
+    def from_argument(cls, value: str) -> PublicKey:
+        """A command-line key: a public key file, or ``name:base64`` as in
+        trusted-public-keys.  A value that is neither but reads as a path
+        is said to be a missing file, not a malformed key."""
+        if os.path.isfile(value):
+            return cls.load(value)
+        try:
+            return cls.parse(value)
+        except KeyFileError:
+            if ":" not in value or value.startswith(("/", "./", "../", "~")):
+                raise KeyFileError(
+                    f"public key {value!r}: no such file (give a key file, or NAME:BASE64 "
+                    "as in trusted-public-keys)"
+                ) from None
+            raise
+
     def verify(self, fingerprint: bytes, sig: str) -> bool:
         """Whether ``sig`` (``name:base64``) is this key's signature of ``fingerprint``."""
         name, colon, payload = sig.partition(":")

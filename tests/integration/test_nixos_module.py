@@ -445,6 +445,16 @@ def test_the_gc_timer_runs_gc_delete_on_the_cache_daily_without_the_key() -> Non
         assert gc[directive] == found["main"][directive]
 
 
+def test_gc_durations_need_a_unit_when_the_system_is_evaluated() -> None:
+    for good in ("0", "30s", "31d", "1h30m", "1.5d"):
+        config = {**BASE, "gc": {"enable": True, "narDelay": good, "grace": good}}
+        gc = evaluate(config, select=SERVICE + "-gc.serviceConfig").value
+        assert f"--nar-delay {good}" in gc["ExecStart"]
+    for bad in ("31", "soon", "1y"):
+        with pytest.raises(EvalError):
+            evaluate({**BASE, "gc": {"enable": True, "narDelay": bad}}, select=SERVICE + "-gc")
+
+
 def test_a_file_cache_is_writable_to_gc() -> None:
     config = {**with_settings(to="file:///srv/nix-cache"), "gc": {"enable": True}}
     gc = evaluate(config, select=SERVICE + "-gc.serviceConfig").value

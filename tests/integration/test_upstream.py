@@ -108,3 +108,30 @@ def test_paths_signed_by_an_upstream_key_are_not_uploaded(
     assert top_info is not None, f"the referrer was not uploaded:\n{uploader.log()}"
     assert basename(dep) in top_info.references
     assert _narinfo(s3, bucket, dep) is None, "a path signed upstream was uploaded"
+
+
+def test_push_leaves_out_what_an_upstream_cache_serves_and_pin_add_accepts_it(
+    s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    expr = _pair_expr()
+    (dep,) = build(expr, attr="dep")
+    (top,) = build(expr, attr="top")
+    upstream_keys = make_keys(tmp_path, "upstream-cache-1")
+    upstream_bucket = s3.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
+    run_cli("push", "--to", s3.store_url(upstream_bucket),
+            "--secret-key-file", upstream_keys.secret_file, dep)  # fmt: skip
+    upstream_url = s3.http_url(upstream_bucket)
+
+    pushed = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
+                     keys.secret_file, "--upstream", upstream_url, top)  # fmt: skip
+    assert "uploaded 1 path" in pushed.stderr and "1 served upstream" in pushed.stderr
+    assert _narinfo(s3, bucket, dep) is None and _narinfo(s3, bucket, top) is not None
+    _realise_from([s3.http_url(bucket), upstream_url],
+                  [keys.public, upstream_keys.public], top, tmp_path / "fresh")  # fmt: skip
+
+    pin = ["pin", "add", "--to", s3.store_url(bucket), "release", top]
+    refused = run_cli(*pin, check=False)
+    assert refused.returncode == 1 and f"missing {dep}" in refused.stderr
+    run_cli(*pin[:4], "--upstream", upstream_url, *pin[4:])
+    listed = run_cli("pin", "list", "--to", s3.store_url(bucket)).stdout
+    assert listed.startswith("release\t") and top in listed

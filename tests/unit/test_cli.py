@@ -270,3 +270,62 @@ def test_the_command_line_loads_no_s3_client_until_a_command_needs_one() -> None
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == []
+
+
+def usage_error(result: Result, *fragments: str) -> None:
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.mark.parametrize("option", ["--grace", "--nar-delay"])
+def test_gc_durations_without_a_unit_are_refused_not_read_as_seconds(
+    tmp_path: Path, option: str
+) -> None:
+    (tmp_path / "cache").mkdir()
+    usage_error(cli("gc", "--to", f"file://{tmp_path}/cache", option, "31"), "31d")
+    usage_error(cli("gc", "--to", f"file://{tmp_path}/cache", option, "soon"), "not a duration")
+    for fine in ("0", "30s", "1h30m", "1.5d"):
+        assert cli("gc", "--to", f"file://{tmp_path}/cache", option, fine).exit_code == EXIT_OK
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["gc", "--delete"],
+        ["gc"],
+        ["pin", "add", "p", STORE_PATH],
+        ["pin", "list"],
+        ["pin", "rm", "p"],
+    ],
+)
+def test_lifecycle_commands_do_not_make_a_cache_directory_that_is_missing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    url = f"file://{tmp_path}/typo"
+    where = command.index("gc") + 1 if "gc" in command else 2
+    one_error_line(cli(*command[:where], "--to", url, *command[where:]), "does not exist")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_push_refuses_a_bad_root_name_and_an_upstream_it_cannot_read(
+    key: str, tmp_path: Path
+) -> None:
+    url = f"file://{tmp_path}/cache"
+    for name in ("bad name", ""):
+        usage_error(cli("push", "--to", url, "--secret-key-file", key, "--root", name, STORE_PATH))
+    bad = "s3://up?endpoint=http://127.0.0.1:1"
+    usage_error(
+        cli("push", "--to", url, "--secret-key-file", key, "--upstream", bad, STORE_PATH),
+        "http:// or https://",
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_verify_names_a_missing_key_file_and_an_upstream_it_cannot_read(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    url = f"file://{tmp_path}/cache"
+    usage_error(cli("verify", "--to", url, "--public-key", "./nonexistent.pub"), "no such file")
+    usage_error(cli("verify", "--to", url, "--upstream", "s3://up"), "file://")
+    assert cli("verify", "--to", url, "--upstream", f"file://{tmp_path}").exit_code == EXIT_OK

@@ -29,9 +29,10 @@ from uploader.lifecycle import (
     verify,
 )
 from uploader.lifecycle.gclock import GcLock, held_locks
-from uploader.lifecycle.layout import LAYOUT, ROOTS, key_time, time_key
+from uploader.lifecycle.layout import LAYOUT, ROOTS, RUNS, key_time, time_key, timed_key
 from uploader.lifecycle.marks import Marks
 from uploader.lifecycle.roots import list_roots, read_root
+from uploader.lifecycle.upstream import served_upstream as served
 from uploader.narinfo import NarInfo
 from uploader.state import KnownCache
 from uploader.storepath import hash_part
@@ -252,3 +253,65 @@ def test_a_gc_that_cannot_refresh_its_lock_stops_before_deleting(cache: Cache) -
     with pytest.raises(Exception, match="could not be refreshed"):
         lock.check()
     lock.release()
+
+
+def test_an_unreadable_narinfo_stops_every_deletion_lapsed_roots_included(cache: Cache) -> None:
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))  # the newest root of x: a's lapses
+    (cache.dir / f"{'z' * 32}.narinfo").write_text("garbage")
+    for _ in range(2):
+        result = cache.gc()
+        assert result.plan.unreadable and not result.plan.narinfos
+        assert result.lapsed_roots == [] and result.pruned_runs == []
+    assert cache.has(a) and len(list_roots(cache.target)) == 2
+    (cache.dir / f"{'z' * 32}.narinfo").unlink()
+    cache.gc()
+    assert not cache.has(a) and len(list_roots(cache.target)) == 1
+
+
+def test_run_records_over_two_weeks_old_go_and_are_said(cache: Cache) -> None:
+    cache.push("x", cache.store.add("a"))
+    for _ in range(3):
+        cache.gc()
+    runs = sorted((cache.dir / RUNS).iterdir())
+    old = time.time() - 20 * 86400
+    aged = [cache.dir / timed_key(RUNS, old + i) for i in range(3)]
+    for path, src in zip(aged, runs, strict=True):
+        src.rename(path)
+    keys = [str(p.relative_to(cache.dir)) for p in aged[:2]]
+    # The newest record stays whatever its age: the next run's mark.
+    assert cache.gc(delete=False).pruned_runs == keys
+    assert cache.gc().pruned_runs == keys
+    assert [p.exists() for p in aged] == [False, False, True]
+
+
+def test_a_pin_leaves_to_an_upstream_the_paths_it_serves(cache: Cache, tmp_path: Path) -> None:
+    base = cache.store.add("base")
+    app = cache.store.add("app", [base])
+    upstream = Cache(tmp_path / "upstream")
+    upstream.store = cache.store
+    upstream.push("up", base)
+    cache.push("ci", app)
+    (cache.dir / f"{hash_part(base)}.narinfo").unlink()  # as `run --upstream` leaves it
+    with pytest.raises(PinRefused, match=f"missing {base}"):
+        add_pin(cache.target, "release", [app])
+    urls = [f"file://{upstream.dir}"]
+    other = signing.generate("other-1").public_key()
+    with pytest.raises(PinRefused, match=f"missing {base}"):
+        add_pin(cache.target, "release", [app], upstream=lambda n: served(urls, (other,), n, 4))
+    trusted = (KEY.public_key(),)
+    assert add_pin(cache.target, "release", [app], upstream=lambda n: served(urls, trusted, n, 4))
+    assert [p.name for p in list_pins(cache.target)] == ["release"]
+
+
+def test_verify_reports_a_pinned_path_that_left_the_cache(cache: Cache) -> None:
+    a = cache.store.add("a")
+    cache.push("ci", a)
+    add_pin(cache.target, "release", [a])
+    assert cache.clean()
+    (cache.dir / f"{hash_part(a)}.narinfo").unlink()
+    report = verify(cache.target, VerifyOptions(keys=(KEY.public_key(),)))
+    (problem,) = report.problems
+    assert problem.kind == "missing-reference" and problem.store_path == a
+    assert problem.detail == "referenced by pin 'release'"

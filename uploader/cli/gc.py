@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -20,29 +21,50 @@ from uploader.cli._common import (
     setup_logging,
     verbosity,
 )
+from uploader.config import check_upstreams
 from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
 from uploader.lifecycle.layout import check_name
+from uploader.lifecycle.upstream import SCHEMES as UPSTREAM_SCHEMES
+from uploader.lifecycle.upstream import served_upstream
 from uploader.progress import TerminalProgress, human_bytes, plural
+from uploader.signing import PublicKey
 from uploader.storepath import STORE_DIR, to_store_path
 from uploader.targets import Target, open_target
+from uploader.targets.file import FileTarget
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_TERM = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    """``0``, ``30s``, ``15m``, ``12h``, ``31d``, ``2w`` (a bare number is seconds)."""
-    match = _DURATION.fullmatch(value.strip())
-    if not match:
-        raise click.BadParameter(f"{value!r} is not a duration such as 0, 30s, 12h or 31d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """``0``, ``30s``, ``15m``, ``12h``, ``31d``, ``2w``, ``1h30m``.
+
+    A bare number other than 0 is refused: ``--nar-delay 31`` read as
+    seconds would let gc delete NARs that clients still expect."""
+    text = value.strip()
+    if re.fullmatch(r"0+(?:\.0*)?", text):
+        return 0.0
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        raise click.BadParameter(
+            f"{value!r} has no unit: write {text}s, {text}m, {text}h, {text}d or {text}w"
+        )
+    if not _DURATION.fullmatch(text):
+        raise click.BadParameter(f"{value!r} is not a duration such as 0, 30s, 12h, 31d or 1h30m")
+    return sum(float(n) * _UNITS[unit] for n, unit in _TERM.findall(text))
 
 
 def _open(store_url: str, jobs: int = 32) -> Target:
     try:
-        return open_target(store_url, max_connections=jobs + 2)
+        target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
+    # A bucket that does not exist fails the first request; a directory
+    # would be made by the first write (a gc timer with a typo in its URL
+    # would report success every night).
+    if isinstance(target, FileTarget) and not os.path.isdir(target.root):
+        fail(f"the cache {target.root} does not exist (push to it first, or check the URL)")
+    return target
 
 
 _TO = click.option(
@@ -64,7 +86,8 @@ _TO = click.option(
 )  # fmt: skip
 @click.option(
     "--grace", metavar="DURATION", callback=_duration, default="1d", show_default=True,
-    help="Keep narinfos (and their closure) written less than this long ago.",
+    help="Keep narinfos (and their closure) written less than this long ago "
+    "(DURATION: 0, 30s, 15m, 12h, 31d, 2w, 1h30m).",
 )  # fmt: skip
 @click.option(
     "--nar-delay", metavar="DURATION", callback=_duration, default="31d", show_default=True,
@@ -140,9 +163,12 @@ def _print(result: GcResult, quiet: bool) -> None:
             click.echo(f"{verb} {k}: the build log of deleted narinfos only")
         for k in done.nars:
             click.echo(f"{verb} {k}: no narinfo names it (for longer than --nar-delay)")
-        for r in result.lapsed_roots if result.deleting else result.seeds.lapsed:
+        for r in result.lapsed_roots:
             click.echo(f"{verb} {r.key}: root {r.name!r} no longer kept")
+        for k in result.pruned_runs:
+            click.echo(f"{verb} {k}: the record of a gc run over 14 days old")
     objects, nbytes = done.freed(bucket)
+    objects += len(result.lapsed_roots) + len(result.pruned_runs)
     waiting = {k: bucket.nars[k][0] for k in done.unreferenced}
     line = (
         f"{plural(len(bucket.narinfos), 'narinfo')}: {len(done.live)} live, "
@@ -150,7 +176,7 @@ def _print(result: GcResult, quiet: bool) -> None:
         f"({plural(result.seeds.kept_roots, 'root')} kept, {plural(result.seeds.pins, 'pin')}); "
         f"{'deleted' if result.deleting else 'would delete'} {plural(objects, 'object')} "
         f"({human_bytes(nbytes)}): {plural(len(done.narinfos), 'narinfo')}, "
-        f"{plural(len(done.nars), 'NAR')}; "
+        f"{plural(len(done.nars), 'NAR')}{_bookkeeping(result)}; "
         f"{plural(len(waiting), 'unreferenced NAR')} ({human_bytes(sum(waiting.values()))}) "
         "wait for --nar-delay"
     )
@@ -161,14 +187,26 @@ def _print(result: GcResult, quiet: bool) -> None:
             else "; no gc --delete has marked this bucket yet, so nothing would go"
         )
     if done.unreadable:
-        line += "; unreadable narinfos: nothing deleted until `verify --repair` fixes them"
+        line += (
+            "; unreadable narinfos: nothing deleted until `verify --repair` fixes them "
+            "(or they are deleted by hand)"
+        )
     if not quiet or done.damaged:
         click.echo(line, err=True)
+
+
+def _bookkeeping(result: GcResult) -> str:
+    """The roots and run records in the count, when there are any."""
+    parts = [plural(len(result.lapsed_roots), "root")] if result.lapsed_roots else []
+    if result.pruned_runs:
+        parts.append(plural(len(result.pruned_runs), "run record"))
+    return "".join(f", {p}" for p in parts)
 
 
 def _to_json(result: GcResult, store_url: str) -> dict[str, Any]:
     bucket, done = result.bucket, result.plan
     objects, nbytes = done.freed(bucket)
+    objects += len(result.lapsed_roots) + len(result.pruned_runs)
     return {
         "store_url": store_url,
         "delete": result.deleting,
@@ -184,9 +222,8 @@ def _to_json(result: GcResult, store_url: str) -> dict[str, Any]:
         "nars_deleted": done.nars,
         "listings_deleted": done.listings,
         "logs_deleted": done.logs,
-        "roots_deleted": [
-            r.key for r in (result.lapsed_roots if result.deleting else result.seeds.lapsed)
-        ],
+        "roots_deleted": [r.key for r in result.lapsed_roots],
+        "runs_deleted": result.pruned_runs,
         "freed": {"objects": objects, "bytes": nbytes},
         "unreferenced_nars": {
             "count": len(done.unreferenced),
@@ -202,24 +239,47 @@ def pin() -> None:
 
 @pin.command("add")
 @_TO
+@click.option(
+    "--upstream", "upstreams", multiple=True, metavar="URL",
+    help="Cache that serves the paths this one leaves out, e.g. https://cache.nixos.org "
+    "(repeatable; as given to `run`).",
+)  # fmt: skip
+@click.option(
+    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME:KEY",
+    help="An upstream's narinfo counts only when signed by one of these (repeatable).",
+)  # fmt: skip
 @click.argument("name")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @verbosity
-def pin_add(store_url: str, name: str, paths: tuple[str, ...], verbose: int, quiet: bool) -> None:
+def pin_add(
+    store_url: str,
+    upstreams: tuple[str, ...],
+    upstream_keys: tuple[str, ...],
+    name: str,
+    paths: tuple[str, ...],
+    verbose: int,
+    quiet: bool,
+) -> None:
     """Pin PATH... (store paths or links such as ./result) as NAME.
 
-    The closure must be in the cache already: push it first.  A pin of the
-    same name is replaced.
+    The closure must be in the cache already (push it first), apart from
+    paths an --upstream cache serves.  A pin of the same name is replaced.
     """
     setup_logging(-1 if quiet else verbose)
     try:
         check_name(name, "pin")
         store_paths = [to_store_path(p) for p in paths]
+        check_upstreams(upstreams, UPSTREAM_SCHEMES)
+        keys = tuple(PublicKey.from_argument(k) for k in upstream_keys)
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
     target = _open(store_url)
+
+    def upstream(names: list[str]) -> set[str]:
+        return served_upstream(upstreams, keys, names, jobs=16)
+
     try:
-        size = add_pin(target, name, store_paths)
+        size = add_pin(target, name, store_paths, upstream=upstream if upstreams else None)
     except UploaderError as e:
         fail(str(e))
     if not quiet:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
@@ -19,7 +18,9 @@ from uploader.cli._common import (
     setup_logging,
     verbosity,
 )
+from uploader.config import check_upstreams
 from uploader.lifecycle import KINDS, RepairResult, Report, VerifyOptions, repair, verify
+from uploader.lifecycle.upstream import SCHEMES as UPSTREAM_SCHEMES
 from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.signing import PublicKey, SecretKey
 from uploader.store import NixStore
@@ -30,7 +31,7 @@ _KINDS_HELP = "\n".join(f"  {kind}: {meaning}" for kind, meaning in KINDS.items(
 
 def _public_key(value: str) -> PublicKey:
     """NAME:BASE64 as in trusted-public-keys, or a public key file."""
-    return PublicKey.load(value) if os.path.isfile(value) else PublicKey.parse(value)
+    return PublicKey.from_argument(value)
 
 
 @main.command(
@@ -102,6 +103,7 @@ def verify_command(
         fail("--repair needs --secret-key-file", EXIT_USAGE)
     try:
         keys = tuple(_public_key(k) for k in public_keys)
+        check_upstreams(upstreams, UPSTREAM_SCHEMES)
         options = VerifyOptions(
             keys=keys,
             upstream_urls=upstreams,

@@ -12,6 +12,7 @@ from uploader import redact
 from uploader._exceptions import UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
+    EXIT_USAGE,
     fail,
     main,
     make_engine,
@@ -21,11 +22,14 @@ from uploader.cli._common import (
 )
 from uploader.cli._common import secret_key_file as cli_key_file
 from uploader.compression import METHODS
+from uploader.config import check_upstreams
 from uploader.engine import Engine, PushResult
+from uploader.lifecycle.layout import check_name
 from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.quorum import Attester
 from uploader.signing import SecretKey
 from uploader.storepath import to_store_path
+from uploader.upstream import Upstreams
 
 
 @main.command()
@@ -69,6 +73,15 @@ from uploader.storepath import to_store_path
     help="Name of the root this push records for gc (the newest --keep-last roots of each "
     "name are kept) [default: this host's name].",
 )  # fmt: skip
+@click.option(
+    "--upstream", "upstream_urls", multiple=True, metavar="URL",
+    help="Cache whose paths are not uploaded (repeatable), e.g. https://cache.nixos.org; "
+    "as `run --upstream`.",
+)  # fmt: skip
+@click.option(
+    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME",
+    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
+)  # fmt: skip
 @verbosity
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 def push(
@@ -80,6 +93,8 @@ def push(
     jobs: int,
     write_nar_listing: bool,
     root_name: str | None,
+    upstream_urls: tuple[str, ...],
+    upstream_keys: tuple[str, ...],
     verbose: int,
     quiet: bool,
     paths: tuple[str, ...],
@@ -93,6 +108,13 @@ def push(
     itself are staged and attested instead, for `publish` to sign.
     """
     setup_logging(-1 if quiet else verbose)
+    try:
+        if root_name is not None:
+            check_name(root_name, "root")
+        check_upstreams(upstream_urls)
+    except UploaderError as e:
+        fail(str(e), EXIT_USAGE)
+    upstreams = Upstreams(upstream_urls, upstream_keys)
     try:
         key, attest = None, None
         if attest_key_file is not None:
@@ -109,6 +131,7 @@ def push(
             jobs=jobs,
             write_nar_listing=write_nar_listing,
             root=None if attest is not None else (root_name or socket.gethostname()),
+            upstreams=upstreams if upstreams else None,
         )
         roots = [to_store_path(p) for p in paths]
     except UploaderError as e:

@@ -15,6 +15,7 @@ import click
 from uploader._exceptions import ConfigError, KeyFileError, UploaderError
 from uploader.cli._common import fail, main, setup_logging, verbosity
 from uploader.cli._common import secret_key_file as cache_key_file
+from uploader.config import check_upstreams
 from uploader.progress import plural
 from uploader.quorum import PassResult, Publisher, check_builder_name, open_bucket, quorum_status
 from uploader.quorum.metrics import PublisherMetrics
@@ -154,6 +155,7 @@ def _timed_pass(publisher: Publisher, gauges: PublisherMetrics | None) -> PassRe
 def _upstream(urls: tuple[str, ...]) -> Any:
     if not urls:
         return None
+    check_upstreams(urls)
     upstreams = Upstreams(urls)
     # Only the URLs are asked (a HEAD of the narinfo); the rest is unused.
     return lambda paths: upstreams.served([PathInfo(p, "", 0, ()) for p in paths])

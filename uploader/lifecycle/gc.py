@@ -84,7 +84,11 @@ def _run(
     seeds = read_seeds(target, policy, now)
     live = live_set(bucket, seeds.paths, policy, now)
     if not delete:
-        return GcResult(bucket, seeds, plan(bucket, live, policy, previous, now), previous, False)
+        result = GcResult(bucket, seeds, plan(bucket, live, policy, previous, now), previous, False)
+        if not result.plan.unreadable:
+            result.lapsed_roots = seeds.lapsed
+            result.pruned_runs = _old_runs(keys, now)
+        return result
     # The new mark, before anything is deleted: uploaders from now on see
     # these candidates and wait for this run before relying on one.
     now = time.time()
@@ -103,12 +107,19 @@ def _run(
     _delete(target, lock, [narinfo_key(h) for h in done.narinfos], jobs)
     _delete(target, lock, done.listings + done.logs + done.nars, jobs)
     _write_record(target, record, now, COMPLETE, candidates, set(done.narinfos), done.unreferenced)
+    if done.unreadable:
+        return result  # nothing at all is deleted (docs/lifecycle.md)
     result.lapsed_roots = seeds.lapsed
     _delete(target, lock, [r.key for r in seeds.lapsed], jobs)
-    # The previous record stays: it is the next run's second-to-last mark.
-    result.pruned_runs = [k for k in keys[:-1] if (key_time(k) or 0.0) < now - RUNS_KEPT_FOR]
+    result.pruned_runs = _old_runs(keys, now)
     _delete(target, lock, result.pruned_runs, jobs)
     return result
+
+
+def _old_runs(keys: list[str], now: float) -> list[str]:
+    """Run records to delete: older than RUNS_KEPT_FOR, except the newest
+    (the next run's second-to-last mark, once this run has written its own)."""
+    return [k for k in keys[:-1] if (key_time(k) or 0.0) < now - RUNS_KEPT_FOR]
 
 
 def _write_record(

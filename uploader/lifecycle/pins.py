@@ -9,7 +9,7 @@ what it would delete, and marked paths are asked again once it finished.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from uploader._exceptions import UploaderError
 from uploader.lifecycle.listing import fetch_narinfos
@@ -26,15 +26,29 @@ class PinRefused(UploaderError):
     """Part of the pin's closure is not in the cache."""
 
 
-def add_pin(target: Target, name: str, paths: Iterable[str], *, jobs: int = 32) -> int:
+def add_pin(
+    target: Target,
+    name: str,
+    paths: Iterable[str],
+    *,
+    jobs: int = 32,
+    upstream: Callable[[list[str]], set[str]] | None = None,
+) -> int:
     """Write the pin; returns the size of its closure.  Raises PinRefused
-    (the pin left as it was) when a path of the closure is not in the cache."""
+    (the pin left as it was) when a path of the closure is not in the cache,
+    nor, given ``upstream`` (store path basenames -> those an upstream cache
+    serves), in an upstream cache."""
     paths = sorted(set(paths))
     before = write_pin(target, name, paths)
     try:
         guard = Protection(target)
         guard.marks.refresh()
         found, missing = _closure(target, paths, jobs)
+        if missing and upstream is not None:
+            # Served elsewhere, as `run --upstream` leaves them: not this
+            # cache's to keep, so not followed further either.
+            served = upstream(sorted(p.removeprefix(f"{STORE_DIR}/") for p in missing))
+            missing = {p for p in missing if p.removeprefix(f"{STORE_DIR}/") not in served}
         missing |= guard.gone(sorted(found))
     except BaseException:
         restore_pin(target, name, before)
@@ -45,7 +59,8 @@ def add_pin(target: Target, name: str, paths: Iterable[str], *, jobs: int = 32) 
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         raise PinRefused(
             f"pin {name!r} not written: its closure is not all in the cache; missing "
-            f"{', '.join(shown[:5])}{more} (push them first)"
+            f"{', '.join(shown[:5])}{more} (push them first"
+            f"{'' if upstream else ', or give the --upstream cache that serves them'})"
         )
     return len(found)
 

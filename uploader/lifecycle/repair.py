@@ -51,7 +51,12 @@ def repair(report: Report, engine: Engine, store: LocalStore) -> RepairResult:
     missing: set[str] = set()
     for problem in report.problems:
         if problem.store_path is None:
-            result.not_repaired[problem.key] = "the narinfo does not say which store path it is"
+            # No client can use it, and nothing here can rewrite it: the
+            # user removes it (gc waits for that, as it cannot read it).
+            result.not_repaired[problem.key] = (
+                f"{problem.detail}; no store path to upload again, so delete "
+                f"{problem.key} from the cache by hand (no Nix client can use it)"
+            )
         elif problem.kind == "missing-reference":
             missing.add(problem.store_path)
         else:

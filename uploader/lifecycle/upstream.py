@@ -15,7 +15,10 @@ from uploader.narinfo import NarInfo
 from uploader.signing import PublicKey
 from uploader.storepath import HASH_LENGTH, STORE_DIR
 
-__all__ = ["served_upstream", "signature_problem"]
+__all__ = ["SCHEMES", "served_upstream", "signature_problem"]
+
+# What the lifecycle commands read an upstream cache over (urllib).
+SCHEMES = ("http", "https", "file")
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,14 @@ first, narinfo last) cannot make a narinfo look as if its NAR were missing.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from uploader._exceptions import UploaderError
 from uploader.lifecycle.deep import check_nar
 from uploader.lifecycle.listing import (
     PathRecord,
@@ -29,6 +31,7 @@ from uploader.lifecycle.listing import (
     to_record,
 )
 from uploader.lifecycle.report import Problem, Report
+from uploader.lifecycle.roots import Pin, list_pins
 from uploader.lifecycle.upstream import served_upstream, signature_problem
 from uploader.narinfo import NarInfo
 from uploader.signing import PublicKey
@@ -36,6 +39,8 @@ from uploader.storepath import HASH_LENGTH, STORE_DIR
 from uploader.targets import Target
 
 __all__ = ["Progress", "VerifyOptions", "verify"]
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -94,6 +99,11 @@ def verify(
             shown.finish()
     report.nars = len(nars)
     report.nar_bytes = sum(nars.values())
+    # A pin promises its paths stay substitutable: one gone is damage too.
+    for pin in _pins(target):
+        for name in pin.paths:
+            if name[:HASH_LENGTH] not in hashes:
+                missing[name].append(f"pin {pin.name!r}")
     for hash_part, record in sorted(records.items()):
         _check_nar_object(hash_part, record, nars, report)
     _check_references(target, missing, options, report)
@@ -152,6 +162,16 @@ def _check_nar_object(
                 f"{record.url} has {size} bytes, FileSize says {record.file_size}",
             )
         )
+
+
+def _pins(target: Target) -> list[Pin]:
+    """The pins, or none when they cannot be read (verify reads caches of
+    newer layouts too; gc and `pin list` say what is wrong with them)."""
+    try:
+        return list_pins(target)
+    except UploaderError as e:
+        log.warning("pins not checked: %s", e)
+        return []
 
 
 def _check_references(
