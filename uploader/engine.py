@@ -325,7 +325,7 @@ class Engine:
             await self._ensure_cache_info()
 
     async def ensure_cache_info(self) -> None:
-        """Write ``nix-cache-info`` unless the cache has one."""
+        """Write ``nix-cache-info`` unless the cache has one (or this engine attests)."""
         async with self._cache_info_lock:
             await self._ensure_cache_info()
 
@@ -334,7 +334,10 @@ class Engine:
             return
         # Timed like the other small requests: the first measure of the
         # round-trip time, which orders the work (``_schedule``).
-        if not await self._round_trips.run(partial(self._exists, "nix-cache-info")):
+        present = await self._round_trips.run(partial(self._exists, "nix-cache-info"))
+        # In attest mode the publisher writes it: a builder writes only
+        # below its own name in quorum/v1/ (docs/fleet.md).
+        if not present and self.recorder is None:
             await self._put_bytes(
                 "nix-cache-info",
                 self.target.url.cache_info().encode(),

@@ -101,6 +101,12 @@ def keys_in(weed: S3Server, bucket: str, prefix: str = "") -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
+def attestations_in(weed: S3Server, bucket: str) -> list[str]:
+    """The attestations, without the builders' read-check objects."""
+    keys = keys_in(weed, bucket, "quorum/v1/attestations/")
+    return [k for k in keys if not k.startswith("quorum/v1/attestations/read-check/")]
+
+
 def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     nix_daemon: NixDaemon,
     s3: S3Server,
@@ -146,7 +152,7 @@ def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     assert refused.returncode != 0
     # Published paths' staging and attestations are gone; the records stay.
     assert keys_in(s3, bucket, "quorum/v1/staging/") == []
-    assert keys_in(s3, bucket, "quorum/v1/attestations/") == []
+    assert attestations_in(s3, bucket) == []
     assert len(keys_in(s3, bucket, "quorum/v1/published/")) == 3
 
     # Attesting again writes nothing; publishing again changes nothing.
@@ -349,10 +355,16 @@ def test_the_daemon_in_attest_mode_attests_each_build_and_signs_no_narinfo(
     finally:
         run.stop()
     paths = closure(top)
-    attested = keys_in(s3, bucket, "quorum/v1/attestations/")
+    attested = attestations_in(s3, bucket)
     assert attested == sorted(f"quorum/v1/attestations/{hash_part(p)}/ci-a-1.json" for p in paths)
     assert narinfos(s3, bucket) == {}
     assert keys_in(s3, bucket, "nar/") == []
+    # Nothing is in the cache yet, and nothing says it is.
+    assert "staged and attested" in run.log() and "in the cache" not in run.log()
+    status = run_cli("status", *run.queue_args()).stdout
+    assert f"attested:    {len(paths)} paths" in status and "uploaded:" not in status
+    waited = run_cli("wait", *run.queue_args(), "--timeout", "5")
+    assert "spool drained: every queued build is staged and attested" in waited.stderr
 
 
 def test_attestations_that_never_reach_the_quorum_expire_reported(
@@ -368,7 +380,7 @@ def test_attestations_that_never_reach_the_quorum_expire_reported(
     expired = run_cli(*publish_args(url, fleet), "--expire-days", "0")
     assert f"expiring {path}: attested by ci-a-1, never published" in expired.stderr
     assert "1 expired" in expired.stderr
-    assert keys_in(s3, bucket, "quorum/v1/attestations/") == []
+    assert attestations_in(s3, bucket) == []
     assert keys_in(s3, bucket, "quorum/v1/staging/") == []
     assert narinfos(s3, bucket) == {}
 
@@ -425,3 +437,41 @@ def test_what_the_publisher_published_is_a_root_that_gc_keeps(
     assert all(narinfo(s3, bucket, p) is not None for p in paths)
     copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public, dest=str(tmp_path / "f"))
     assert copied.returncode == 0, copied.stderr
+
+
+def test_a_closure_with_a_local_source_is_attested_and_published(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    """A source a derivation refers to was added here, not built nor
+    substituted (no "ultimate" in Nix 2.8): its content address proves it,
+    one attestation publishes it, and what refers to it follows."""
+    url = s3.store_url(bucket)
+    salt = uuid.uuid4().hex[:10]
+    source = tmp_path / f"src-{salt}.txt"
+    source.write_text(f"source {salt}\n")
+    top = build(
+        f'derivation {{ name = "wrap-{salt}"; system = builtins.currentSystem; '
+        f'builder = "/bin/sh"; PATH = "/usr/bin:/bin"; '
+        f'args = ["-c" "echo ${{{source}}} > $out"]; }}'
+    )[0]
+    paths = closure(top)
+    (src,) = [p for p in paths if p != top]
+    assert str(nix_path_info([src])[src].get("ca")).startswith("fixed:r:sha256:")
+    for name in "ab":
+        pushed = attest(url, fleet[name], top)
+        assert "attested 2 paths" in pushed.stderr, pushed.stderr
+        assert "not built here" not in pushed.stderr
+    # Builders write nothing outside quorum/v1/: the publisher writes nix-cache-info.
+    assert s3.get(bucket, "nix-cache-info") is None
+    assert sorted(keys_in(s3, bucket, "quorum/v1/attestations/read-check/")) == [
+        "quorum/v1/attestations/read-check/ci-a-1.json",
+        "quorum/v1/attestations/read-check/ci-b-1.json",
+    ]
+
+    result = run_cli(*publish_args(url, fleet))
+    assert "published 2 paths, 0 waiting" in result.stderr, result.stderr
+    assert s3.get(bucket, "nix-cache-info") is not None
+    copied = substitute(s3.http_url(bucket), [top], fleet["cache"].public, dest=str(tmp_path / "f"))
+    assert copied.returncode == 0, copied.stderr
+    status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
+    assert status["waiting"] == [] and status["rejected"] == []

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from uploader._exceptions import ConfigError, KeyFileError, UploaderError
-from uploader.cli._common import fail, main, setup_logging, verbosity
+from uploader.cli._common import EXIT_USAGE, fail, main, setup_logging, verbosity
 from uploader.cli._common import secret_key_file as cache_key_file
 from uploader.config import check_upstreams
 from uploader.progress import plural
@@ -108,9 +108,17 @@ def publish(
     setup_logging(-1 if quiet else verbose + 1)
     try:
         keys = _builder_keys(builder_keys, trusted)
+        if quorum > len(keys) and not trusted:
+            fail(
+                f"--quorum {quorum} can never be reached with {plural(len(keys), 'builder key')}: "
+                "give at least as many --builder-key keys",
+                EXIT_USAGE,
+            )
+        cache_key = SecretKey.load(cache_key_file(secret_key_file, store_url))
+        _check_separate(cache_key.public_key(), keys)
         publisher = Publisher(
             open_bucket(store_url),
-            SecretKey.load(cache_key_file(secret_key_file, store_url)),
+            cache_key,
             keys,
             quorum=quorum,
             trusted=trusted,
@@ -137,6 +145,25 @@ def publish(
             click.echo(_summary(result), err=True)
         return
     _serve(publisher, interval, gauges)
+
+
+def _check_separate(cache: PublicKey, keys: dict[str, PublicKey]) -> None:
+    """Exit (usage) when the cache key is also a builder's: a builder holding
+    it could sign narinfos alone, and a builder's attestation signed with it
+    would be counted."""
+    for name, key in keys.items():
+        if key == cache:
+            fail(
+                f"--builder-key {name} is the cache key's public key: a builder never "
+                "holds the cache key (give each builder its own key)",
+                EXIT_USAGE,
+            )
+        if name == cache.name:
+            fail(
+                f"--builder-key {name} has the cache key's name: builder keys and the "
+                "cache key need different names",
+                EXIT_USAGE,
+            )
 
 
 def _timed_pass(publisher: Publisher, gauges: PublisherMetrics | None) -> PassResult:

@@ -74,6 +74,12 @@ class Protection:
         if self.root.extend(paths):
             self._refresh()
 
+    def reread_mark(self) -> None:
+        """Read the mark again without a new root: for a caller whose last
+        complete root still lists every path it relies on (and is kept)."""
+        self.prepare()
+        self._refresh()
+
     def complete(self) -> None:
         if self.root is not None:
             self.root.complete()

@@ -12,7 +12,11 @@ change in a ``v2`` without confusing an old publisher:
 Each builder writes only below its own name, so the bucket's access policy
 can confine a builder's credentials to ``staging/<builder>/*`` and
 ``attestations/*/<builder>.json``: no builder can touch another's NARs or
-claims.  See docs/quorum-format.md.
+claims.  A builder also reads its own attestations (to keep them
+write-once), and checks that it can with one object of its own that is no
+attestation, ``attestations/read-check/<builder>.json``: "read-check" is no
+hash part (``e`` and ``-`` are not in Nix's base-32).  See
+docs/quorum-format.md.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ __all__ = [
     "attestation_key",
     "check_builder_name",
     "conflict_key",
+    "is_read_check",
     "parse_attestation_key",
     "published_key",
+    "read_check_key",
     "staging_key",
 ]
 
@@ -45,6 +51,8 @@ PUBLISHED = PREFIX + "published/"
 
 # A builder's name (its key's name) is a path component of object keys.
 _BUILDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+# Cannot be a hash part: "e" and "-" are not in Nix's base-32 alphabet.
+_READ_CHECK = "read-check"
 
 
 def check_builder_name(name: str) -> str:
@@ -66,6 +74,16 @@ def staging_key(builder: str, file_hash: bytes, extension: str) -> str:
 def attestation_key(store_path: str, builder: str) -> str:
     check_builder_name(builder)
     return f"{ATTESTATIONS}{hash_part(store_path)}/{builder}.json"
+
+
+def read_check_key(builder: str) -> str:
+    """The object by which a builder checks that it can read its own attestations."""
+    check_builder_name(builder)
+    return f"{ATTESTATIONS}{_READ_CHECK}/{builder}.json"
+
+
+def is_read_check(key: str) -> bool:
+    return key.startswith(f"{ATTESTATIONS}{_READ_CHECK}/")
 
 
 def parse_attestation_key(key: str) -> tuple[str, str] | None:

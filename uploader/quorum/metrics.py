@@ -4,7 +4,7 @@ bound to 127.0.0.1 unless an address says otherwise.  Series:
 - ``nix_cache_uploader_quorum_published_total``     paths signed and published
 - ``nix_cache_uploader_quorum_waiting``             paths with attestations short of the quorum
 - ``nix_cache_uploader_quorum_conflicts``           paths whose builders disagree (never signed)
-- ``nix_cache_uploader_quorum_rejected_total``      attestations not counted (bad signature, unknown key, NAR mismatch)
+- ``nix_cache_uploader_quorum_rejected_total``      attestations found not counted (bad signature, unknown key, NAR mismatch), each once
 - ``nix_cache_uploader_quorum_expired_total``       attestations removed after waiting too long
 - ``nix_cache_uploader_quorum_pass_failures_total`` passes that failed (and are retried)
 - ``nix_cache_uploader_quorum_last_pass_timestamp_seconds``  when the last pass ended well
@@ -33,7 +33,9 @@ class PublisherMetrics:
         self.published = Counter(_PREFIX + "published", "Paths signed and published", registry=r)
         self.waiting = Gauge(_PREFIX + "waiting", "Paths short of the quorum", registry=r)
         self.conflicts = Gauge(_PREFIX + "conflicts", "Paths whose builders disagree", registry=r)
-        self.rejected = Counter(_PREFIX + "rejected", "Attestations not counted", registry=r)
+        self.rejected = Counter(
+            _PREFIX + "rejected", "Attestations found not counted, each once", registry=r
+        )
         self.expired = Counter(_PREFIX + "expired", "Attestations expired", registry=r)
         self.failures = Counter(_PREFIX + "pass_failures", "Passes that failed", registry=r)
         self.last_pass = Gauge(
@@ -45,6 +47,9 @@ class PublisherMetrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
             registry=r,
         )
+        # The attestations not counted that the last pass left in the bucket:
+        # counted already, not again while they stay.
+        self._rejected_seen: set[str] = set()
 
     def serve(self, address: str) -> tuple[str, int]:
         _, bound = serve_registry(self.registry, address)
@@ -54,7 +59,9 @@ class PublisherMetrics:
         self.published.inc(len(result.published))
         self.waiting.set(len(result.waiting))
         self.conflicts.set(len(result.conflicts))
-        self.rejected.inc(len(result.rejected))
+        rejected = {r["key"] for r in result.rejected}
+        self.rejected.inc(len(rejected - self._rejected_seen))
+        self._rejected_seen = rejected - result.removed
         self.expired.inc(len(result.expired))
         self.pass_seconds.observe(seconds)
         self.last_pass.set(time.time())

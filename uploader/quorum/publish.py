@@ -14,6 +14,11 @@ One pass (``Publisher.run_pass``) reads every pending attestation and then:
   leaves the cache closed under references, and the next pass finishes;
 - attestations that waited longer than ``expire_after`` are reported, then
   removed with their staged NARs.
+
+The publisher writes ``nix-cache-info`` when the bucket has none (builders
+never do).  Its root for gc is written again only when the paths it lists
+change, or once an hour (``ROOT_REFRESH``): an idle publisher adds no object
+per pass; the mark is read every pass all the same.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from uploader.quorum.layout import (
     STAGING,
     attestation_key,
     conflict_key,
+    is_read_check,
     parse_attestation_key,
     published_key,
 )
@@ -50,6 +56,9 @@ __all__ = ["PassResult", "Publisher"]
 
 # The name of the publisher's roots (docs/lifecycle.md).
 ROOT_NAME = "quorum-publisher"
+# A root listing the same paths is written again after this long, so that
+# gc's --keep-days keeps one even with --keep-last 0 (docs/fleet.md).
+ROOT_REFRESH = 3600.0
 
 log = logging.getLogger(__name__)
 _JSON = "application/json"
@@ -63,6 +72,13 @@ class PassResult:
     conflicts: list[str] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    # Attestation objects this pass deleted (published or expired paths').
+    removed: set[str] = field(default_factory=set)
+
+    @property
+    def still_rejected(self) -> list[dict[str, str]]:
+        """The attestations not counted that are still in the bucket."""
+        return [r for r in self.rejected if r["key"] not in self.removed]
 
 
 @dataclass
@@ -102,17 +118,23 @@ class Publisher:
         # cache, are a root for gc, written before it trusts them to be there
         # (docs/lifecycle.md); the gc's mark is followed as uploaders do.
         self._guard = Protection(bucket, ROOT_NAME)
+        # What the last completed root lists, and when it was written.
+        self._root: tuple[frozenset[str], float] | None = None
+        self._cache_info_checked = False
+        self._removed: set[str] = set()
 
     def run_pass(self) -> PassResult:
         result = PassResult()
+        self._removed = result.removed
+        self._ensure_cache_info()
         paths = self._read()
         self._has: dict[str, bool] = {}
         ready = [p.verdict for p in paths.values() if p.verdict.state == READY]
-        if ready:
-            self._guard.begin(
-                {v.store_path for v in ready if v.store_path}
-                | {r for v in ready for a in v.support for r in a.references}
-            )
+        protect = frozenset(
+            {v.store_path for v in ready if v.store_path}
+            | {r for v in ready for a in v.support for r in a.references}
+        )
+        written = self._protect(protect) if ready else None
         in_use = collections.Counter(
             a.nar.url for p in paths.values() for a in _parsed(p.found) if a is not None
         )
@@ -136,12 +158,38 @@ class Publisher:
         self._expire(paths, done, in_use, result)
         self._write_status(result)
         self._guard.complete()
+        if written is not None:
+            self._root = (protect, written)
         return result
+
+    def _ensure_cache_info(self) -> None:
+        """The cache's ``nix-cache-info``, written when missing (builders never do)."""
+        if self._cache_info_checked:
+            return
+        if not self.bucket.exists("nix-cache-info"):
+            info = self.bucket.url.cache_info().encode()
+            self.bucket.put_bytes("nix-cache-info", info, "text/x-nix-cache-info")
+            log.info("wrote nix-cache-info to %s", self.bucket.url)
+        self._cache_info_checked = True
+
+    def _protect(self, paths: frozenset[str]) -> float | None:
+        """Begin a root listing ``paths`` unless the last complete one lists
+        the same and is recent; either way, read the mark.  Returns when the
+        new root was begun (None: none was)."""
+        now = self.clock()
+        if self._root is not None and self._root[0] == paths and now - self._root[1] < ROOT_REFRESH:
+            self._guard.reread_mark()
+            return None
+        self._root = None  # until this one is complete
+        self._guard.begin(paths)
+        return now
 
     def _read(self) -> dict[str, _Path]:
         """Every pending attestation, grouped by path and judged."""
         groups: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
         for key, mtime in self.bucket.list_prefix(ATTESTATIONS):
+            if is_read_check(key):
+                continue  # a builder's own, not an attestation
             parsed = parse_attestation_key(key)
             if parsed is None:
                 log.warning("ignoring %s: not an attestation's key", key)
@@ -285,6 +333,7 @@ class Publisher:
                 self.bucket.delete(a.nar.url)
         for key, _ in p.found:
             self.bucket.delete(key)
+            self._removed.add(key)
 
     def _report_conflict(self, verdict: Verdict) -> None:
         key = conflict_key(verdict.hashpart)
@@ -332,7 +381,7 @@ class Publisher:
             "trusted": sorted(self.trusted),
             "waiting": sorted(result.waiting.values(), key=lambda w: w["storePath"]),
             "conflicts": sorted(result.conflicts),
-            "rejected": result.rejected,
+            "rejected": result.still_rejected,
             "expired": result.expired,
             "published": result.published,
         }

@@ -1,0 +1,209 @@
+"""The builder's attester and the publisher's passes over a real file:// bucket
+(uploader/quorum/attest.py, publish.py, status.py, metrics.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_quorum_attestation import PATH, attestation
+from tests.unit.test_quorum_ca import NIX_MADE
+from uploader._exceptions import TargetError
+from uploader.engine import StoredNar
+from uploader.nixbase32 import format_hash
+from uploader.quorum import Attestation, Attester, Bucket, Publisher, open_bucket, quorum_status
+from uploader.quorum.layout import attestation_key
+from uploader.quorum.metrics import PublisherMetrics
+from uploader.quorum.publish import ROOT_REFRESH
+from uploader.signing import generate
+from uploader.store import PathInfo
+
+KEYS = {name: generate(name) for name in ("ci-a-1", "ci-b-1", "ci-x-1")}
+PUBLIC = {name: KEYS[name].public_key() for name in ("ci-a-1", "ci-b-1")}
+CACHE = generate("cache-1")
+ROOTS = "lifecycle/v1/roots/quorum-publisher/"
+OTHER = "/nix/store/" + "1" * 32 + "-other"
+
+
+def sha(data: bytes) -> str:
+    return format_hash(hashlib.sha256(data).digest())
+
+
+@pytest.fixture
+def bucket(tmp_path: Path) -> Bucket:
+    return open_bucket(f"file://{tmp_path / 'bucket'}")
+
+
+def put(bucket: Bucket, a: Attestation) -> str:
+    key = attestation_key(a.store_path, a.builder)
+    bucket.put_bytes(key, a.signed(KEYS[a.builder]).to_json(), "application/json")
+    return key
+
+
+def publisher(
+    bucket: Bucket, clock: list[float] | None = None, expire_after: float | None = None
+) -> Publisher:
+    now = clock or [1_700_000_000.0]
+    return Publisher(
+        bucket, CACHE, PUBLIC, quorum=2, clock=lambda: now[0], expire_after=expire_after
+    )
+
+
+def info(
+    path: str, *, ultimate: bool, ca: str | None = None, refs: tuple[str, ...] = ()
+) -> PathInfo:
+    return PathInfo(path, sha(b"nar"), 100, refs, ca=ca, ultimate=ultimate)
+
+
+# --- the builder ---------------------------------------------------------------
+
+
+def test_a_builder_attests_content_addressed_paths_it_did_not_build(bucket: Bucket) -> None:
+    attester = Attester(bucket, KEYS["ci-a-1"])
+    ca_path, ca, refs = NIX_MADE[3]  # fixed:r:sha256, as `nix-store --add` makes
+    text_path, text_ca, text_refs = NIX_MADE[1]
+    substituted = "/nix/store/" + "2" * 32 + "-substituted"
+    infos = [
+        info(ca_path, ultimate=False, ca=ca, refs=refs),
+        info(text_path, ultimate=False, ca=text_ca, refs=text_refs),
+        info(substituted, ultimate=False),
+        # A content address that does not give the path proves nothing.
+        info(ca_path.replace("-q", "-z"), ultimate=False, ca=ca, refs=refs),
+        info(PATH, ultimate=True),
+    ]
+    skipped = attester.skip(infos)
+    assert skipped == {substituted, ca_path.replace("-q", "-z")}
+    assert attester.not_built_here == skipped
+
+
+class ForbiddenReads:
+    """A bucket whose credentials may write attestations but not read them:
+    S3 answers such a GET 403, which the target reports as missing."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+        self.url = bucket.url
+
+    def get(self, key: str) -> bytes | None:
+        return None if key.startswith("quorum/v1/attestations/") else self.bucket.get(key)
+
+    def exists(self, key: str) -> bool:
+        return False if key.startswith("quorum/v1/attestations/") else self.bucket.exists(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self.bucket.put_bytes(key, data, content_type)
+
+
+def stored_nar(builder: str, file_hash: str) -> StoredNar:
+    return StoredNar(f"quorum/v1/staging/{builder}/x.nar.zst", "zstd", file_hash, 99)
+
+
+def test_a_builder_that_cannot_read_its_attestations_fails_and_keeps_the_first(
+    bucket: Bucket,
+) -> None:
+    first = Attester(bucket, KEYS["ci-a-1"])
+    first.record(info(PATH, ultimate=True), stored_nar("ci-a-1", sha(b"first")))
+    key = attestation_key(PATH, "ci-a-1")
+    kept = bucket.get(key)
+
+    blind = Attester(ForbiddenReads(bucket), KEYS["ci-a-1"])  # type: ignore[arg-type]
+    rebuilt = PathInfo(PATH, sha(b"rebuilt"), 100, (), ultimate=True)
+    with pytest.raises(TargetError, match=r"cannot read back .*s3:GetObject"):
+        blind.skip([rebuilt])
+    with pytest.raises(TargetError, match="cannot read back"):
+        blind.record(rebuilt, stored_nar("ci-a-1", sha(b"second")))
+    assert bucket.get(key) == kept
+
+
+def test_a_builder_that_can_read_keeps_its_first_attestation(bucket: Bucket) -> None:
+    attester = Attester(bucket, KEYS["ci-a-1"])
+    attester.record(info(PATH, ultimate=True), stored_nar("ci-a-1", sha(b"first")))
+    key = attestation_key(PATH, "ci-a-1")
+    kept = bucket.get(key)
+    rebuilt = PathInfo(PATH, sha(b"rebuilt"), 100, (), ultimate=True)
+    Attester(bucket, KEYS["ci-a-1"]).record(rebuilt, stored_nar("ci-a-1", sha(b"second")))
+    assert bucket.get(key) == kept
+
+
+# --- the publisher -------------------------------------------------------------
+
+
+def test_status_counts_only_what_the_publisher_counts(bucket: Bucket) -> None:
+    put(bucket, attestation("ci-a-1"))
+    put(bucket, attestation("ci-x-1"))  # not one of the --builder-key keys
+    publisher(bucket).run_pass()
+    (waiting,) = quorum_status(bucket, None)["waiting"]
+    assert (waiting["attestations"], waiting["needed"]) == (1, 2)
+    assert waiting["builders"] == ["ci-a-1"]
+
+
+def test_status_does_not_count_unknown_builders_the_publisher_has_not_seen(
+    bucket: Bucket,
+) -> None:
+    publisher(bucket).run_pass()  # its status names its builders
+    put(bucket, attestation("ci-a-1"))
+    put(bucket, attestation("ci-x-1"))
+    (waiting,) = quorum_status(bucket, None)["waiting"]
+    assert waiting["attestations"] == 1
+    assert waiting["why"] == "not yet checked by the publisher"
+
+
+def test_attestations_a_pass_deleted_are_not_listed_as_not_counted(bucket: Bucket) -> None:
+    put(bucket, attestation("ci-a-1"))
+    stranger = put(bucket, attestation("ci-x-1"))
+    result = publisher(bucket, [time.time() + 10], expire_after=0.0).run_pass()
+    assert result.expired == [PATH]
+    assert stranger in {r["key"] for r in result.rejected}  # this pass did not count it
+    assert bucket.get(stranger) is None
+    assert quorum_status(bucket, None)["rejected"] == []
+
+
+def test_the_rejected_counter_counts_each_attestation_once(bucket: Bucket) -> None:
+    put(bucket, attestation("ci-a-1"))
+    put(bucket, attestation("ci-x-1"))
+    p, metrics = publisher(bucket), PublisherMetrics()
+    for _ in range(3):
+        metrics.record(p.run_pass(), 0.1)
+    total = "nix_cache_uploader_quorum_rejected_total"
+    assert metrics.registry.get_sample_value(total) == 1
+    put(bucket, attestation("ci-x-1", store_path=OTHER))
+    metrics.record(p.run_pass(), 0.1)
+    assert metrics.registry.get_sample_value(total) == 2
+
+
+def roots(bucket: Bucket) -> list[str]:
+    return [k for k, _ in bucket.list_prefix(ROOTS)]
+
+
+def test_an_idle_publisher_writes_no_new_root_each_pass(bucket: Bucket) -> None:
+    # Ready (two builders agree) but waiting for its reference: the root
+    # lists it on every pass.
+    for builder in ("ci-a-1", "ci-b-1"):
+        put(bucket, attestation(builder, references=(OTHER,)))
+    clock = [1_700_000_000.0]
+    p = publisher(bucket, clock)
+    for _ in range(3):
+        result = p.run_pass()
+        assert "waiting for its reference" in result.waiting[PATH[11:43]]["why"]
+        clock[0] += 30
+    assert len(roots(bucket)) == 1
+    # A new path to protect: a new root.
+    for builder in ("ci-a-1", "ci-b-1"):
+        put(bucket, attestation(builder, store_path=OTHER.replace("-other", "-b"), references=()))
+    p.run_pass()
+    assert len(roots(bucket)) == 2
+    clock[0] += 30
+    p.run_pass()
+    assert len(roots(bucket)) == 2
+    # The same paths an hour later: a new root, so --keep-days alone keeps one.
+    clock[0] += ROOT_REFRESH
+    p.run_pass()
+    assert len(roots(bucket)) == 3
+
+
+def test_the_publisher_writes_nix_cache_info(bucket: Bucket) -> None:
+    publisher(bucket).run_pass()
+    assert (bucket.get("nix-cache-info") or b"").startswith(b"StoreDir: /nix/store")
