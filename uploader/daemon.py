@@ -33,6 +33,7 @@ from uploader._exceptions import (
     CredentialsError,
     IncompleteEntryError,
     InvalidPathError,
+    NarError,
     SpoolError,
     StoreError,
     TargetError,
@@ -97,7 +98,7 @@ class Daemon:
         if metrics is not None:
             metrics.watch(
                 queue_depth=lambda: len(self._pending),
-                in_flight=lambda: len(self._in_flight),
+                in_flight=self._uploading,
                 oldest_age=lambda: self._oldest_age() or 0.0,
                 cache_usable=lambda: 0.0 if self._cache_problem else 1.0,
             )
@@ -555,11 +556,16 @@ class Daemon:
                 self.spool.ack(name)
                 self._pending.pop(name, None)
                 self._unroot(name)
-                log.info("%s: %s in the cache", name, plural(len(outputs), "output"))
+                where = "staged and attested" if self.engine.recorder else "in the cache"
+                log.info("%s: %s %s", name, plural(len(outputs), "output"), where)
                 continue
             root_causes = [_root_cause(e) for e in failed]
+            # A NAR that cannot be read (a path the database lists but the
+            # disk lacks, a fifo) stays unreadable: retrying cannot help.
             permanent = [
-                e for e in root_causes if isinstance(e, VerificationError | InvalidPathError)
+                e
+                for e in root_causes
+                if isinstance(e, VerificationError | InvalidPathError | NarError)
             ]
             if permanent:
                 self._quarantine(name, str(permanent[0]))
@@ -696,6 +702,11 @@ class Daemon:
                 await asyncio.to_thread(self._write_status, running=True)
             await asyncio.sleep(_STATUS_EVERY)
 
+    def _uploading(self) -> int:
+        """Entries of the running batch still in the spool (an entry acked or
+        quarantined before its batch ends is no longer in flight)."""
+        return len(self._in_flight & self._pending.keys())
+
     def status(self, *, running: bool) -> dict[str, Any]:
         now_wall = time.time()
         now = time.monotonic()
@@ -709,7 +720,7 @@ class Daemon:
             "target": str(self.engine.target.url),
             "spool": self.spool.path,
             "pending": len(self._pending),
-            "in_flight": len(self._in_flight),
+            "in_flight": self._uploading(),
             "oldest_pending_age": oldest,
             "retrying": [
                 {
@@ -721,6 +732,8 @@ class Daemon:
                 for p in sorted(self._pending.values(), key=lambda p: p.name)
                 if p.attempts
             ],
+            # Attest mode: paths are staged and attested, not in the cache yet.
+            "attest": self.engine.recorder is not None,
             "uploaded_paths": self._uploaded_paths,
             "uploaded_bytes": self._uploaded_bytes,
             "failures": dict(self._failures),

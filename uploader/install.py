@@ -115,6 +115,7 @@ class Request:
     path: tuple[str, ...]  # the service's PATH
     to: str | None = None
     secret_key_file: str | None = None
+    attest_key_file: str | None = None  # a fleet's builder (docs/fleet.md)
     spool: str | None = None
     state_dir: str | None = None
     gc_roots_dir: str | None = None
@@ -230,6 +231,7 @@ def _config_values(layout: Layout, req: Request) -> tuple[dict[str, object], byt
     asked: dict[str, object | None] = {
         "to": req.to,
         "secret-key-file": req.secret_key_file,
+        "attest-key-file": req.attest_key_file,
         "spool": req.spool,
         "state-dir": req.state_dir,
         "gc-roots-dir": req.gc_roots_dir,
@@ -241,7 +243,8 @@ def _config_values(layout: Layout, req: Request) -> tuple[dict[str, object], byt
         if req.to is None:
             raise ConfigError(f"--to is required: there is no config file {layout.config} yet")
         defaults = {
-            "secret-key-file": layout.default_key,
+            # A builder's key is only ever given: it holds no cache key.
+            **({} if req.attest_key_file else {"secret-key-file": layout.default_key}),
             "spool": DEFAULT_SPOOL,
             "upstream-keys": DEFAULT_UPSTREAM_KEYS,
         }
@@ -302,12 +305,13 @@ def _plan_key(plan: Plan, host: Host, layout: Layout, req: Request, key: str) ->
     def make() -> str:
         os.makedirs(os.path.dirname(key), mode=0o755, exist_ok=True)
         secret = generate(name)
+        # Root's: systemd hands the service a copy (LoadCredential=), so
+        # the uploader's user never needs to read the original.
         write_secret_key(key, secret)
-        host.chown(key, layout.user, layout.group)
         write_public_key(public, secret.public_key())
         return f"public key (for trusted-public-keys): {secret.public_key().to_text()}"
 
-    plan.add(f"create signing key {name} in {key} ({layout.user}, mode 0600) and {public}", make)
+    plan.add(f"create signing key {name} in {key} (root's, mode 0600) and {public}", make)
     return True
 
 
@@ -363,7 +367,14 @@ def plan_install(layout: Layout, req: Request, host: Host) -> Plan:
     settings.require("to")
     assert settings.to is not None
     parse_store_url(settings.to)
-    key = settings.secret_key_file or layout.default_key
+    if settings.attest_key_file and settings.secret_key_file:
+        raise ConfigError(
+            f"{layout.config} would name both secret-key-file and attest-key-file: a builder "
+            "of a fleet holds no cache key; remove secret-key-file from it"
+        )
+    key = settings.attest_key_file or settings.secret_key_file or layout.default_key
+    if not os.path.isabs(key):
+        raise ConfigError(f"the key file {key} must be an absolute path: systemd loads it")
     user, group = layout.user, layout.group
 
     _plan_accounts(plan, host, layout, settings.state_dir)
@@ -506,7 +517,7 @@ def _plan_purge(plan: Plan, host: Host, layout: Layout, settings: Settings) -> N
         plan.add(f"remove {directory} ({what})", partial(_remove, directory))
     if os.path.exists(layout.config):
         plan.add(f"remove {layout.config}", lambda: _remove(layout.config))
-    key = settings.secret_key_file or layout.default_key
+    key = settings.attest_key_file or settings.secret_key_file or layout.default_key
     kept = [p for p in (key, public_key_path(key), layout.environment_file) if os.path.exists(p)]
     if kept:
         plan.notes.append(f"kept {', '.join(kept)}: delete the key and credentials yourself")

@@ -90,6 +90,9 @@ def parse_entry(
     outputs: list[str] = []
     for number, line in enumerate(body, start=2):
         kind, _, value = line.partition(" ")
+        if kind == "invalid:":
+            # The hook's own verdict on what Nix passed it.
+            raise bad(f"the hook marked this entry invalid: {value[:200]}")
         if kind not in ("drv", "out"):
             raise bad(f"line {number}: unknown line {line[:80]!r} (expected 'drv' or 'out')")
         try:

@@ -119,6 +119,9 @@ def to_store_path(p: str, store_dir: str = STORE_DIR) -> str:
             continue
         candidate = os.path.join(current, component)
         if os.path.dirname(candidate) == store_dir:
+            inside = [c for c in pending if c not in ("", ".")]
+            if inside and os.path.lexists(candidate) and not os.path.lexists(p):
+                raise InvalidPathError(f"{p!r}: no such file or directory")
             return parse_store_path(candidate, store_dir)
         # The store directory's own ancestors are taken as written, so a
         # symlinked /nix still names paths as /nix/store/...
@@ -132,4 +135,6 @@ def to_store_path(p: str, store_dir: str = STORE_DIR) -> str:
         if target.startswith("/"):
             current = "/"
         pending[:0] = target.split("/")
+    if not os.path.lexists(current):
+        raise InvalidPathError(f"{p!r}: no such file or directory (resolved to {current!r})")
     raise InvalidPathError(f"{p!r} does not lead into {store_dir} (resolved to {current!r})")

@@ -44,7 +44,7 @@ class UnitParams:
 
     command: Sequence[str]  # how to start nix-cache-uploader: an absolute path, or python -m
     config: str
-    secret_key_file: str
+    secret_key_file: str  # the key the service signs with (a builder key in attest mode)
     environment_file: str
     user: str
     group: str
@@ -83,15 +83,17 @@ def service_directories(settings: Settings) -> tuple[list[str], list[str]]:
 def render_unit(p: UnitParams, settings: Settings) -> str:
     """The hardened nix-cache-uploader.service, as the NixOS module runs it."""
     # %d: the credentials directory, where systemd puts the service's private
-    # copy of the key (the original may stay root's own).
+    # copy of the key (the original may stay root's own).  A fleet's builder
+    # holds a builder key instead, under the NixOS module's name for it.
+    credential = "attest-key" if settings.attest_key_file else "secret-key"
     exec_start = " ".join(
         [
             *(_word(w, command=True) for w in p.command),
             "run",
             "--config",
             _word(p.config, command=True),
-            "--secret-key-file",
-            "%d/secret-key",
+            f"--{credential}-file",
+            f"%d/{credential}",
         ]
     )
     made, if_missing = service_directories(settings)
@@ -109,7 +111,7 @@ After=network-online.target nix-daemon.socket
 
 [Service]
 ExecStart={exec_start}
-LoadCredential=secret-key:{p.secret_key_file.replace("%", "%%")}
+LoadCredential={credential}:{p.secret_key_file.replace("%", "%%")}
 # S3 credentials (AWS_ACCESS_KEY_ID=..., AWS_SECRET_ACCESS_KEY=...); optional.
 EnvironmentFile=-{p.environment_file.replace("%", "%%")}
 # `nix` and `nix-store`; HOME for the Nix client's cache directory.

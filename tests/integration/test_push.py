@@ -98,7 +98,8 @@ def test_second_push_transfers_nothing(
     before = cache_objects()
     again = run_cli(*args, multi["out"], multi["lib"])
     assert "uploaded 0 paths" in again.stderr
-    assert "2 already in the cache" in again.stderr  # the walk stops at present roots
+    # The walk stops at present roots: their closures are taken as there.
+    assert "2 already in the cache with their closures" in again.stderr
     assert cache_objects() == before
 
 

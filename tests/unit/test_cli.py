@@ -59,6 +59,7 @@ def write_config(path: Path, text: str) -> str:
 BAD_URLS = [
     ("s3://bucket?endpoint=http://127.0.0.1:8333&addressing-style=bogus", "addressing-style"),
     ("s3://bucket?endpoint=http://127.0.0.1:99999", "invalid port"),
+    ("s3://bucket?endpoint=http://127.0.0.1:8333/some/prefix", "has a path"),
     ("s3://bucket?endpoint=ftp://127.0.0.1:8333", "endpoint must be"),
     ("file:///tmp/cache?priority=abc", "priority must be"),
     ("file:///tmp/cache?want-mass-query=maybe", "want-mass-query must be"),
@@ -170,6 +171,12 @@ def test_status_of_a_state_directory_reports_the_spool_its_daemon_serves(
     assert [q["entry"] for q in json.loads(result.stdout)["quarantined"]] == ["bad.entry"]
 
 
+def test_keygen_wants_two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    usage_error(cli("keygen", "k-1", "key", f"{tmp_path}/key"), "two different files")
+    assert not (tmp_path / "key").exists()
+
+
 def test_keygen_leaves_no_half_pair_behind(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     result = cli("keygen", "test-1", str(secret), "/proc/keygen-test.pub")
@@ -208,6 +215,10 @@ def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) ->
     one_error_line(result, f"secret key file {key} (mode 0644) is accessible by")
     result = cli("push", "--to", f"file://{tmp_path}/cache", STORE_PATH)
     one_error_line(result, "--secret-key-file is required (or secret-key=PATH")
+    assert "config file" not in result.output  # push reads none
+    config = write_config(tmp_path / "c.toml", f'to = "file://{tmp_path}/cache"\n')
+    result = cli("run", "--config", config, "--spool", str(tmp_path))
+    one_error_line(result, "or secret-key-file in the config file)")
 
 
 def test_verify_of_a_cache_that_does_not_exist_is_an_error_not_clean(tmp_path: Path) -> None:

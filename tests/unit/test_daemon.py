@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import threading
 import time
@@ -203,6 +204,31 @@ def test_a_path_differing_from_the_database_quarantines_its_entries(tmp_path: Pa
     assert name == "top.entry"
     assert bad in reason and "differs from what the Nix database registered" in reason
     assert s.target.narinfo(top) is None and s.target.narinfo(good) is not None
+
+
+def test_a_path_the_database_lists_but_the_disk_lacks_is_quarantined_not_retried(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    lost = s.store.add("lost")
+    s.store.registered(lost)  # registered first: the database keeps it
+    shutil.rmtree(s.store._dirs[lost])
+    s.entry("lost", f"out {lost}")
+    d = s.run_until(lambda d: not s.spool.pending())
+    ((name, reason),) = s.spool.quarantined()
+    assert name == "lost.entry" and "No such file or directory" in reason
+    assert not any(p.attempts for p in d._pending.values())
+
+
+def test_entries_that_left_the_spool_are_not_counted_in_flight(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.entry("bad", "drv nonsense")
+    s.entry("good", f"out {s.store.add('good')}")
+    d = s.run_until(lambda d: not s.spool.pending())
+    assert [name for name, _ in s.spool.quarantined()] == ["bad.entry"]
+    # As in the middle of a batch: one entry acked, one quarantined already.
+    d._in_flight = {"bad.entry", "good.entry"}
+    assert d.status(running=True)["in_flight"] == 0
 
 
 def test_paths_not_in_the_store_are_quarantined_and_partly_valid_entries_upload(

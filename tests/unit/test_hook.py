@@ -174,7 +174,9 @@ def test_without_drv_path_the_entry_is_named_unknown_and_gets_quarantined(
 def test_a_newline_cannot_forge_a_line(shell: str, spool: Path, drv: str, outs: str) -> None:
     run_hook(shell, spool, drv, outs)
     [entry] = entries(spool)
-    with pytest.raises(SpoolError, match="line 2: unknown line 'invalid: DRV_PATH or OUT_PATHS"):
+    with pytest.raises(
+        SpoolError, match="the hook marked this entry invalid: DRV_PATH or OUT_PATHS contains a"
+    ):
         Spool(spool).read(entry.name)
 
 

@@ -619,11 +619,12 @@ def test_root_is_no_uploader_user(tmp_path: Path, layout: Layout) -> None:
     assert "--user root is root: the uploader needs a user of its own" in plan.conflicts
 
 
-def test_generated_key_belongs_to_the_user(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
+def test_generated_key_stays_roots(tmp_path: Path, layout: Layout, host: FakeHost) -> None:
     lines = run(plan_install(layout, request(tmp_path, generate_key="cache.test-1"), host))
     key = tmp_path / "etc" / "secret-key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert host.owner(str(key)) == ("ncu", "ncu")
+    # systemd hands the service its copy (LoadCredential=): the user needs none.
+    assert host.owner(str(key)) == ("root", "root")
     public = (tmp_path / "etc" / "public-key").read_text().strip()
     assert public == SecretKey.load(str(key)).public_key().to_text()
     assert f"  public key (for trusted-public-keys): {public}" in lines
@@ -786,3 +787,20 @@ def test_purge_for_another_user_removes_nothing_of_this_installation(
     assert "user someone is not installed here: nothing to purge" in plan.notes
     assert not any("config.toml" in text for text, _ in plan.actions)
     assert tree(tmp_path / "state") == {k: v for k, v in before.items() if "/state/" in k}
+
+
+def test_a_fleet_builder_is_installed_with_its_builder_key_and_no_cache_key(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    builder_key = str(tmp_path / "etc" / "builder-key")
+    run(plan_install(layout, request(tmp_path, attest_key_file=builder_key,
+                                     generate_key="ci-a-1"), host))  # fmt: skip
+    config = tomllib.loads(Path(layout.config).read_text())
+    assert config["attest-key-file"] == builder_key and "secret-key-file" not in config
+    assert SecretKey.load(builder_key).name == "ci-a-1"
+    unit = Path(layout.unit_path).read_text()
+    assert f"LoadCredential=attest-key:{builder_key}\n" in unit
+    assert "--attest-key-file %d/attest-key" in unit and "secret-key" not in unit
+    # A config file that already names the cache key: refused, not merged.
+    with pytest.raises(ConfigError, match="holds no cache key"):
+        plan_install(layout, request(tmp_path, secret_key_file=builder_key), host)

@@ -143,3 +143,17 @@ def test_to_store_path_reports_symlink_loops(tmp_path: Path) -> None:
     os.symlink("a", tmp_path / "b")
     with pytest.raises(InvalidPathError, match="too many levels"):
         to_store_path(str(tmp_path / "a"))
+
+
+def test_to_store_path_says_when_a_path_does_not_exist(tmp_path: Path) -> None:
+    (tmp_path / "dangling").symlink_to("nowhere")
+    for missing in (tmp_path / "nosuch", tmp_path / "dangling"):
+        with pytest.raises(InvalidPathError, match="no such file or directory"):
+            to_store_path(str(missing))
+    store = tmp_path / "store"
+    (store / f"{'1' * 32}-dir").mkdir(parents=True)
+    inside = store / f"{'1' * 32}-dir" / "nonexistent-file"
+    with pytest.raises(InvalidPathError, match="no such file or directory"):
+        to_store_path(str(inside), store_dir=str(store))
+    # A store path this machine does not have is left for the store to refuse.
+    assert to_store_path(f"{GOOD}/bin/hello") == GOOD

@@ -208,13 +208,14 @@ def make_engine(
     )
 
 
-def secret_key_file(flag: str | None, store_url: str) -> str:
-    """The signing key's file: the flag, else the store URL's ``secret-key=``."""
+def secret_key_file(flag: str | None, store_url: str, *, config_file: bool = False) -> str:
+    """The signing key's file: the flag (or, with ``config_file``, the
+    config file's setting), else the store URL's ``secret-key=``."""
     path = flag or parse_store_url(store_url).secret_key_file
     if path is None:
+        also = ", or secret-key-file in the config file" if config_file else ""
         raise ConfigError(
-            "--secret-key-file is required (or secret-key=PATH in the store URL, "
-            "or secret-key-file in the config file)"
+            f"--secret-key-file is required (or secret-key=PATH in the store URL{also})"
         )
     return path
 

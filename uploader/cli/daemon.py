@@ -111,7 +111,9 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
             refuse_cache_key(settings.secret_key_file, settings.to)
             attest = SecretKey.load(settings.attest_key_file)
         else:
-            key = SecretKey.load(secret_key_file(settings.secret_key_file, settings.to))
+            key = SecretKey.load(
+                secret_key_file(settings.secret_key_file, settings.to, config_file=True)
+            )
         if settings.low_priority:
             # Before any thread starts: threads inherit the priority.
             lowered = lower_priority()
@@ -317,10 +319,12 @@ def _print_status(r: dict[str, Any]) -> None:
             click.echo(f"  {item['entry']}: {item['reason']}")
         _more(quarantined)
     if "uploaded_paths" in r:
-        click.echo(
-            f"uploaded:    {plural(r['uploaded_paths'], 'path')}, "
-            f"{human_bytes(r.get('uploaded_bytes', 0))} since start"
-        )
+        paths = plural(r["uploaded_paths"], "path")
+        size = human_bytes(r.get("uploaded_bytes", 0))
+        if r.get("attest"):  # nothing went to the cache: NARs staged, paths attested
+            click.echo(f"attested:    {paths}, {size} staged since start")
+        else:
+            click.echo(f"uploaded:    {paths}, {size} since start")
     errors = r.get("last_errors") or []
     if errors:
         click.echo("last errors:")
@@ -345,8 +349,10 @@ def wait(
     """Block until the spool is drained (for the end of a CI job).
 
     Waits as long as it takes unless --timeout is given.  Exits 0 once every
-    queued entry is uploaded (or quarantined), 3 on timeout.  Users who
-    cannot read the spool are answered from the daemon's status file.
+    queued entry is uploaded (or quarantined), 3 on timeout.  In attest mode
+    (a fleet's builder) that is staged and attested: the path is in the cache
+    only once the publisher has a quorum.  Users who cannot read the spool
+    are answered from the daemon's status file.
     """
     settings = _queue_settings(config_file, spool, state_dir)
     start = time.time()
@@ -361,7 +367,15 @@ def wait(
         else:
             left = -1  # not known yet
         if left == 0:
-            click.echo("spool drained", err=True)
+            if settings.attest_key_file or (report or {}).get("attest"):
+                # A builder's part is done; the publisher signs once enough agree.
+                click.echo(
+                    "spool drained: every queued build is staged and attested "
+                    "(in the cache once the publisher has a quorum)",
+                    err=True,
+                )
+            else:
+                click.echo("spool drained", err=True)
             return
         state = _daemon_state(report or {})
         if state != "running" and not warned and time.time() - start > 2:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from uploader._exceptions import UploaderError
-from uploader.cli._common import fail, main
+from uploader.cli._common import EXIT_USAGE, fail, main
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.host import LocalHost
 from uploader.install import (
@@ -115,9 +115,17 @@ def _needs_root(dry_run: bool) -> None:
     help="Where the signing key is [default: secret-key beside --config].",
 )
 @click.option(
+    "--attest-key-file",
+    metavar="FILE",
+    default=None,
+    help="A fleet's builder: attest with this builder key instead of signing with the "
+    "cache key (docs/fleet.md); the config file gets attest-key-file, no secret-key-file.",
+)
+@click.option(
     "--generate-key",
     metavar="NAME",
-    help="Create the signing key NAME there (owned by --user, 0600) if it is missing.",
+    help="Create the signing key NAME there (root's, 0600: systemd hands the service a "
+    "copy) if it is missing.",
 )
 @click.option(
     "--spool", default=None, metavar="DIR", help=f"Spool directory [default: {DEFAULT_SPOOL}]."
@@ -154,6 +162,7 @@ def install(
     hook_path: str,
     store_url: str | None,
     secret_key_file: str | None,
+    attest_key_file: str | None,
     generate_key: str | None,
     spool: str | None,
     state_dir: str | None,
@@ -172,6 +181,8 @@ def install(
     nothing.  The S3 credentials go into the file `environment` beside the
     config file.  `uninstall` undoes it.
     """
+    if secret_key_file and attest_key_file:
+        fail("--secret-key-file and --attest-key-file: a builder holds no cache key", EXIT_USAGE)
     _needs_root(dry_run)
     layout = _layout(user, group, config_file, nix_conf, unit_dir, hook_path)
     request = Request(
@@ -179,6 +190,7 @@ def install(
         path=service_path(os.environ.get("PATH")),
         to=store_url,
         secret_key_file=secret_key_file,
+        attest_key_file=attest_key_file,
         spool=spool,
         state_dir=state_dir,
         gc_roots_dir=gc_roots_dir,

@@ -7,7 +7,7 @@ import os
 import click
 
 from uploader._exceptions import UploaderError
-from uploader.cli._common import fail, main
+from uploader.cli._common import EXIT_USAGE, fail, main
 from uploader.signing import generate, write_public_key, write_secret_key
 
 
@@ -24,6 +24,8 @@ def keygen(name: str, secret_key_file: str, public_key_file: str) -> None:
     and when either cannot be written neither is left behind.
     Put the public key into `trusted-public-keys` on machines that substitute.
     """
+    if os.path.abspath(secret_key_file) == os.path.abspath(public_key_file):
+        fail("the secret and the public key need two different files", EXIT_USAGE)
     try:
         key = generate(name)
         write_secret_key(secret_key_file, key)

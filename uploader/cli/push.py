@@ -170,6 +170,9 @@ def _report(result: PushResult, method: str, quiet: bool, engine: Engine) -> Non
             line += f", {len(foreign)} not built here (substituted: not attested)"
     else:
         line = f"uploaded {done}, {len(result.present)} already in the cache"
+        # A path found there is not looked under: its closure is there too.
+        if result.present:
+            line += " with its closure" if len(result.present) == 1 else " with their closures"
     if upstream:
         line += f", {len(upstream)} served upstream"
     if result.failed:

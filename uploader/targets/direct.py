@@ -366,6 +366,7 @@ class DirectRequests:
             last = attempt + 1 == self._attempts
             # Signed again for each attempt: the signature carries the time.
             signed = self._signed(method, host, path, canonical_query, body, headers)
+            level = logging.DEBUG
             try:
                 async with http.request(method, url, data=body, headers=signed) as response:
                     data = await response.read()
@@ -383,9 +384,15 @@ class DirectRequests:
                 if last:
                     raise ConnectionError(failure) from None
                 wait = 0.0
+                # A server that stopped answering costs a read timeout per
+                # attempt (minutes in all): say so now, not at the end.
+                if isinstance(e, TimeoutError):
+                    failure = f"no answer in time ({failure})"
+                    level = logging.WARNING
             wait = max(wait, _BACKOFF * 2**attempt * random.uniform(0.5, 1.5))
-            # Debug only: whoever gives up or retries later says it once.
-            log.debug(
+            # Otherwise debug only: whoever gives up or retries later says it once.
+            log.log(
+                level,
                 "%s %s: %s; attempt %d of %d in %.2fs",
                 method, where, failure, attempt + 2, self._attempts, wait,
             )  # fmt: skip

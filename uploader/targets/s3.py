@@ -185,7 +185,21 @@ class S3Target:
         )
 
     def _describe(self, e: Exception, action: str, where: str) -> TargetError:
-        return _describe(e, action, where, self.url.params.get("profile"))
+        error = _describe(e, action, where, self.url.params.get("profile"))
+        endpoint = self.url.params.get("endpoint", "")
+        if (
+            "ssl" in str(error).lower()
+            and endpoint
+            and "://" not in endpoint
+            and "scheme" not in self.url.params
+        ):
+            # Nix's older spelling means https unless scheme=http is given.
+            error.args = (
+                f"{error} (the endpoint {endpoint!r} has no scheme, so HTTPS was used; for "
+                f"plain HTTP write endpoint=http://{endpoint})",
+                *error.args[1:],
+            )
+        return error
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

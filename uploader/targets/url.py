@@ -190,6 +190,13 @@ def _check_values(url: str, result: StoreUrl) -> None:
             raise ConfigError(
                 f"store URL {url!r}: endpoint must be http(s)://HOST[:PORT] or HOST[:PORT]"
             )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            # botocore would put the bucket after the path: the objects
+            # would land in another bucket (the path's first part).
+            raise ConfigError(
+                f"store URL {url!r}: endpoint {endpoint!r} has a path; give "
+                "http(s)://HOST[:PORT] only (the bucket is the URL's BUCKET)"
+            )
     priority = params.get("priority")
     if priority is not None and not (priority.isascii() and priority.isdigit()):
         raise ConfigError(f"store URL {url!r}: priority must be a non-negative integer")

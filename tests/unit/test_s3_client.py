@@ -1,0 +1,85 @@
+"""The S3 target against servers that are not S3 at all, on loopback: one
+that accepts connections and never answers, one that speaks plain HTTP where
+the URL's endpoint (no scheme) means HTTPS.  What a user sees is the point."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from uploader._exceptions import TargetError
+from uploader.targets.s3 import S3Target
+from uploader.targets.url import parse_store_url
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """Accepts connections and reads requests, never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = listener.accept()
+                held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def plain_http_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_server_that_stops_answering_is_said_at_once_not_after_every_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with silent_server() as port:
+        url = parse_store_url(f"s3://silent?endpoint=http://127.0.0.1:{port}")
+        target = S3Target(url, max_attempts=2, read_timeout=0.3)
+        with caplog.at_level(logging.WARNING), pytest.raises(TargetError):
+            target.get("nix-cache-info")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("no answer in time" in w and "attempt 2 of 2" in w for w in warned), warned
+
+
+def test_an_endpoint_without_a_scheme_on_a_plain_http_server_says_to_add_one() -> None:
+    with plain_http_server() as port:
+        url = parse_store_url(f"s3://plain?endpoint=127.0.0.1:{port}")
+        target = S3Target(url, max_attempts=1, read_timeout=5)
+        with pytest.raises(TargetError) as failed:
+            target.get("nix-cache-info")
+    assert f"write endpoint=http://127.0.0.1:{port}" in str(failed.value)
