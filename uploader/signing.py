@@ -111,6 +111,8 @@ class PublicKey:
         is said to be a missing file, not a malformed key."""
         if os.path.isfile(value):
             return cls.load(value)
+        if os.path.isdir(value):
+            raise KeyFileError(f"public key {value!r} is a directory, not a key file")
         try:
             return cls.parse(value)
         except KeyFileError:

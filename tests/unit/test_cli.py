@@ -338,5 +338,8 @@ def test_verify_names_a_missing_key_file_and_an_upstream_it_cannot_read(tmp_path
     (tmp_path / "cache").mkdir()
     url = f"file://{tmp_path}/cache"
     usage_error(cli("verify", "--to", url, "--public-key", "./nonexistent.pub"), "no such file")
+    usage_error(cli("verify", "--to", url, "--public-key", str(tmp_path)), "is a directory")
+    (tmp_path / "afile").write_text("")
+    one_error_line(cli("gc", "--to", f"file://{tmp_path}/afile"), "is not a directory")
     usage_error(cli("verify", "--to", url, "--upstream", "s3://up"), "file://")
     assert cli("verify", "--to", url, "--upstream", f"file://{tmp_path}").exit_code == EXIT_OK

@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.fakes import FakeStore
 from uploader import signing
+from uploader._exceptions import TargetError, UploaderError
 from uploader.engine import Engine
 from uploader.lifecycle import (
     GcResult,
@@ -315,3 +316,25 @@ def test_verify_reports_a_pinned_path_that_left_the_cache(cache: Cache) -> None:
     (problem,) = report.problems
     assert problem.kind == "missing-reference" and problem.store_path == a
     assert problem.detail == "referenced by pin 'release'"
+
+
+def test_a_pin_that_cannot_be_undone_says_it_was_written_and_why(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = cache.store.add("a")
+    cache.push("ci", a)
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise TargetError("reading s3://b/x.narinfo: AccessDenied (this needs s3:GetObject)")
+
+    def no_delete(key: str) -> None:
+        raise TargetError(f"deleting s3://b/{key}: AccessDenied")
+
+    monkeypatch.setattr("uploader.lifecycle.pins._closure", denied)
+    monkeypatch.setattr(cache.target, "delete", no_delete)
+    with pytest.raises(UploaderError) as failed:
+        add_pin(cache.target, "release", [a])
+    message = str(failed.value)
+    assert "pin 'release' was written" in message and "s3:GetObject" in message
+    assert "deleting" in message and "pin rm release" in message
+    assert [p.name for p in list_pins(cache.target)] == ["release"]

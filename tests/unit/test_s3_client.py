@@ -10,10 +10,11 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from uploader._exceptions import TargetError
+from uploader._exceptions import ConfigError, TargetError
 from uploader.targets.s3 import S3Target
 from uploader.targets.url import parse_store_url
 
@@ -83,3 +84,57 @@ def test_an_endpoint_without_a_scheme_on_a_plain_http_server_says_to_add_one() -
         with pytest.raises(TargetError) as failed:
             target.get("nix-cache-info")
     assert f"write endpoint=http://127.0.0.1:{port}" in str(failed.value)
+
+
+def test_an_aws_profile_from_the_environment_that_does_not_exist_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    with pytest.raises(ConfigError, match="AWS_PROFILE=nosuch: no such AWS profile"):
+        S3Target(parse_store_url("s3://bucket?endpoint=http://127.0.0.1:9"))
+
+
+class _Forbidding(http.server.BaseHTTPRequestHandler):
+    """Every request refused as S3 refuses a missing permission."""
+
+    def _deny(self) -> None:
+        body = (
+            b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+            b"<Message>Access Denied</Message></Error>"
+        )
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_DELETE = do_HEAD = do_POST = _deny
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refused_request_names_the_permission_it_needs() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        target = S3Target(parse_store_url(f"s3://denied?endpoint=http://127.0.0.1:{port}"))
+        for attempt, permission in [
+            (lambda: target.put_bytes("x.narinfo", b"x", "text/plain"), "s3:PutObject"),
+            (lambda: target.delete("x.narinfo"), "s3:DeleteObject"),
+            (lambda: target.list_objects("nar/", ""), "s3:ListBucket"),
+        ]:
+            with pytest.raises(TargetError) as refused:
+                attempt()
+            assert str(refused.value).endswith(f"(this needs the {permission} permission)")
+            assert str(refused.value).count("this needs") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -63,6 +63,8 @@ def _open(store_url: str, jobs: int = 32) -> Target:
     # would be made by the first write (a gc timer with a typo in its URL
     # would report success every night).
     if isinstance(target, FileTarget) and not os.path.isdir(target.root):
+        if os.path.exists(target.root):
+            fail(f"the cache {target.root} is not a directory (check the URL)")
         fail(f"the cache {target.root} does not exist (push to it first, or check the URL)")
     return target
 
@@ -318,4 +320,7 @@ def pin_rm(store_url: str, name: str) -> None:
     except UploaderError as e:
         fail(str(e))
     if not removed:
-        fail(f"no pin named {name!r}")
+        fail(
+            f"no pin named {name!r} (`pin list` shows them; without s3:GetObject on "
+            "lifecycle/v1/pins/ none can be seen)"
+        )

@@ -50,11 +50,14 @@ def add_pin(
             served = upstream(sorted(p.removeprefix(f"{STORE_DIR}/") for p in missing))
             missing = {p for p in missing if p.removeprefix(f"{STORE_DIR}/") not in served}
         missing |= guard.gone(sorted(found))
+    except UploaderError as e:
+        _restore(target, name, before, e)
+        raise
     except BaseException:
         restore_pin(target, name, before)
         raise
     if missing:
-        restore_pin(target, name, before)
+        _restore(target, name, before, None)
         shown = sorted(missing)
         more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
         raise PinRefused(
@@ -63,6 +66,23 @@ def add_pin(
             f"{'' if upstream else ', or give the --upstream cache that serves them'})"
         )
     return len(found)
+
+
+def _restore(target: Target, name: str, before: bytes | None, why: UploaderError | None) -> None:
+    """Put the pin back as it was; if that fails, say so with what went
+    wrong first (the pin written keeps its closure until removed)."""
+    try:
+        restore_pin(target, name, before)
+    except UploaderError as e:
+        first = (
+            f"its closure could not be checked: {why}"
+            if why is not None
+            else "its closure is not all in the cache"
+        )
+        raise UploaderError(
+            f"pin {name!r} was written, but {first}; undoing it failed too ({e}): "
+            f"remove it with `pin rm {name}` once that works"
+        ) from e
 
 
 def _closure(target: Target, paths: list[str], jobs: int) -> tuple[set[str], set[str]]:

@@ -96,6 +96,15 @@ def session_for(profile: str | None) -> boto3.session.Session:
             f"AWS profile {profile!r} is not in {aws_files()}: add it there, or drop "
             "profile= to use the environment or an instance role"
         )
+    if profile is None:
+        # botocore would raise ProfileNotFound at the first request instead.
+        for variable in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            named = os.environ.get(variable)
+            if named and named not in core.available_profiles:
+                raise ConfigError(
+                    f"{variable}={named}: no such AWS profile in {aws_files()}; add it "
+                    f"there, or unset {variable}"
+                )
     resolver = core.get_component("credential_provider")
     core.register_component("credential_provider", _DeferredProvider(resolver, profile))
     return boto3.session.Session(botocore_session=core)

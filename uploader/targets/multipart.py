@@ -29,7 +29,7 @@ class S3Upload:
         bucket: str,
         key: str,
         upload_id: str,
-        failed: Callable[[Exception, str], TargetError],
+        failed: Callable[[Exception, str, str], TargetError],
     ) -> None:
         self.key = key
         self._client = client
@@ -48,12 +48,12 @@ class S3Upload:
         bucket: str,
         key: str,
         content_type: str,
-        failed: Callable[[Exception, str], TargetError],
+        failed: Callable[[Exception, str, str], TargetError],
     ) -> S3Upload:
         try:
             resp = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)
         except Exception as e:
-            raise failed(e, key) from e
+            raise failed(e, key, "uploading") from e
         return cls(client, parts_client, bucket, key, str(resp["UploadId"]), failed)
 
     def put_part(self, number: int, data: bytes | bytearray) -> None:
@@ -64,7 +64,7 @@ class S3Upload:
                 Bucket=self._bucket, Key=self.key, UploadId=self._id, PartNumber=number, Body=data
             )
         except Exception as e:
-            raise self._failed(e, self.key) from e
+            raise self._failed(e, self.key, "uploading") from e
         with self._lock:
             self._etags[number] = str(resp["ETag"])
 
@@ -79,7 +79,7 @@ class S3Upload:
                 MultipartUpload={"Parts": parts},
             )
         except Exception as e:
-            raise self._failed(e, self.key) from e
+            raise self._failed(e, self.key, "uploading") from e
 
     def abort(self) -> None:
         try:
@@ -87,4 +87,4 @@ class S3Upload:
                 Bucket=self._bucket, Key=self.key, UploadId=self._id
             )
         except Exception as e:
-            raise self._failed(e, self.key) from e
+            raise self._failed(e, self.key, "aborting the upload of") from e

@@ -93,6 +93,17 @@ def _describe(e: Exception, action: str, where: str, profile: str | None = None)
     return TargetError(f"{action} {where}: {scrub(str(e))}")
 
 
+# What a 403 on each kind of request lacks (AWS's names; other servers' are alike).
+_PERMISSIONS = {
+    "uploading": "s3:PutObject",
+    "reading": "s3:GetObject",
+    "checking": "s3:GetObject",
+    "listing": "s3:ListBucket",
+    "deleting": "s3:DeleteObject",
+    "aborting the upload of": "s3:AbortMultipartUpload",
+}
+
+
 def _no_bucket(action: str, where: str) -> TargetError:
     return TargetError(f"{action} {where}: the bucket does not exist; create it first")
 
@@ -186,6 +197,14 @@ class S3Target:
 
     def _describe(self, e: Exception, action: str, where: str) -> TargetError:
         error = _describe(e, action, where, self.url.params.get("profile"))
+        permission = _PERMISSIONS.get(action)
+        if (
+            permission
+            and isinstance(e, botocore.exceptions.ClientError)
+            and _status(e) == 403
+            and type(error) is TargetError  # not refused credentials: a missing permission
+        ):
+            error = TargetError(f"{error} (this needs the {permission} permission)")
         endpoint = self.url.params.get("endpoint", "")
         if (
             "ssl" in str(error).lower()
@@ -204,7 +223,7 @@ class S3Target:
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _failed_upload(self, e: Exception, key: str) -> TargetError:
+    def _failed_upload(self, e: Exception, key: str, action: str = "uploading") -> TargetError:
         """The error for a failed PUT.  SeaweedFS (and S3 where the caller may
         not list buckets) answer a PUT into a missing bucket with 403
         AccessDenied; one HEAD on the bucket tells that apart from a missing
@@ -215,8 +234,8 @@ class S3Target:
             and _status(e) in (403, 404)
             and self._bucket_missing()
         ):
-            return _no_bucket("uploading", where)
-        return self._describe(e, "uploading", where)
+            return _no_bucket(action, where)
+        return self._describe(e, action, where)
 
     def _bucket_missing(self) -> bool:
         try:
@@ -285,10 +304,7 @@ class S3Target:
         except TargetError:
             raise
         except Exception as e:
-            error = self._describe(e, "listing", self._where(prefix))
-            if isinstance(e, botocore.exceptions.ClientError) and _status(e) == 403:
-                error = TargetError(f"{error} (this needs the s3:ListBucket permission)")
-            raise error from e
+            raise self._describe(e, "listing", self._where(prefix)) from e
         last = max(page.keys) if page.truncated else None
         # A key ending in '/' is a folder marker (S3 consoles make them;
         # SeaweedFS lists a directory emptied by a delete as one), not an

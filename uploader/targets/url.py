@@ -194,7 +194,7 @@ def _check_values(url: str, result: StoreUrl) -> None:
             # botocore would put the bucket after the path: the objects
             # would land in another bucket (the path's first part).
             raise ConfigError(
-                f"store URL {url!r}: endpoint {endpoint!r} has a path; give "
+                f"store URL {url!r}: endpoint {endpoint!r} has a path or query; give "
                 "http(s)://HOST[:PORT] only (the bucket is the URL's BUCKET)"
             )
     priority = params.get("priority")
