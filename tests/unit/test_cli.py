@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,18 @@ def test_status_of_a_state_directory_reports_the_spool_its_daemon_serves(
     result = cli("status", "--json", "--state-dir", str(state))
     assert result.exit_code == EXIT_OK, result.output
     assert [q["entry"] for q in json.loads(result.stdout)["quarantined"]] == ["bad.entry"]
+
+
+def test_a_daemon_killed_before_it_said_so_is_not_shown_running(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state = tmp_path / "state"
+    state.mkdir()
+    for pid, shown in ((os.getpid(), "running"), (dead.pid, "not responding")):
+        status = {"spool": str(tmp_path), "running": True, "updated_at": time.time(), "pid": pid}
+        (state / "status.json").write_text(json.dumps(status))
+        result = cli("status", "--json", "--state-dir", str(state))
+        assert json.loads(result.stdout)["daemon"] == shown, result.output
 
 
 def test_keygen_wants_two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -271,7 +271,23 @@ def _daemon_state(report: dict[str, Any]) -> str:
     if not report.get("running"):
         return "stopped"
     age = time.time() - float(report["updated_at"])
-    return "running" if age < _STALE_AFTER else "not responding"
+    if age >= _STALE_AFTER or _gone(report.get("pid")):
+        return "not responding"
+    return "running"
+
+
+def _gone(pid: object) -> bool:
+    """Whether the process that wrote the status no longer exists here (it
+    was killed before it could say it stopped)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # there, but another user's
+    return False
 
 
 _STALE_AFTER = 15.0
