@@ -43,6 +43,15 @@ def _narinfo(s3: S3Server, bucket: str, path: str) -> NarInfo | None:
     return NarInfo.parse(text.decode()) if text is not None else None
 
 
+def _upstream_serving(s3: S3Server, path: str, tmp_path: Path) -> tuple[KeyPair, str, str]:
+    """A second bucket, pushed ``path`` with a key of its own: its keys, name and HTTP URL."""
+    upstream_keys = make_keys(tmp_path, "upstream-cache-1")
+    upstream_bucket = s3.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
+    run_cli("push", "--to", s3.store_url(upstream_bucket),
+            "--secret-key-file", upstream_keys.secret_file, path)  # fmt: skip
+    return upstream_keys, upstream_bucket, s3.http_url(upstream_bucket)
+
+
 def _realise_from(caches: list[str], keys: list[str], path: str, root: Path) -> str:
     """Substitute ``path`` into a fresh store at ``root`` from all ``caches`` at
     once, as a developer machine with several substituters does; its stderr."""
@@ -64,11 +73,7 @@ def test_paths_an_upstream_cache_serves_are_not_uploaded_again(
 ) -> None:
     expr = _pair_expr()
     (dep,) = build(expr, attr="dep")
-    upstream_keys = make_keys(tmp_path, "upstream-cache-1")
-    upstream_bucket = s3.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
-    run_cli("push", "--to", s3.store_url(upstream_bucket),
-            "--secret-key-file", upstream_keys.secret_file, dep)  # fmt: skip
-    upstream_url = s3.http_url(upstream_bucket)
+    upstream_keys, upstream_bucket, upstream_url = _upstream_serving(s3, dep, tmp_path)
 
     uploader.extra_args = ["--upstream", upstream_url]
     uploader.start()
@@ -116,11 +121,7 @@ def test_push_leaves_out_what_an_upstream_cache_serves_and_pin_add_accepts_it(
     expr = _pair_expr()
     (dep,) = build(expr, attr="dep")
     (top,) = build(expr, attr="top")
-    upstream_keys = make_keys(tmp_path, "upstream-cache-1")
-    upstream_bucket = s3.create_bucket(f"up-{uuid.uuid4().hex[:12]}")
-    run_cli("push", "--to", s3.store_url(upstream_bucket),
-            "--secret-key-file", upstream_keys.secret_file, dep)  # fmt: skip
-    upstream_url = s3.http_url(upstream_bucket)
+    upstream_keys, _, upstream_url = _upstream_serving(s3, dep, tmp_path)
 
     pushed = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
                      keys.secret_file, "--upstream", upstream_url, top)  # fmt: skip

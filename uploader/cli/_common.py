@@ -84,6 +84,20 @@ def verbosity(fn: F) -> F:
     )(fn)
 
 
+def upstream_checks(fn: F) -> F:
+    """--upstream and --upstream-key NAME:KEY, as the lifecycle commands
+    (verify, pin add) take them: caches that serve what this one leaves out."""
+    fn = click.option(
+        "--upstream-key", "upstream_keys", multiple=True, metavar="NAME:KEY",
+        help="An upstream's narinfo counts only when signed by one of these (repeatable).",
+    )(fn)  # fmt: skip
+    return click.option(
+        "--upstream", "upstreams", multiple=True, metavar="URL",
+        help="Cache that serves the paths this one leaves out, e.g. https://cache.nixos.org "
+        "(repeatable; as given to `run`).",
+    )(fn)  # fmt: skip
+
+
 class _Group(click.Group):
     """click's group, with its own errors in our one style (``error: …``, as Nix)."""
 

@@ -19,6 +19,7 @@ from uploader.cli._common import (
     fail,
     main,
     setup_logging,
+    upstream_checks,
     verbosity,
 )
 from uploader.config import check_upstreams
@@ -241,15 +242,7 @@ def pin() -> None:
 
 @pin.command("add")
 @_TO
-@click.option(
-    "--upstream", "upstreams", multiple=True, metavar="URL",
-    help="Cache that serves the paths this one leaves out, e.g. https://cache.nixos.org "
-    "(repeatable; as given to `run`).",
-)  # fmt: skip
-@click.option(
-    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME:KEY",
-    help="An upstream's narinfo counts only when signed by one of these (repeatable).",
-)  # fmt: skip
+@upstream_checks
 @click.argument("name")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @verbosity

@@ -16,6 +16,7 @@ from uploader.cli._common import (
     main,
     make_engine,
     setup_logging,
+    upstream_checks,
     verbosity,
 )
 from uploader.config import check_upstreams
@@ -52,15 +53,7 @@ def _public_key(value: str) -> PublicKey:
     "trusted-public-keys, or a key file).  Without any, signatures are only checked "
     "to be well-formed.",
 )  # fmt: skip
-@click.option(
-    "--upstream", "upstreams", multiple=True, metavar="URL",
-    help="Cache that serves the references this one leaves out, e.g. https://cache.nixos.org "
-    "(repeatable; as given to `run`).",
-)  # fmt: skip
-@click.option(
-    "--upstream-key", "upstream_keys", multiple=True, metavar="NAME:KEY",
-    help="An upstream's narinfo counts only when signed by one of these (repeatable).",
-)  # fmt: skip
+@upstream_checks
 @click.option("--deep", is_flag=True, help="Download every NAR and check its hashes and sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option(
