@@ -201,3 +201,15 @@ def check_upstreams(urls: Iterable[str], schemes: tuple[str, ...] = ("http", "ht
         if not sep or scheme not in schemes or not rest:
             spelled = " or ".join(f"{s}://" for s in schemes)
             raise ConfigError(f"upstream {url!r}: give a binary cache URL starting {spelled}")
+
+
+def gc_roots_warning(path: str) -> str | None:
+    """Why ``path`` protects nothing as gc-roots-dir, or None: Nix counts a
+    link as a root only under its gcroots directory."""
+    top = os.path.dirname(DEFAULT_GC_ROOTS)
+    if os.path.realpath(path).startswith(os.path.realpath(top) + os.sep):
+        return None
+    return (
+        f"gc-roots-dir {path} is outside {top}: Nix does not count the links there as "
+        "GC roots, so a garbage collection may delete outputs before they are uploaded"
+    )

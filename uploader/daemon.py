@@ -122,6 +122,7 @@ class Daemon:
         # Set while the cache cannot be used at all (no credentials, rejected
         # ones, unreachable): entries wait, and it is asked again with backoff.
         self._cache_problem: str | None = None
+        self._cache_checked = False
         self._cache_attempts = 0
         self._cache_retry_at = 0.0
 
@@ -294,8 +295,14 @@ class Daemon:
         except CredentialsError as e:
             self._cache_down(e, [])
             return
-        except TargetError:
-            return  # unreachable: batches retry with their own backoff and say so
+        except TargetError as e:
+            # Unreachable, or no such bucket: batches retry with their own
+            # backoff and say so; said here too, before any build is queued.
+            if not self._cache_checked:
+                log.warning("%s; builds queued meanwhile are retried with backoff", e)
+            self._cache_checked = True
+            return
+        self._cache_checked = True
         self._cache_up()
 
     def _batch_failed(self, names: list[str], error: UploaderError) -> None:
@@ -305,6 +312,9 @@ class Daemon:
         if isinstance(error, CredentialsError):
             self._cache_down(error, names)
             return
+        # Counted once per batch (an unreachable endpoint, a missing bucket):
+        # what monitoring alerts on while every upload fails.
+        self._count_failure(_kind(error))
         retry_after = error.retry_after if isinstance(error, TransientTargetError) else None
         self._retry_later(names, str(error), retry_after=retry_after or 0.0)
 

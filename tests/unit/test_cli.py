@@ -184,6 +184,19 @@ def test_a_daemon_killed_before_it_said_so_is_not_shown_running(tmp_path: Path) 
         assert json.loads(result.stdout)["daemon"] == shown, result.output
 
 
+def test_check_config_warns_of_gc_roots_nix_does_not_count(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml", f'to = "file://{tmp_path}/c"\ngc-roots-dir = "{tmp_path}/roots"\n'
+    )
+    result = cli("check-config", "--config", config)
+    assert result.exit_code == EXIT_OK, result.output
+    assert f"warning: gc-roots-dir {tmp_path}/roots is outside /nix/var/nix/gcroots" in (
+        result.output
+    )
+    config = write_config(tmp_path / "d.toml", f'to = "file://{tmp_path}/c"\n')
+    assert "gc-roots-dir" not in cli("check-config", "--config", config).output
+
+
 def test_keygen_wants_two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     usage_error(cli("keygen", "k-1", "key", f"{tmp_path}/key"), "two different files")

@@ -169,8 +169,29 @@ def test_a_failure_holding_back_many_entries_is_one_warning(
     with caplog.at_level("DEBUG", logger="uploader.daemon"):
         s.run_until(lambda d: sum(p.attempts for p in d._pending.values()) >= 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    at_start = [w for w in warnings if "builds queued meanwhile are retried" in w]
+    assert len(at_start) == 1  # the start-up check, once
+    warnings = [w for w in warnings if w not in at_start]
     assert warnings and all(w.startswith("3 entries failed, retrying in") for w in warnings)
     assert "connection refused" in warnings[0]
+
+
+def test_an_unreachable_cache_is_said_at_start_and_counted_as_failures(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path)
+    s.entry("a", f"out {s.store.add('a')}")
+
+    def unreachable(*args: object) -> bool:
+        raise TransientTargetError("checking s3://cache: connection refused")
+
+    s.target.exists = unreachable  # type: ignore[method-assign]
+    s.target.list_keys = unreachable  # type: ignore[method-assign,assignment]
+    with caplog.at_level("WARNING", logger="uploader.daemon"):
+        d = s.run_until(lambda d: sum(p.attempts for p in d._pending.values()) >= 2)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("connection refused; builds queued meanwhile are retried" in m for m in said)
+    assert d.status(running=True)["failures"].get("TransientTargetError", 0) >= 2
 
 
 def test_retry_after_sets_the_earliest_next_attempt(tmp_path: Path) -> None:

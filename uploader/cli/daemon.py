@@ -29,7 +29,7 @@ from uploader.cli._common import (
     verbosity,
 )
 from uploader.compression import METHODS, check_level
-from uploader.config import DEFAULT_CONFIG, Settings, load_settings
+from uploader.config import DEFAULT_CONFIG, Settings, gc_roots_warning, load_settings
 from uploader.daemon import Daemon
 from uploader.gcroots import GcRoots
 from uploader.lock import DirectoryLock
@@ -198,6 +198,8 @@ def _make_daemon(
         record = metrics.uploaded
         engine.on_uploaded = lambda info, seconds, size: record(seconds, info.nar_size, size)
     roots = GcRoots(settings.gc_roots_dir)
+    if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
+        log.warning("%s", unprotected)
     daemon = Daemon(settings, store=store, engine=engine, spool=spool, roots=roots, metrics=metrics)
     return daemon, locks
 
@@ -469,6 +471,8 @@ def check_config(config_file: str | None) -> None:
 def _settings_warnings(settings: Settings) -> list[str]:
     """Check what load_settings leaves to the moment of use; return warnings."""
     warnings = []
+    if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
+        warnings.append(unprotected)
     if settings.to is None:
         warnings.append("`to` is not set: `run` then needs --to")
     else:
