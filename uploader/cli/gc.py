@@ -170,8 +170,7 @@ def _print(result: GcResult, quiet: bool) -> None:
             click.echo(f"{verb} {r.key}: root {r.name!r} no longer kept")
         for k in result.pruned_runs:
             click.echo(f"{verb} {k}: the record of a gc run over 14 days old")
-    objects, nbytes = done.freed(bucket)
-    objects += len(result.lapsed_roots) + len(result.pruned_runs)
+    objects, nbytes = result.freed()
     waiting = {k: bucket.nars[k][0] for k in done.unreferenced}
     line = (
         f"{plural(len(bucket.narinfos), 'narinfo')}: {len(done.live)} live, "
@@ -208,8 +207,7 @@ def _bookkeeping(result: GcResult) -> str:
 
 def _to_json(result: GcResult, store_url: str) -> dict[str, Any]:
     bucket, done = result.bucket, result.plan
-    objects, nbytes = done.freed(bucket)
-    objects += len(result.lapsed_roots) + len(result.pruned_runs)
+    objects, nbytes = result.freed()
     return {
         "store_url": store_url,
         "delete": result.deleting,

@@ -114,7 +114,8 @@ def push(
         check_upstreams(upstream_urls)
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
-    upstreams = Upstreams(upstream_urls, upstream_keys)
+    # Made only when asked for: it holds a thread pool for its lookups.
+    upstreams = Upstreams(upstream_urls, upstream_keys) if upstream_urls or upstream_keys else None
     try:
         key, attest = None, None
         if attest_key_file is not None:
@@ -131,7 +132,7 @@ def push(
             jobs=jobs,
             write_nar_listing=write_nar_listing,
             root=None if attest is not None else (root_name or socket.gethostname()),
-            upstreams=upstreams if upstreams else None,
+            upstreams=upstreams,
         )
         roots = [to_store_path(p) for p in paths]
     except UploaderError as e:

@@ -47,6 +47,12 @@ class GcResult:
     lapsed_roots: list[RootRef] = field(default_factory=list)
     pruned_runs: list[str] = field(default_factory=list)
 
+    def freed(self) -> tuple[int, int]:
+        """Objects and bytes the run deletes: the plan's, its lapsed roots and
+        old run records (whose few bytes are not counted)."""
+        objects, nbytes = self.plan.freed(self.bucket)
+        return objects + len(self.lapsed_roots) + len(self.pruned_runs), nbytes
+
 
 def collect(
     target: Target,
