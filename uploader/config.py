@@ -193,13 +193,17 @@ def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Sett
         raise ConfigError(f"{e} (from the command line)") from None
 
 
-def check_upstreams(urls: Iterable[str], schemes: tuple[str, ...] = ("http", "https")) -> None:
-    """Refuse an upstream cache URL of a scheme that is not read over HTTP
-    (``schemes``): an s3:// upstream would only ever be "unreachable"."""
+# The upstream caches every command reads (urllib: over HTTP, or a local
+# directory): an s3:// upstream would only ever be "unreachable".
+UPSTREAM_SCHEMES = ("http", "https", "file")
+
+
+def check_upstreams(urls: Iterable[str]) -> None:
+    """Refuse an upstream cache URL of a scheme the commands cannot read."""
     for url in urls:
         scheme, sep, rest = url.partition("://")
-        if not sep or scheme not in schemes or not rest:
-            spelled = " or ".join(f"{s}://" for s in schemes)
+        if not sep or scheme not in UPSTREAM_SCHEMES or not rest:
+            spelled = " or ".join(f"{s}://" for s in UPSTREAM_SCHEMES)
             raise ConfigError(f"upstream {url!r}: give a binary cache URL starting {spelled}")
 
 

@@ -563,7 +563,18 @@ class Daemon:
         for name, outputs in ready.items():
             failed = _failures_in_closure(outputs, infos, result.failed) if result.failed else []
             if not failed:
-                self.spool.ack(name)
+                try:
+                    self.spool.ack(name)
+                except OSError as e:
+                    # Uploaded, but it stays to be read again: retried with
+                    # backoff (the cache has it by now), not an internal error.
+                    self._retry_later(
+                        [name],
+                        f"uploaded, but the entry cannot be removed from the spool "
+                        f"({e.strerror or e}): the spool must be writable by this user "
+                        f"(see `lsattr -d {self.spool.path}` and its owner and mode)",
+                    )
+                    continue
                 self._pending.pop(name, None)
                 self._unroot(name)
                 where = "staged and attested" if self.engine.recorder else "in the cache"

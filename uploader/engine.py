@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -58,6 +59,7 @@ from uploader.signing import SecretKey
 from uploader.store import PathInfo
 from uploader.storepath import basename, hash_part
 from uploader.targets import Target
+from uploader.targets.file import FileTarget
 
 __all__ = [
     "DependencyFailed",
@@ -335,6 +337,17 @@ class Engine:
         # Timed like the other small requests: the first measure of the
         # round-trip time, which orders the work (``_schedule``).
         present = await self._round_trips.run(partial(self._exists, "nix-cache-info"))
+        denied = getattr(self.target, "denied", None)
+        if not present and denied is not None and denied("nix-cache-info"):
+            # It may be there: an operator's own (Priority, WantMassQuery)
+            # is not overwritten on a guess.
+            log.warning(
+                "cannot tell whether %s has a nix-cache-info: reading it is denied (403); "
+                "not writing one. Allow s3:GetObject and s3:ListBucket (docs/s3-providers.md), "
+                "or make sure the bucket has one: Nix substitutes only from a cache that does",
+                self.target.url,
+            )
+            present = True
         # In attest mode the publisher writes it: a builder writes only
         # below its own name in quorum/v1/ (docs/fleet.md).
         if not present and self.recorder is None:
@@ -378,11 +391,24 @@ class Engine:
         The largest NAR starts compressing as soon as the closure is known,
         into ``heads``."""
         guard = self.guard
-        early = [asyncio.create_task(self.ensure_cache_info())]
-        if guard is not None:
-            early.append(asyncio.create_task(self._run(guard.prepare)))
+        early: list[asyncio.Task[Any]] = []
+
+        def ask_early() -> None:
+            early.append(asyncio.create_task(self.ensure_cache_info()))
+            if guard is not None:
+                early.append(asyncio.create_task(self._run(guard.prepare)))
+
+        # A cache directory not made yet is made only for paths Nix has: a
+        # push of a typo leaves no empty cache behind.
+        fresh_directory = isinstance(self.target, FileTarget) and not os.path.isdir(
+            self.target.root
+        )
+        if not fresh_directory:
+            ask_early()
         try:
             infos = await self._run(lambda: self.store.path_infos(roots, closure=True))
+            if fresh_directory:
+                ask_early()
             head = self._head_start(roots, infos)
             if head is not None:
                 heads.append(head)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -68,6 +69,14 @@ class Upstreams:
 
     def _has(self, url: str, hash_part_: str) -> bool | None:
         """Whether ``url`` has the narinfo; None when it could not be asked."""
+        if url.startswith("file://"):
+            # A local cache (a mirror, another job's output): a file or not.
+            # urllib would answer a HEAD there with no status at all.
+            directory = urllib.request.url2pathname(url.removeprefix("file://"))
+            if not os.path.isdir(directory):
+                log.warning("upstream %s does not exist; uploading the path ourselves", url)
+                return None
+            return os.path.isfile(os.path.join(directory, f"{hash_part_}.narinfo"))
         request = urllib.request.Request(f"{url}/{hash_part_}.narinfo", method="HEAD")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:

@@ -115,3 +115,24 @@ def test_daemon_survives_every_kind_at_once(
     assert assert_bucket_consistent(faults, bucket) == 12
     assert_substitutes(faults, bucket, outputs, keys, tmp_path / "fresh")
     assert uploader.stop() == 0
+
+
+def test_a_nix_cache_info_push_may_not_read_is_not_overwritten(
+    faults: FaultProxy, bucket: str, keys: KeyPair
+) -> None:
+    """A user without s3:GetObject gets 403 for nix-cache-info whether or
+    not it is there: the operator's own is kept, and push says why."""
+    own = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+    faults.client().put_object(Bucket=bucket, Key="nix-cache-info", Body=own)
+    (out,) = build(multi_output_expr(), attr="lib")
+    faults.add(Rule("denied", "HEAD", r"/nix-cache-info(\?|$)", count=100))
+
+    result = run_cli("push", "--to", faults.store_url(bucket), "--secret-key-file",
+                     keys.secret_file, out)  # fmt: skip
+
+    assert faults.rules[0].hits >= 1, "the fault was not met"
+    assert faults.get(bucket, "nix-cache-info") == own
+    assert "cannot tell whether" in result.stderr and "denied (403); not writing one" in (
+        result.stderr
+    )
+    assert "uploaded 1 path" in result.stderr

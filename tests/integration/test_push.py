@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,15 @@ def test_nix_store_url_parameters_are_honoured(
     dest = str(tmp_path / "fresh")
     copied = substitute(f"file://{cache}", [multi["lib"]], keys.public, dest=dest)
     assert copied.returncode == 0, copied.stderr
+
+
+def test_a_push_nix_refuses_leaves_no_cache_directory(
+    nix_daemon: NixDaemon, keys: KeyPair, tmp_path: Path
+) -> None:
+    ghost = f"/nix/store/{'a' * 32}-never-built-{uuid.uuid4().hex[:8]}"
+    cache = tmp_path / "typo"
+    result = run_cli("push", "--to", f"file://{cache}", "--secret-key-file", keys.secret_file,
+                     ghost, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert f"{ghost} is not valid in the local Nix store" in result.stderr
+    assert not cache.exists(), "an empty cache directory made for nothing"

@@ -14,7 +14,7 @@ import pytest
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.nix import build
-from tests.support.services import S3Server, nix_client_env
+from tests.support.services import NixDaemon, S3Server, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.storepath import basename, hash_part
 
@@ -116,7 +116,7 @@ def test_paths_signed_by_an_upstream_key_are_not_uploaded(
 
 
 def test_push_leaves_out_what_an_upstream_cache_serves_and_pin_add_accepts_it(
-    s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     expr = _pair_expr()
     (dep,) = build(expr, attr="dep")
@@ -136,3 +136,43 @@ def test_push_leaves_out_what_an_upstream_cache_serves_and_pin_add_accepts_it(
     run_cli(*pin[:4], "--upstream", upstream_url, *pin[4:])
     listed = run_cli("pin", "list", "--to", s3.store_url(bucket)).stdout
     assert listed.startswith("release\t") and top in listed
+
+    # With a key the upstream did not sign with: refused, and it says why.
+    (tmp_path / "other").mkdir()
+    stranger = make_keys(tmp_path / "other", "stranger-1")
+    refused = run_cli(*pin[:4], "--upstream", upstream_url, "--upstream-key", stranger.public,
+                      "other", top, check=False)  # fmt: skip
+    assert refused.returncode == 1, refused.stderr
+    assert f"{dep}: {upstream_url} has it, but no signature verifies with the given keys " in (
+        refused.stderr
+    )
+    assert "(signed by upstream-cache-1)" in refused.stderr
+    run_cli(*pin[:4], "--upstream", upstream_url, "--upstream-key", upstream_keys.public,
+            "other", top)  # fmt: skip
+
+
+def test_a_local_directory_serves_as_an_upstream_cache_to_push(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """`file://` upstreams, as verify and pin add take them: a mirror on disk."""
+    expr = _pair_expr()
+    (dep,) = build(expr, attr="dep")
+    (top,) = build(expr, attr="top")
+    mirror_keys = make_keys(tmp_path, "mirror-1")
+    mirror = tmp_path / "mirror"
+    run_cli("push", "--to", f"file://{mirror}", "--secret-key-file",
+            mirror_keys.secret_file, dep)  # fmt: skip
+
+    pushed = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
+                     keys.secret_file, "--upstream", f"file://{mirror}", top)  # fmt: skip
+    assert "uploaded 1 path" in pushed.stderr and "1 served upstream" in pushed.stderr
+    assert _narinfo(s3, bucket, dep) is None and _narinfo(s3, bucket, top) is not None
+    _realise_from([s3.http_url(bucket), f"file://{mirror}"],
+                  [keys.public, mirror_keys.public], top, tmp_path / "fresh")  # fmt: skip
+
+    # A mirror that is not there serves nothing: everything is uploaded.
+    other = s3.create_bucket(f"other-{uuid.uuid4().hex[:12]}")
+    pushed = run_cli("push", "--to", s3.store_url(other), "--secret-key-file",
+                     keys.secret_file, "--upstream", f"file://{tmp_path}/gone", top)  # fmt: skip
+    assert "uploaded 2 paths" in pushed.stderr and "served upstream" not in pushed.stderr
+    assert f"upstream file://{tmp_path}/gone does not exist" in pushed.stderr

@@ -23,13 +23,15 @@ from tests.support.services import S3Server
 
 __all__ = ["FaultProxy", "Rule"]
 
-ACTIONS = ("slowdown", "error", "forbidden", "drop-request", "drop-response", "stall")
+ACTIONS = ("slowdown", "error", "forbidden", "denied", "drop-request", "drop-response", "stall")
 _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "error": (500, "InternalError", "We encountered an internal error. Please try again."),
     # What S3 says to a bad signature: it echoes the request's signing
     # material, which must not travel on into our messages.
     "forbidden": (403, "SignatureDoesNotMatch", "The request signature does not match"),
+    # What S3 says to a user whose policy lacks the permission.
+    "denied": (403, "AccessDenied", "Access Denied"),
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "expect", "transfer-encoding", "proxy-connection"}
 

@@ -69,10 +69,14 @@ BAD_URLS = [
 
 
 @pytest.mark.parametrize(("url", "said"), BAD_URLS)
-def test_bad_store_urls_are_one_line_in_push_run_and_check_config(
+def test_bad_store_urls_are_one_line_and_exit_1_in_every_command(
     tmp_path: Path, key: str, spool: Path, url: str, said: str
 ) -> None:
     one_error_line(cli("push", "--to", url, "--secret-key-file", key, STORE_PATH), said)
+    # The same mistake, the same exit code, whichever command reads the URL.
+    for command in (["verify"], ["gc"], ["pin", "list"], ["pin", "add", "x", STORE_PATH]):
+        where = 3 if command[0] == "pin" else 1
+        one_error_line(cli(*command[:where], "--to", url, *command[where:]), said)
     one_error_line(cli("run", "--config", write_config(tmp_path / "c.toml", ""), "--to", url,
                        "--secret-key-file", key, "--spool", str(spool),
                        "--state-dir", str(tmp_path / "state")), said)  # fmt: skip

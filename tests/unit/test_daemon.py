@@ -8,17 +8,21 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, write_entry
 from tests.support.fakes import FakeStore, RecordingTarget
+from tests.support.requirements import require_binary
 from uploader import signing
 from uploader._exceptions import CredentialsError, TransientTargetError
+from uploader.cli import main
 from uploader.config import Settings
 from uploader.daemon import Daemon
 from uploader.engine import Engine, narinfo_key
@@ -192,6 +196,53 @@ def test_an_unreachable_cache_is_said_at_start_and_counted_as_failures(
     said = [r.getMessage() for r in caplog.records]
     assert any("connection refused; builds queued meanwhile are retried" in m for m in said)
     assert d.status(running=True)["failures"].get("TransientTargetError", 0) >= 2
+
+
+def test_an_entry_the_spool_will_not_let_go_is_retried_with_its_reason_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An immutable spool (`chattr +i`, as a new user once left it): the
+    path is uploaded, its entry cannot be removed; the daemon says so and
+    retries, and takes the entry once the spool is writable again."""
+    chattr = require_binary("chattr")
+    s = Setup(tmp_path)
+    out = s.store.add("stuck")
+    s.entry("stuck", f"out {out}")
+    locked = subprocess.run([chattr, "+i", s.spool.path], capture_output=True, text=True)
+    if locked.returncode != 0:
+        pytest.fail(f"chattr +i on the test's spool: {locked.stderr.strip()}", pytrace=False)
+    try:
+        with caplog.at_level("WARNING"):
+            d = s.run_until(lambda d: any(p.attempts >= 2 for p in d._pending.values()))
+    finally:
+        subprocess.run([chattr, "-i", s.spool.path], check=True)
+    assert s.target.narinfo(out) is not None
+    said = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    assert not any("internal error" in m for m in said)
+    assert any(
+        "uploaded, but the entry cannot be removed from the spool (Operation not permitted)" in m
+        and "lsattr -d" in m
+        for m in said
+    ), said
+    retrying = d.status(running=True)["retrying"]
+    assert [r["entry"] for r in retrying] == ["stuck.entry"]
+    assert "cannot be removed from the spool" in retrying[0]["error"]
+    s.run_until(lambda d: not s.spool.pending())
+    assert s.spool.quarantined() == []
+
+
+def test_status_of_a_stopped_daemon_counts_down_to_nothing(tmp_path: Path) -> None:
+    s = Setup(tmp_path, retry_min=30, retry_max=60)
+    out = s.store.add("later")
+    s.target.fail.add(narinfo_key(out))
+    s.entry("later", f"out {out}")
+    s.run_until(lambda d: any(p.attempts >= 1 for p in d._pending.values()))
+    shown = CliRunner().invoke(main, ["status", "--state-dir", s.settings.state_dir])
+    assert shown.exit_code == 0, shown.output
+    assert "daemon:      stopped" in shown.output
+    assert "later.entry: attempt 1, retried when the daemon runs:" in shown.output
+    assert "next in" not in shown.output
 
 
 def test_retry_after_sets_the_earliest_next_attempt(tmp_path: Path) -> None:

@@ -323,10 +323,13 @@ def _print_status(r: dict[str, Any]) -> None:
     retrying = r.get("retrying") or []
     click.echo(f"retrying:    {len(retrying)}")
     for item in retrying[:_SHOWN]:
-        click.echo(
-            f"  {item['entry']}: attempt {item['attempts']}, next in "
-            f"{item['next_try_in']:.0f}s: {item['error']}"
+        # A countdown only while a daemon is there to keep it.
+        when = (
+            f"next in {item['next_try_in']:.0f}s"
+            if daemon == "running"
+            else "retried when the daemon runs"
         )
+        click.echo(f"  {item['entry']}: attempt {item['attempts']}, {when}: {item['error']}")
     _more(retrying)
     quarantined = r.get("quarantined")
     if quarantined is None:

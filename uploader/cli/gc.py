@@ -25,7 +25,7 @@ from uploader.cli._common import (
 from uploader.config import check_upstreams
 from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
 from uploader.lifecycle.layout import check_name
-from uploader.lifecycle.upstream import SCHEMES as UPSTREAM_SCHEMES
+from uploader.lifecycle.pins import PinRefused
 from uploader.lifecycle.upstream import served_upstream
 from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.signing import PublicKey
@@ -59,7 +59,7 @@ def _open(store_url: str, jobs: int = 32) -> Target:
     try:
         target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
-        fail(str(e), EXIT_USAGE)
+        fail(str(e))  # exit 1, as push and run say of a store URL that cannot work
     # A bucket that does not exist fails the first request; a directory
     # would be made by the first write (a gc timer with a typo in its URL
     # would report success every night).
@@ -262,17 +262,24 @@ def pin_add(
     try:
         check_name(name, "pin")
         store_paths = [to_store_path(p) for p in paths]
-        check_upstreams(upstreams, UPSTREAM_SCHEMES)
+        check_upstreams(upstreams)
         keys = tuple(PublicKey.from_argument(k) for k in upstream_keys)
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
     target = _open(store_url)
 
+    refused: dict[str, str] = {}
+
     def upstream(names: list[str]) -> set[str]:
-        return served_upstream(upstreams, keys, names, jobs=16)
+        return served_upstream(upstreams, keys, names, jobs=16, refused=refused)
 
     try:
         size = add_pin(target, name, store_paths, upstream=upstream if upstreams else None)
+    except PinRefused as e:
+        # An upstream that has the paths, signed by another key than
+        # --upstream-key: say so, not only "push them first".
+        why = "".join(f"; {STORE_DIR}/{n}: {p}" for n, p in sorted(refused.items())[:5])
+        fail(f"{e}{why}")
     except UploaderError as e:
         fail(str(e))
     if not quiet:

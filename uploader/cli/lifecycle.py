@@ -21,7 +21,6 @@ from uploader.cli._common import (
 )
 from uploader.config import check_upstreams
 from uploader.lifecycle import KINDS, RepairResult, Report, VerifyOptions, repair, verify
-from uploader.lifecycle.upstream import SCHEMES as UPSTREAM_SCHEMES
 from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.signing import PublicKey, SecretKey
 from uploader.store import NixStore
@@ -96,7 +95,7 @@ def verify_command(
         fail("--repair needs --secret-key-file", EXIT_USAGE)
     try:
         keys = tuple(_public_key(k) for k in public_keys)
-        check_upstreams(upstreams, UPSTREAM_SCHEMES)
+        check_upstreams(upstreams)
         options = VerifyOptions(
             keys=keys,
             upstream_urls=upstreams,
@@ -110,10 +109,13 @@ def verify_command(
                 f"the key in {secret_key_file} ({secret.name}) is not among --public-key: "
                 "what --repair signs would not verify"
             )
+    except UploaderError as e:
+        fail(str(e), EXIT_USAGE)
+    try:
         # The narinfo fetches, the NAR listing beside them, and a spare.
         target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
-        fail(str(e), EXIT_USAGE)
+        fail(str(e))  # exit 1, as push and run say of a store URL that cannot work
     show = sys.stderr.isatty() and not quiet and not as_json
     try:
         report = verify(

@@ -15,10 +15,7 @@ from uploader.narinfo import NarInfo
 from uploader.signing import PublicKey
 from uploader.storepath import HASH_LENGTH, STORE_DIR
 
-__all__ = ["SCHEMES", "served_upstream", "signature_problem"]
-
-# What the lifecycle commands read an upstream cache over (urllib).
-SCHEMES = ("http", "https", "file")
+__all__ = ["served_upstream", "signature_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +47,15 @@ def _well_formed(sig: str) -> bool:
 
 
 def served_upstream(
-    urls: Iterable[str], keys: tuple[PublicKey, ...], names: list[str], jobs: int
+    urls: Iterable[str],
+    keys: tuple[PublicKey, ...],
+    names: list[str],
+    jobs: int,
+    refused: dict[str, str] | None = None,
 ) -> set[str]:
     """Those of the store path basenames an upstream cache serves, with a
-    signature by one of ``keys`` when keys are given."""
+    signature by one of ``keys`` when keys are given.  ``refused`` receives
+    the names an upstream has but does not count, each with why."""
     urls = [u.rstrip("/") for u in urls]
     if not urls or not names:
         return set()
@@ -69,8 +71,13 @@ def served_upstream(
                 info = NarInfo.parse(data.decode())
             except (ValueError, UnicodeDecodeError):
                 continue
-            if info.store_path == f"{STORE_DIR}/{name}" and signature_problem(info, keys) is None:
+            if info.store_path != f"{STORE_DIR}/{name}":
+                continue
+            problem = signature_problem(info, keys)
+            if problem is None:
                 return True
+            if refused is not None:
+                refused[name] = f"{url} has it, but {problem}"
         return False
 
     with ThreadPoolExecutor(max_workers=min(jobs, 16), thread_name_prefix="upstream") as pool:

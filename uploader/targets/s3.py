@@ -182,6 +182,7 @@ class S3Target:
             raise ConfigError(f"store URL {url}: {e}") from e
         self._transfers = TransferManager(self._client, _transfer_config())
         self._listable = True
+        self._denied: set[str] = set()
         self._fast = (
             DirectRequests(
                 self._client,
@@ -259,10 +260,19 @@ class S3Target:
     def _absent(self, e: Exception, key: str) -> bool:
         """False for a HEAD that failed because the object is missing;
         raises our error for any other failure."""
-        # An unlistable bucket answers 403 for a missing key: treat both as absent.
+        # An unlistable bucket answers 403 for a missing key: treat both as
+        # absent, remembering which keys were only denied (``denied``).
         if isinstance(e, botocore.exceptions.ClientError) and _status(e) in (403, 404):
+            if _status(e) == 403:
+                self._denied.add(key)
             return False
         raise self._describe(e, "checking", self._where(key)) from e
+
+    def denied(self, key: str) -> bool:
+        """Whether ``exists(key)`` said False only because S3 answered 403:
+        the object may be there (no s3:GetObject), or not (no
+        s3:ListBucket); either way, not known to be absent."""
+        return key in self._denied
 
     async def exists_async(self, key: str) -> bool:
         """``exists``, awaited on the caller's event loop without a thread
