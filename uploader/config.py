@@ -18,6 +18,7 @@ from typing import Any
 
 from uploader._exceptions import ConfigError
 from uploader.compression import METHODS
+from uploader.signing import PublicKey
 from uploader.spool import DEFAULT_SPOOL
 
 __all__ = [
@@ -129,6 +130,9 @@ def _check(settings: Settings) -> Settings:
             f"retry-min ({settings.retry_min:g}) must be at most retry-max ({settings.retry_max:g})"
         )
     check_upstreams(settings.upstream)
+    settings = dataclasses.replace(
+        settings, upstream_keys=upstream_key_names(settings.upstream_keys)
+    )
     for name in ("spool", "state_dir", "gc_roots_dir"):
         if not os.path.isabs(getattr(settings, name)):
             raise ConfigError(f"{name.replace('_', '-')} must be an absolute path")
@@ -205,6 +209,27 @@ def check_upstreams(urls: Iterable[str]) -> None:
         if not sep or scheme not in UPSTREAM_SCHEMES or not rest:
             spelled = " or ".join(f"{s}://" for s in UPSTREAM_SCHEMES)
             raise ConfigError(f"upstream {url!r}: give a binary cache URL starting {spelled}")
+
+
+def upstream_key_names(values: Iterable[str]) -> tuple[str, ...]:
+    """The key names upstream-keys / --upstream-key mean.  Only the name is
+    compared (a path's signatures are its own, checked by Nix when it was
+    substituted), but the key as trusted-public-keys spells it, ``NAME:KEY``,
+    or a public key file, are taken for their name rather than never
+    matching."""
+    names = []
+    for value in values:
+        if ":" in value or os.sep in value or os.path.exists(value):
+            try:
+                value = PublicKey.from_argument(value).name
+            except ConfigError as e:
+                raise ConfigError(
+                    f"upstream key {value!r}: give a key name such as cache.nixos.org-1 ({e})"
+                ) from None
+        if not value or any(c.isspace() for c in value):
+            raise ConfigError(f"upstream key {value!r}: give a key name such as cache.nixos.org-1")
+        names.append(value)
+    return tuple(names)
 
 
 def gc_roots_warning(path: str) -> str | None:

@@ -54,6 +54,7 @@ from uploader.narstream import (
 )
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
+from uploader.progress import PATH_EVENTS
 from uploader.roundtrips import MAX_WIDTH, RoundTrips
 from uploader.signing import SecretKey
 from uploader.store import PathInfo
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+path_log = logging.getLogger(PATH_EVENTS)
 T = TypeVar("T")
 
 NAR_TYPE = "application/x-nix-nar"
@@ -994,7 +996,7 @@ class Engine:
         except TargetError as e:
             e.store_path = info.path
             raise
-        log.info(
+        path_log.info(
             "uploaded %s (%d bytes NAR, %d bytes %s)",
             info.path,
             info.nar_size,

@@ -12,7 +12,11 @@ from typing import TextIO
 
 from uploader.store import PathInfo
 
-__all__ = ["TerminalProgress", "human_bytes", "plural"]
+__all__ = ["PATH_EVENTS", "TerminalProgress", "human_bytes", "plural"]
+
+# The logger of one line per store path (uploaded, attested, published):
+# shown with -v; services log their other events without it.
+PATH_EVENTS = "uploader.paths"
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:

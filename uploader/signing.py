@@ -221,6 +221,7 @@ def _read_key_file(path: str, *, private: bool) -> str:
             raise KeyFileError(f"key file {path} is not a regular file")
         others = other_accessors(fd) if private else []
         if others:
+            _refuse_public_key(fd, path)
             fix = (
                 f"setfacl -b {path}; chmod 600 {path}"
                 if "(ACL)" in "".join(others)
@@ -241,6 +242,20 @@ def _read_key_file(path: str, *, private: bool) -> str:
         return data.decode()
     except UnicodeDecodeError:
         raise KeyFileError(f"key file {path} is not a text key file") from None
+
+
+def _refuse_public_key(fd: int, path: str) -> None:
+    """A public key given for the secret one (keygen leaves it 0644): say
+    that, not to chmod 600 a key that is meant to be public."""
+    try:
+        PublicKey.parse(os.read(fd, _MAX_KEY_FILE).decode())
+    except (KeyFileError, UnicodeDecodeError, ValueError):
+        return
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    raise KeyFileError(
+        f"{path} is a public key; give the secret key file (the first file `keygen` wrote)"
+    )
 
 
 def _write_new_file(path: str, text: str, mode: int) -> None:

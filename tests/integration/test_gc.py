@@ -130,8 +130,11 @@ def test_retention_keeps_roots_and_pins_and_deletes_the_unreachable(
         cache.substitutes([p[name]])
     assert cache.weed.get(cache.bucket, cache.nar(p["twina"])) is not None
     cache.verify_clean()
-    run_cli("pin", "rm", "--to", cache.url, "release")
+    removed = run_cli("pin", "rm", "--to", cache.url, "release")
+    assert "removed pin release: its closure goes with a later gc" in removed.stderr
     assert run_cli("pin", "rm", "--to", cache.url, "release", check=False).returncode == 1
+    listed = run_cli("pin", "list", "--to", cache.url)
+    assert listed.stdout == "" and "no pins" in listed.stderr
 
 
 def test_a_second_gc_refuses_and_a_crashed_ones_lock_expires(cache: Cache) -> None:

@@ -176,3 +176,27 @@ def test_a_local_directory_serves_as_an_upstream_cache_to_push(
                      keys.secret_file, "--upstream", f"file://{tmp_path}/gone", top)  # fmt: skip
     assert "uploaded 2 paths" in pushed.stderr and "served upstream" not in pushed.stderr
     assert f"upstream file://{tmp_path}/gone does not exist" in pushed.stderr
+
+
+def test_push_takes_an_upstream_key_as_trusted_public_keys_spells_it(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """--upstream-key counts by name; NAME:KEY or a key file (what verify
+    and pin add take) means the same name, not a key that never matches."""
+    expr = _pair_expr()
+    (dep,) = build(expr, attr="dep")
+    (top,) = build(expr, attr="top")
+    upstream = make_keys(tmp_path, "upstream.example.org-1")
+    subprocess.run(["nix", "store", "sign", "--key-file", upstream.secret_file, dep],
+                   env=nix_client_env(), check=True, capture_output=True)  # fmt: skip
+    for given in (upstream.public, upstream.public_file):
+        target = s3.create_bucket(f"k-{uuid.uuid4().hex[:12]}")
+        pushed = run_cli("push", "--to", s3.store_url(target), "--secret-key-file",
+                         keys.secret_file, "--upstream-key", given, top)  # fmt: skip
+        assert "uploaded 1 path" in pushed.stderr and "1 served upstream" in pushed.stderr
+        assert _narinfo(s3, target, dep) is None and _narinfo(s3, target, top) is not None
+    refused = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
+                      keys.secret_file, "--upstream-key", "upstream:not-a-key", top,
+                      check=False)  # fmt: skip
+    assert refused.returncode == 2
+    assert "upstream key 'upstream:not-a-key': give a key name such as" in refused.stderr

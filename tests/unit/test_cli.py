@@ -4,12 +4,14 @@ right exit code, nothing touched.  (Found trying it as a new user would.)"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -26,9 +28,9 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
-def one_error_line(result: Result, *fragments: str) -> None:
+def one_error_line(result: Result, *fragments: str, code: int = EXIT_FAILURE) -> None:
     """A clean failure: ``error: …`` naming the fragments, and no traceback."""
-    assert result.exit_code == EXIT_FAILURE, result.output
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output, result.output
     assert isinstance(result.exception, SystemExit), result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
@@ -69,14 +71,16 @@ BAD_URLS = [
 
 
 @pytest.mark.parametrize(("url", "said"), BAD_URLS)
-def test_bad_store_urls_are_one_line_and_exit_1_in_every_command(
+def test_bad_store_urls_are_one_line_in_every_command(
     tmp_path: Path, key: str, spool: Path, url: str, said: str
 ) -> None:
-    one_error_line(cli("push", "--to", url, "--secret-key-file", key, STORE_PATH), said)
-    # The same mistake, the same exit code, whichever command reads the URL.
-    for command in (["verify"], ["gc"], ["pin", "list"], ["pin", "add", "x", STORE_PATH]):
-        where = 3 if command[0] == "pin" else 1
-        one_error_line(cli(*command[:where], "--to", url, *command[where:]), said)
+    # Given as --to, a usage error (exit 2) whichever command reads it…
+    push = ["push", "--secret-key-file", key, STORE_PATH]
+    for command in (push, ["verify"], ["gc"], ["pin", "list"], ["pin", "add", "x", STORE_PATH]):
+        where = 2 if command[0] == "pin" else 1
+        result = cli(*command[:where], "--to", url, *command[where:])
+        one_error_line(result, said, code=EXIT_USAGE)
+    # …where run and check-config, which read the config file too, say 1.
     one_error_line(cli("run", "--config", write_config(tmp_path / "c.toml", ""), "--to", url,
                        "--secret-key-file", key, "--spool", str(spool),
                        "--state-dir", str(tmp_path / "state")), said)  # fmt: skip
@@ -91,7 +95,8 @@ def test_an_unknown_aws_profile_is_an_error_to_push_and_a_warning_to_check_confi
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
     url = "s3://bucket?endpoint=http://127.0.0.1:8333&profile=nosuchprofile"
     one_error_line(cli("push", "--to", url, "--secret-key-file", key, STORE_PATH),
-                   "profile 'nosuchprofile'", str(tmp_path / "aws-config"))  # fmt: skip
+                   "profile 'nosuchprofile'", str(tmp_path / "aws-config"),
+                   code=EXIT_USAGE)  # fmt: skip
     config = write_config(tmp_path / "c.toml", f'to = "{url}"\n')
     result = cli("check-config", "--config", config)
     assert result.exit_code == EXIT_OK, result.output
@@ -140,7 +145,7 @@ def test_compression_level_is_checked_before_the_cache_is_touched(tmp_path: Path
     cache = tmp_path / "cache"
     result = cli("push", "--to", f"file://{cache}", "--secret-key-file", key,
                  "--compression-level", "99", STORE_PATH)  # fmt: skip
-    one_error_line(result, "level")
+    one_error_line(result, "level", code=EXIT_USAGE)
     assert not cache.exists()
 
 
@@ -161,6 +166,8 @@ def test_status_json_has_the_documented_fields_before_any_daemon_ran(
     for field in ("pending", "in_flight", "retrying", "quarantined", "last_errors"):
         assert field in report
     assert report["pending"] == 0 and report["quarantined"] == []
+    text = cli("status", "--spool", str(spool), "--state-dir", str(tmp_path / "st")).output
+    assert text.startswith("daemon:      unknown (no status file: never started")  # as documented
 
 
 def test_status_of_a_state_directory_reports_the_spool_its_daemon_serves(
@@ -244,7 +251,7 @@ def test_the_secret_key_may_come_from_the_store_url(tmp_path: Path, key: str) ->
     result = cli("push", "--to", f"file://{tmp_path}/cache?secret-key={key}", STORE_PATH)
     one_error_line(result, f"secret key file {key} (mode 0644) is accessible by")
     result = cli("push", "--to", f"file://{tmp_path}/cache", STORE_PATH)
-    one_error_line(result, "--secret-key-file is required (or secret-key=PATH")
+    one_error_line(result, "--secret-key-file is required (or secret-key=PATH", code=EXIT_USAGE)
     assert "config file" not in result.output  # push reads none
     config = write_config(tmp_path / "c.toml", f'to = "file://{tmp_path}/cache"\n')
     result = cli("run", "--config", config, "--spool", str(tmp_path))
@@ -373,3 +380,95 @@ def test_verify_names_a_missing_key_file_and_an_upstream_it_cannot_read(tmp_path
     one_error_line(cli("gc", "--to", f"file://{tmp_path}/afile"), "is not a directory")
     usage_error(cli("verify", "--to", url, "--upstream", "s3://up"), "file://")
     assert cli("verify", "--to", url, "--upstream", f"file://{tmp_path}").exit_code == EXIT_OK
+
+
+def test_log_levels_are_those_the_help_and_operations_md_give() -> None:
+    """Services log their events by default, each path with -v, debug with
+    -vv; commands warnings, each path with -v."""
+    from uploader.cli._common import setup_logging
+    from uploader.progress import PATH_EVENTS
+
+    def shown(name: str, level: int) -> bool:
+        return logging.getLogger(name).isEnabledFor(level)
+
+    try:
+        for verbose, events, paths, debug in ((0, True, False, False), (1, True, True, False),
+                                              (2, True, True, True)):  # fmt: skip
+            setup_logging(verbose, service=True)
+            assert shown("uploader.daemon", logging.INFO) is events, verbose
+            assert shown(PATH_EVENTS, logging.INFO) is paths, verbose
+            assert shown("uploader.daemon", logging.DEBUG) is debug, verbose
+            assert not shown("asyncio", logging.DEBUG)
+        setup_logging(0)
+        assert not shown("uploader.daemon", logging.INFO) and not shown(PATH_EVENTS, logging.INFO)
+        setup_logging(1)
+        assert shown(PATH_EVENTS, logging.INFO) and not shown(PATH_EVENTS, logging.DEBUG)
+    finally:
+        setup_logging(0)
+
+
+def test_a_public_key_given_as_the_secret_key_is_named_as_such(tmp_path: Path) -> None:
+    secret, public = tmp_path / "k.sec", tmp_path / "k.pub"
+    assert cli("keygen", "mixup-1", str(secret), str(public)).exit_code == EXIT_OK
+    assert public.stat().st_mode & 0o777 == 0o644  # as keygen leaves it
+    result = cli("push", "--to", f"file://{tmp_path}/c", "--secret-key-file", str(public),
+                 STORE_PATH)  # fmt: skip
+    one_error_line(result, f"{public} is a public key; give the secret key file")
+    assert "chmod" not in result.output
+    config = write_config(tmp_path / "c.toml", f'to = "file://{tmp_path}/c"\n'
+                          f'secret-key-file = "{public}"\n')  # fmt: skip
+    one_error_line(cli("check-config", "--config", config), "is a public key")
+    # A secret key readable by others is still refused for that.
+    secret.chmod(0o640)
+    one_error_line(cli("push", "--to", f"file://{tmp_path}/c", "--secret-key-file",
+                       str(secret), STORE_PATH), "chmod 600")  # fmt: skip
+
+
+def test_day_and_second_options_take_a_duration_with_units_too(tmp_path: Path) -> None:
+    """--keep-days, wait --timeout, publish --interval/--expire-days take a
+    bare number in their unit, or a duration as gc's --grace is written."""
+    from uploader.cli._common import Span
+
+    days, seconds = Span("days"), Span("seconds")
+    assert days.convert("30", None, None) == 30 and days.convert("30d", None, None) == 30
+    assert days.convert("2w", None, None) == 14 and days.convert("12h", None, None) == 0.5
+    assert seconds.convert("2s", None, None) == 2 and seconds.convert("5m", None, None) == 300
+    assert seconds.convert("1h30m", None, None) == 5400 and seconds.convert(7, None, None) == 7
+    for bad in ("2x", "-1", "nan", "inf", ""):
+        with pytest.raises(click.BadParameter):
+            seconds.convert(bad, None, None)
+    usage_error(cli("wait", "--spool", str(tmp_path), "--timeout", "2x"),
+                "'2x' is not a number of seconds nor a duration")  # fmt: skip
+    usage_error(cli("gc", "--to", f"file://{tmp_path}", "--keep-days", "30x"),
+                "not a number of days")  # fmt: skip
+    usage_error(cli("publish", "--to", f"file://{tmp_path}", "--interval", "0s", "--quorum", "1",
+                    "--builder-key", "b-1:" + "A" * 43 + "="), "at least 0.1 seconds")  # fmt: skip
+
+
+def test_verify_repair_takes_the_key_from_the_store_url_as_push_does(
+    tmp_path: Path, key: str
+) -> None:
+    (tmp_path / "cache").mkdir()
+    url = f"file://{tmp_path}/cache"
+    usage_error(cli("verify", "--to", url, "--repair"), "secret-key=PATH in the store URL")
+    result = cli("verify", "--to", f"{url}?secret-key={key}", "--repair")
+    assert result.exit_code == EXIT_OK, result.output
+
+
+def test_check_config_checks_the_compression_level_without_a_to(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", 'compression = "xz"\ncompression-level = 12\n')
+    one_error_line(cli("check-config", "--config", config),
+                   "compression level 12 is out of range for xz (0..9)")  # fmt: skip
+    config = write_config(tmp_path / "d.toml", "compression-level = 99\n")
+    one_error_line(cli("check-config", "--config", config), "out of range for zstd")
+    config = write_config(tmp_path / "e.toml", 'compression = "xz"\ncompression-level = 9\n')
+    assert cli("check-config", "--config", config).exit_code == EXIT_OK
+
+
+def test_pin_add_without_a_name_says_so(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}"
+    usage_error(
+        cli("pin", "add", "--to", url, "./result"),
+        "pin add needs a NAME before the paths, e.g. `pin add --to URL release ./result`",
+    )
+    usage_error(cli("pin", "add", "--to", url, "release"), "needs at least one PATH")

@@ -73,6 +73,7 @@ def test_file_url(text: str, directory: str) -> None:
         ("s3://my-cache?endpoint=h:1&scheme=ftp", "scheme must be http or https"),
         ("http://cache.example.org", "unsupported scheme 'http'"),
         ("cache.example.org", "unsupported scheme ''"),
+        ("/srv/cache", "is a path: write file:///srv/cache for a directory"),
         ("file://relative/dir", "expected file:///ABSOLUTE/DIR"),
         ("file:relative/dir", "expected file:///ABSOLUTE/DIR"),
         ("file:///srv/cache?endpoint=http://h:1", "unknown parameter 'endpoint'"),

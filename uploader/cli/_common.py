@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from uploader.engine import Engine, worker_threads
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.protect import Protection
 from uploader.malloc import limit_arenas
+from uploader.progress import PATH_EVENTS
 from uploader.quorum import Attester
 from uploader.signing import SecretKey
 from uploader.spool import DEFAULT_SPOOL
@@ -55,8 +57,18 @@ EXIT_TIMEOUT = 3
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def setup_logging(verbose: int) -> None:
-    """One line per event on stderr, no timestamps (journald adds its own)."""
+def setup_logging(verbose: int, *, service: bool = False) -> None:
+    """One line per event on stderr, no timestamps (journald adds its own).
+
+    Commands: warnings; -v each path; -vv debug detail.  Services (``run``,
+    ``publish``): their events (start, stop, each entry, retries) by
+    default, each path too with -v, debug detail with -vv."""
+    per_path = logging.getLogger(PATH_EVENTS)
+    per_path.setLevel(logging.NOTSET)
+    if service and verbose >= 0:
+        if verbose == 0:
+            per_path.setLevel(logging.WARNING)
+        verbose = max(verbose, 1)
     level = logging.WARNING - 10 * verbose if verbose >= 0 else logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(redact.RedactingFormatter("%(levelname)s %(message)s"))
@@ -65,7 +77,8 @@ def setup_logging(verbose: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.DEBUG))
     # botocore's debug output would echo request headers; keep it at warnings.
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog"):
+    # asyncio's debug lines ("Using selector: EpollSelector") say nothing of ours.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Stopping the spool watch races with watchdog's reader thread, which then
     # logs a harmless "queue_events() called when the thread is inactive".
@@ -82,6 +95,48 @@ def verbosity(fn: F) -> F:
     return click.option(
         "-v", "--verbose", count=True, help="Log each path (-v) or debug detail (-vv)."
     )(fn)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_TERM = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def duration_seconds(text: str) -> float | None:
+    """``30s``, ``15m``, ``12h``, ``31d``, ``2w``, ``1h30m`` in seconds; None
+    when ``text`` is not such a duration."""
+    text = text.strip()
+    if not DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * DURATION_UNITS[unit] for n, unit in _TERM.findall(text))
+
+
+class Span(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
+    """A number in the option's own unit (seconds or days), or a duration
+    with units as gc's --grace takes it (``90s``, ``5m``, ``30d``)."""
+
+    name = "span"
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            seconds = duration_seconds(text)
+            if seconds is None:
+                self.fail(f"{value!r} is not a number of {self.unit} nor a duration such as "
+                          "90s, 5m, 12h or 30d", param, ctx)  # fmt: skip
+            number = seconds / DURATION_UNITS[self.unit[0]]
+        if not 0 <= number < float("inf"):
+            self.fail(f"{value!r} must be 0 or more", param, ctx)
+        return number
 
 
 def upstream_checks(fn: F) -> F:

@@ -19,6 +19,7 @@ from uploader._exceptions import ConfigError, UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_TIMEOUT,
+    Span,
     fail,
     main,
     make_engine,
@@ -63,7 +64,8 @@ log = logging.getLogger("nix-cache-uploader")
 )  # fmt: skip
 @click.option(
     "--upstream-key", "upstream_keys", multiple=True, metavar="NAME",
-    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
+    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1 "
+    "(NAME:KEY as in trusted-public-keys, or a public key file, counts by its name).",
 )  # fmt: skip
 @click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
 @click.option(
@@ -93,7 +95,7 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
     SIGTERM finishes in-flight uploads first; a second SIGINT stops at once.
     Run it as a dedicated unprivileged user in the spool's group.
     """
-    setup_logging(-1 if quiet else verbose + 1)
+    setup_logging(-1 if quiet else verbose, service=True)
     overrides = {k.replace("_", "-"): v for k, v in flags.items()}
     overrides["to"] = overrides.pop("store-url")
     overrides["upstream-keys"] = overrides.pop("upstream-keys")
@@ -307,7 +309,7 @@ def _more(items: list[Any]) -> None:
 def _print_status(r: dict[str, Any]) -> None:
     daemon = r["daemon"]
     if daemon == "unknown":
-        click.echo("daemon:      no status file (never started, or another --state-dir)")
+        click.echo("daemon:      unknown (no status file: never started, or another --state-dir)")
     else:
         ago = time.time() - float(r["updated_at"])
         click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
@@ -359,10 +361,11 @@ def _print_status(r: dict[str, Any]) -> None:
 @queue_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=Span("seconds"),
     default=None,
-    metavar="S",
-    help="Give up after S seconds (exit 3) [default: wait forever].",
+    metavar="SECONDS",
+    help="Give up after this many seconds, or a duration such as 10m (exit 3) "
+    "[default: wait forever].",
 )
 def wait(
     config_file: str | None, spool: str | None, state_dir: str | None, timeout: float | None
@@ -476,11 +479,14 @@ def _settings_warnings(settings: Settings) -> list[str]:
     warnings = []
     if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
         warnings.append(unprotected)
+    url_compression = None
     if settings.to is None:
         warnings.append("`to` is not set: `run` then needs --to")
     else:
-        url = parse_store_url(settings.to)
-        check_level(settings.compression or url.compression or "zstd", settings.compression_level)
+        url_compression = parse_store_url(settings.to).compression
+    # Without a `to`, against the setting or the default: --to may name
+    # another method, but a level no method takes is wrong either way.
+    check_level(settings.compression or url_compression or "zstd", settings.compression_level)
     if settings.metrics:
         parse_listen_address(settings.metrics)
     profile = parse_store_url(settings.to).params.get("profile") if settings.to else None

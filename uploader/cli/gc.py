@@ -16,6 +16,8 @@ from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    Span,
+    duration_seconds,
     fail,
     main,
     setup_logging,
@@ -33,10 +35,6 @@ from uploader.storepath import STORE_DIR, to_store_path
 from uploader.targets import Target, open_target
 from uploader.targets.file import FileTarget
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_TERM = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
     """``0``, ``30s``, ``15m``, ``12h``, ``31d``, ``2w``, ``1h30m``.
@@ -50,16 +48,17 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
         raise click.BadParameter(
             f"{value!r} has no unit: write {text}s, {text}m, {text}h, {text}d or {text}w"
         )
-    if not _DURATION.fullmatch(text):
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise click.BadParameter(f"{value!r} is not a duration such as 0, 30s, 12h, 31d or 1h30m")
-    return sum(float(n) * _UNITS[unit] for n, unit in _TERM.findall(text))
+    return seconds
 
 
 def _open(store_url: str, jobs: int = 32) -> Target:
     try:
         target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
-        fail(str(e))  # exit 1, as push and run say of a store URL that cannot work
+        fail(str(e), EXIT_USAGE)
     # A bucket that does not exist fails the first request; a directory
     # would be made by the first write (a gc timer with a typo in its URL
     # would report success every night).
@@ -80,8 +79,8 @@ _TO = click.option(
               "2 usage error.  See docs/lifecycle.md.")  # fmt: skip
 @_TO
 @click.option(
-    "--keep-days", type=click.FloatRange(min=0), default=30, show_default=True,
-    help="Keep the closure of every root younger than this many days.",
+    "--keep-days", type=Span("days"), default=30, show_default=True,
+    help="Keep the closure of every root younger than this many days (or a duration: 12h, 2w).",
 )  # fmt: skip
 @click.option(
     "--keep-last", type=click.IntRange(min=0), default=1, show_default=True,
@@ -184,9 +183,10 @@ def _print(result: GcResult, quiet: bool) -> None:
     )
     if result.previous is None:
         line += (
-            "; no earlier run: this one only marks"
+            "; no earlier run: this one only marks narinfos and NARs"
             if result.deleting
-            else "; no gc --delete has marked this bucket yet, so nothing would go"
+            else "; no gc --delete has marked this bucket yet, so no narinfo or NAR would go "
+            "(only lapsed roots and old run records)"
         )
     if done.unreadable:
         line += (
@@ -242,7 +242,7 @@ def pin() -> None:
 @_TO
 @upstream_checks
 @click.argument("name")
-@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.argument("paths", nargs=-1, metavar="PATH...")
 @verbosity
 def pin_add(
     store_url: str,
@@ -259,6 +259,11 @@ def pin_add(
     paths an --upstream cache serves.  A pin of the same name is replaced.
     """
     setup_logging(-1 if quiet else verbose)
+    if not paths:
+        if "/" in name or name.startswith(".") or os.path.lexists(name):
+            fail(f"pin add needs a NAME before the paths, e.g. `pin add --to URL release {name}`",
+                 EXIT_USAGE)  # fmt: skip
+        fail("pin add needs at least one PATH after the pin's NAME", EXIT_USAGE)
     try:
         check_name(name, "pin")
         store_paths = [to_store_path(p) for p in paths]
@@ -302,6 +307,8 @@ def pin_list(store_url: str, as_json: bool) -> None:
         ]
         click.echo(json.dumps(out, indent=2))
         return
+    if not pins:
+        click.echo("no pins", err=True)  # stdout stays empty, for scripts
     for p in pins:
         click.echo(
             f"{p.name}\t{_when(p.created)}\t" + " ".join(f"{STORE_DIR}/{b}" for b in p.paths)
@@ -322,3 +329,4 @@ def pin_rm(store_url: str, name: str) -> None:
             f"no pin named {name!r} (`pin list` shows them; without s3:GetObject on "
             "lifecycle/v1/pins/ none can be seen)"
         )
+    click.echo(f"removed pin {name}: its closure goes with a later gc unless kept", err=True)

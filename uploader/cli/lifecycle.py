@@ -19,6 +19,7 @@ from uploader.cli._common import (
     upstream_checks,
     verbosity,
 )
+from uploader.cli._common import secret_key_file as key_file_for
 from uploader.config import check_upstreams
 from uploader.lifecycle import KINDS, RepairResult, Report, VerifyOptions, repair, verify
 from uploader.progress import TerminalProgress, human_bytes, plural
@@ -91,9 +92,10 @@ def verify_command(
     damage).  The cache is only read, unless --repair is given.
     """
     setup_logging(-1 if quiet else verbose)
-    if do_repair and not secret_key_file:
-        fail("--repair needs --secret-key-file", EXIT_USAGE)
     try:
+        if do_repair:
+            # As push takes it: the flag, else the store URL's secret-key=.
+            secret_key_file = key_file_for(secret_key_file, store_url)
         keys = tuple(_public_key(k) for k in public_keys)
         check_upstreams(upstreams)
         options = VerifyOptions(
@@ -109,13 +111,10 @@ def verify_command(
                 f"the key in {secret_key_file} ({secret.name}) is not among --public-key: "
                 "what --repair signs would not verify"
             )
-    except UploaderError as e:
-        fail(str(e), EXIT_USAGE)
-    try:
         # The narinfo fetches, the NAR listing beside them, and a spare.
         target = open_target(store_url, max_connections=jobs + 2)
     except UploaderError as e:
-        fail(str(e))  # exit 1, as push and run say of a store URL that cannot work
+        fail(str(e), EXIT_USAGE)
     show = sys.stderr.isatty() and not quiet and not as_json
     try:
         report = verify(

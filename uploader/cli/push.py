@@ -9,7 +9,7 @@ import sys
 import click
 
 from uploader import redact
-from uploader._exceptions import UploaderError
+from uploader._exceptions import ConfigError, KeyFileError, UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -22,7 +22,7 @@ from uploader.cli._common import (
 )
 from uploader.cli._common import secret_key_file as cli_key_file
 from uploader.compression import METHODS
-from uploader.config import check_upstreams
+from uploader.config import check_upstreams, upstream_key_names
 from uploader.engine import Engine, PushResult
 from uploader.lifecycle.layout import check_name
 from uploader.progress import TerminalProgress, human_bytes, plural
@@ -80,7 +80,8 @@ from uploader.upstream import Upstreams
 )  # fmt: skip
 @click.option(
     "--upstream-key", "upstream_keys", multiple=True, metavar="NAME",
-    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1.",
+    help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1 "
+    "(NAME:KEY as in trusted-public-keys, or a public key file, counts by its name).",
 )  # fmt: skip
 @verbosity
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
@@ -112,6 +113,8 @@ def push(
         if root_name is not None:
             check_name(root_name, "root")
         check_upstreams(upstream_urls)
+        upstream_keys = upstream_key_names(upstream_keys)
+        roots = [to_store_path(p) for p in paths]
     except UploaderError as e:
         fail(str(e), EXIT_USAGE)
     # Made only when asked for: it holds a thread pool for its lookups.
@@ -134,7 +137,11 @@ def push(
             root=None if attest is not None else (root_name or socket.gethostname()),
             upstreams=upstreams,
         )
-        roots = [to_store_path(p) for p in paths]
+    except KeyFileError as e:
+        fail(str(e))
+    except ConfigError as e:
+        # The store URL or an option cannot work: fix the command line.
+        fail(str(e), EXIT_USAGE)
     except UploaderError as e:
         fail(str(e))
     method = engine.compression

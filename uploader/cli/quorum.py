@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from uploader._exceptions import ConfigError, KeyFileError, UploaderError
-from uploader.cli._common import EXIT_USAGE, fail, main, setup_logging, verbosity
+from uploader.cli._common import EXIT_USAGE, Span, fail, main, setup_logging, verbosity
 from uploader.cli._common import secret_key_file as cache_key_file
 from uploader.config import check_upstreams
 from uploader.progress import plural
@@ -68,12 +68,13 @@ def _builder_keys(values: tuple[str, ...], trusted: tuple[str, ...]) -> dict[str
 )  # fmt: skip
 @click.option("--once", is_flag=True, help="One pass, then exit (for a timer or a test).")
 @click.option(
-    "--interval", type=click.FloatRange(0.1), default=30.0, show_default=True,
-    metavar="SECONDS", help="Pause between passes.",
+    "--interval", type=Span("seconds"), default=30.0, show_default=True,
+    metavar="SECONDS", help="Pause between passes (seconds, or a duration such as 5m).",
 )  # fmt: skip
 @click.option(
-    "--expire-days", type=click.FloatRange(0), default=14.0, show_default=True, metavar="D",
-    help="Attestations that waited this long without a quorum are reported, then removed.",
+    "--expire-days", type=Span("days"), default=14.0, show_default=True, metavar="DAYS",
+    help="Attestations that waited this long without a quorum are reported, then removed "
+    "(days, or a duration such as 36h).",
 )  # fmt: skip
 @click.option("--tmp-dir", default=None, metavar="DIR", help="Where staged NARs are checked.")
 @click.option(
@@ -105,7 +106,9 @@ def publish(
     NAR is checked.  Disagreements are reported in quorum/v1/conflicts/ and
     never signed.  See docs/fleet.md.
     """
-    setup_logging(-1 if quiet else verbose + 1)
+    setup_logging(-1 if quiet else verbose, service=True)
+    if interval < 0.1:
+        fail(f"--interval {interval:g}: give at least 0.1 seconds between passes", EXIT_USAGE)
     try:
         keys = _builder_keys(builder_keys, trusted)
         if quorum > len(keys) and not trusted:

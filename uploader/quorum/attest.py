@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from uploader._exceptions import TargetError
 from uploader.engine import StoredNar, narinfo_key
+from uploader.progress import PATH_EVENTS
 from uploader.quorum.attestation import VERSION, Attestation, StagedNar
 from uploader.quorum.ca import ca_gives_path
 from uploader.quorum.layout import (
@@ -42,6 +43,7 @@ from uploader.targets import Target
 __all__ = ["Attester"]
 
 log = logging.getLogger(__name__)
+path_log = logging.getLogger(PATH_EVENTS)
 
 
 class Attester:
@@ -118,7 +120,7 @@ class Attester:
                 )
             return
         self.target.put_bytes(key, attestation.to_json(), "application/json")
-        log.info("attested %s as %s (%d bytes NAR)", info.path, self.builder, info.nar_size)
+        path_log.info("attested %s as %s (%d bytes NAR)", info.path, self.builder, info.nar_size)
 
     def check_reads(self) -> None:
         """Raise TargetError unless this builder can read its own attestations

@@ -35,6 +35,7 @@ from uploader.compression import extension
 from uploader.engine import NAR_TYPE, narinfo_key
 from uploader.lifecycle.protect import Protection
 from uploader.narinfo import NarInfo
+from uploader.progress import PATH_EVENTS
 from uploader.quorum.attestation import VERSION, Attestation
 from uploader.quorum.bucket import Bucket
 from uploader.quorum.layout import (
@@ -61,6 +62,7 @@ ROOT_NAME = "quorum-publisher"
 ROOT_REFRESH = 3600.0
 
 log = logging.getLogger(__name__)
+path_log = logging.getLogger(PATH_EVENTS)
 _JSON = "application/json"
 
 
@@ -286,7 +288,9 @@ class Publisher:
         builders = [a for a in counted.support if a.builder in {c.builder for c, _ in checked}]
         record = publication_record(counted, url, builders, now)
         self.bucket.put_bytes(published_key(p.hashpart), dump(record), _JSON)
-        log.info("published %s (attested by %s)", first.store_path, ", ".join(record["builders"]))
+        path_log.info(
+            "published %s (attested by %s)", first.store_path, ", ".join(record["builders"])
+        )
         result.published.append(first.store_path)
         self._tidy(p, in_use, record=False)
         return True

@@ -135,6 +135,8 @@ def parse_store_url(url: str) -> StoreUrl:
             raise ConfigError(f"store URL {url!r}: expected file:///ABSOLUTE/DIR")
         allowed = _COMMON_PARAMS
         result = StoreUrl(scheme="file", path=parts.path.rstrip("/") or "/", params=params, raw=url)
+    elif not parts.scheme and url.startswith("/"):
+        raise ConfigError(f"store URL {url!r} is a path: write file://{url} for a directory")
     else:
         raise ConfigError(
             f"store URL {url!r}: unsupported scheme {parts.scheme!r}; "
