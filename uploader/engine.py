@@ -54,7 +54,7 @@ from uploader.narstream import (
 )
 from uploader.nixbase32 import ALPHABET, format_hash
 from uploader.nixbase32 import encode as nix32
-from uploader.progress import PATH_EVENTS
+from uploader.progress import PATH_EVENTS, human_bytes
 from uploader.roundtrips import MAX_WIDTH, RoundTrips
 from uploader.signing import SecretKey
 from uploader.store import PathInfo
@@ -997,11 +997,11 @@ class Engine:
             e.store_path = info.path
             raise
         path_log.info(
-            "uploaded %s (%d bytes NAR, %d bytes %s)",
+            "uploaded %s (%s NAR, %s %s)",
             info.path,
-            info.nar_size,
-            prepared.file_size,
-            self.compression,
+            human_bytes(info.nar_size),
+            human_bytes(prepared.file_size),
+            "uncompressed" if self.compression == "none" else self.compression,
         )
 
 

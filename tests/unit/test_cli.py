@@ -472,3 +472,9 @@ def test_pin_add_without_a_name_says_so(tmp_path: Path) -> None:
         "pin add needs a NAME before the paths, e.g. `pin add --to URL release ./result`",
     )
     usage_error(cli("pin", "add", "--to", url, "release"), "needs at least one PATH")
+
+
+def test_command_lists_show_each_description_whole() -> None:
+    for group in ([], ["pin"], ["quorum"]):
+        listed = cli(*group, "--help").output.split("Commands:", 1)[1]
+        assert "..." not in listed.replace("PATH...", ""), listed

@@ -156,6 +156,21 @@ def upstream_checks(fn: F) -> F:
 class _Group(click.Group):
     """click's group, with its own errors in our one style (``error: …``, as Nix)."""
 
+    # Subgroups (pin, quorum) list their commands the same way.
+    group_class = type
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence
+        (wrapped), not cut off at the terminal's width with "..."."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # The program's entry point (tests call main() instead).
         try:
@@ -302,11 +317,14 @@ def refuse_cache_key(flag: str | None, store_url: str | None) -> None:
 def queue_options(fn: F) -> F:
     """--config, --spool and --state-dir: where the queue commands look."""
     fn = click.option(
-        "--state-dir", default=None, help=f"Daemon state directory [default: {DEFAULT_STATE_DIR}]."
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help=f"Daemon state directory [default: {DEFAULT_STATE_DIR}].",
     )(fn)
-    fn = click.option("--spool", default=None, help=f"Spool directory [default: {DEFAULT_SPOOL}].")(
-        fn
-    )
+    fn = click.option(
+        "--spool", default=None, metavar="DIR", help=f"Spool directory [default: {DEFAULT_SPOOL}]."
+    )(fn)
     return click.option(
         "--config",
         "config_file",

@@ -30,7 +30,13 @@ from uploader.cli._common import (
     verbosity,
 )
 from uploader.compression import METHODS, check_level
-from uploader.config import DEFAULT_CONFIG, Settings, gc_roots_warning, load_settings
+from uploader.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_GC_ROOTS,
+    Settings,
+    gc_roots_warning,
+    load_settings,
+)
 from uploader.daemon import Daemon
 from uploader.gcroots import GcRoots
 from uploader.lock import DirectoryLock
@@ -49,15 +55,27 @@ log = logging.getLogger("nix-cache-uploader")
 
 @main.command()
 @queue_options
-@click.option("--to", "store_url", metavar="STORE_URL", help="Binary cache URL (as for push).")
-@click.option("--secret-key-file", help="Signing key file (mode 0600, owned by this user).")
+@click.option(
+    "--to", "store_url", metavar="STORE_URL",
+    help="Binary cache URL, as for push [required unless the config file sets `to`].",
+)  # fmt: skip
+@click.option(
+    "--secret-key-file", metavar="FILE",
+    help="Signing key in Nix's format (mode 0600, owned by this user) "
+    "[default: the config file's, else the URL's secret-key=].",
+)  # fmt: skip
 @click.option(
     "--attest-key-file", metavar="FILE",
     help="Attest mode: a builder key; stage NARs and sign attestations, hold no cache key.",
 )  # fmt: skip
-@click.option("--compression", type=click.Choice(METHODS), default=None, help="NAR compression.")
+@click.option(
+    "--compression", type=click.Choice(METHODS), default=None,
+    help="NAR compression [default: the config file's, else the URL's compression=, else zstd].",
+)  # fmt: skip
 @click.option("--compression-level", type=int, default=None, help="Level for zstd or xz.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Paths at once [4].")
+@click.option(
+    "-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Paths at once [default: 4]."
+)
 @click.option(
     "--upstream", multiple=True, metavar="URL",
     help="Cache whose paths are not uploaded again (repeatable), e.g. https://cache.nixos.org.",
@@ -67,7 +85,10 @@ log = logging.getLogger("nix-cache-uploader")
     help="Paths signed by this key name are upstream's (repeatable), e.g. cache.nixos.org-1 "
     "(NAME:KEY as in trusted-public-keys, or a public key file, counts by its name).",
 )  # fmt: skip
-@click.option("--gc-roots-dir", default=None, help="Where queued outputs are rooted.")
+@click.option(
+    "--gc-roots-dir", default=None, metavar="DIR",
+    help=f"Where queued outputs are rooted [default: {DEFAULT_GC_ROOTS}].",
+)  # fmt: skip
 @click.option(
     "--low-priority/--normal-priority", "low_priority", default=None,
     help="Run at nice 19, autogroup nice 19 and idle IO class, behind builds [default: low].",

@@ -238,7 +238,9 @@ def pin() -> None:
     """Keep the closure of store paths in the cache forever (until `pin rm`)."""
 
 
-@pin.command("add")
+@pin.command(
+    "add", short_help="Pin the closure of PATH... (store paths or ./result links) as NAME."
+)
 @_TO
 @upstream_checks
 @click.argument("name")

@@ -165,7 +165,7 @@ def _report(result: PushResult, method: str, quiet: bool, engine: Engine) -> Non
     if quiet and result.ok:
         return
     done = f"{plural(len(result.uploaded), 'path')} ({human_bytes(result.nar_bytes)} NAR, "
-    done += f"{human_bytes(result.file_bytes)} {method})"
+    done += f"{human_bytes(result.file_bytes)} {'uncompressed' if method == 'none' else method})"
     upstream = set(result.skipped_upstream)
     if isinstance(engine.recorder, Attester):
         line = f"attested {done}, {len(result.present)} attested before"
