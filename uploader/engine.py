@@ -339,8 +339,11 @@ class Engine:
         # Timed like the other small requests: the first measure of the
         # round-trip time, which orders the work (``_schedule``).
         present = await self._round_trips.run(partial(self._exists, "nix-cache-info"))
-        denied = getattr(self.target, "denied", None)
-        if not present and denied is not None and denied("nix-cache-info"):
+        unsure = getattr(self.target, "absence_unsure", None)
+        why = await self._run(unsure, "nix-cache-info") if not present and unsure else None
+        if why == "present":
+            present = True
+        elif why == "denied":
             # It may be there: an operator's own (Priority, WantMassQuery)
             # is not overwritten on a guess.
             log.warning(

@@ -125,12 +125,13 @@ def test_a_nix_cache_info_push_may_not_read_is_not_overwritten(
     own = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
     faults.client().put_object(Bucket=bucket, Key="nix-cache-info", Body=own)
     (out,) = build(multi_output_expr(), attr="lib")
-    faults.add(Rule("denied", "HEAD", r"/nix-cache-info(\?|$)", count=100))
+    faults.add(Rule("denied", "HEAD", r"/nix-cache-info(\?|$)", count=100),
+               Rule("denied", "GET", r"/nix-cache-info(\?|$)", count=100))  # fmt: skip
 
     result = run_cli("push", "--to", faults.store_url(bucket), "--secret-key-file",
                      keys.secret_file, out)  # fmt: skip
 
-    assert faults.rules[0].hits >= 1, "the fault was not met"
+    assert faults.rules[0].hits >= 1 and faults.rules[1].hits >= 1, "the faults were not met"
     assert faults.get(bucket, "nix-cache-info") == own
     assert "cannot tell whether" in result.stderr and "denied (403); not writing one" in (
         result.stderr

@@ -134,7 +134,7 @@ def test_two_of_three_builders_agree_and_a_fresh_store_substitutes_the_closure(
     # Builder B rebuilds the same closure: now it is published, references first.
     top = rebuild(expr, paths)
     assert "attested 3 paths" in attest(url, fleet["b"], top).stderr
-    two = run_cli(*publish_args(url, fleet))
+    two = run_cli(*publish_args(url, fleet), "-v")  # -v: a line per path published
     assert "published 3 paths, 0 waiting, 0 conflicts" in two.stderr
     order = [line.split()[2] for line in two.stderr.splitlines() if "INFO published" in line]
     assert order == sorted(paths, key=lambda p: len(closure(p)))  # references first

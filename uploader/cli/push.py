@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 
@@ -30,6 +31,8 @@ from uploader.quorum import Attester
 from uploader.signing import SecretKey
 from uploader.storepath import to_store_path
 from uploader.upstream import Upstreams
+
+log = logging.getLogger(__name__)
 
 
 @main.command()
@@ -145,6 +148,10 @@ def push(
     except UploaderError as e:
         fail(str(e))
     method = engine.compression
+    log.debug(
+        "pushing the closures of %s to %s (%s, %d at once)",
+        plural(len(roots), "path"), engine.target.url, method, engine.jobs,
+    )  # fmt: skip
     progress = TerminalProgress() if sys.stderr.isatty() and not quiet else None
     try:
         result = asyncio.run(engine.push(roots, progress))

@@ -268,11 +268,30 @@ class S3Target:
             return False
         raise self._describe(e, "checking", self._where(key)) from e
 
-    def denied(self, key: str) -> bool:
+    def absence_unsure(self, key: str) -> str | None:
         """Whether ``exists(key)`` said False only because S3 answered 403:
-        the object may be there (no s3:GetObject), or not (no
-        s3:ListBucket); either way, not known to be absent."""
-        return key in self._denied
+        None when it was a plain 404 (or never asked); else, asked again with
+        a GET (a HEAD's 403 has no body to say why), "present" when the
+        object can be read after all, "denied" when reading it is not allowed
+        (no s3:GetObject, or no s3:ListBucket for a missing one).  Rejected
+        credentials raise CredentialsError, as any request does."""
+        if key not in self._denied:
+            return None
+        try:
+            if self._fast is not None:
+                self._fast.get(key)
+            else:
+                self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if _status(e) == 403 and code not in REJECTED_CODES:
+                return "denied"
+            if _status(e) == 404:
+                return None
+            raise self._describe(e, "reading", self._where(key)) from e
+        except Exception as e:
+            raise self._describe(e, "reading", self._where(key)) from e
+        return "present"
 
     async def exists_async(self, key: str) -> bool:
         """``exists``, awaited on the caller's event loop without a thread
