@@ -9,6 +9,7 @@ flags given on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -101,7 +102,16 @@ def _coerce(key: str, value: Any) -> Any:
             raise TypeError("a string")
         return value
     except TypeError as e:
-        raise ConfigError(f"setting {key!r} must be {e}, not {value!r}") from None
+        raise ConfigError(f"setting {key!r} must be {e}, not {_toml(value)}") from None
+
+
+def _toml(value: object) -> str:
+    """A value as the config file spells it (true, "text"), not as Python does."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 # Lower bounds (inclusive) of the numeric settings; every number must be finite.

@@ -315,6 +315,9 @@ class Engine:
     def close(self) -> None:
         if self._head is not None:
             self._drop_head(self._head)
+        # Uploads still running have no narinfo to come: aborted, not left
+        # complete as orphans.
+        self._streamer.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._streamer.close()
 

@@ -349,9 +349,24 @@ class NarStreamer:
         # (so at most one buffer per part in flight, plus the one being
         # filled, is in memory), while its parts are still being sent.
         self._compressing = threading.Lock()
+        # Set when the engine is closed with uploads still running (a
+        # daemon stopped past its drain timeout): they abort, not complete,
+        # since no narinfo will name them.
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Abort the uploads under way instead of completing them."""
+        self._stopping.set()
 
     def close(self) -> None:
+        self.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _unless_stopped(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            if self._stopping.is_set():
+                raise UploaderError("stopping: the upload is aborted")
+            yield chunk
 
     def upload(self, info: PathInfo, upload: Upload, chunks: Iterable[bytes]) -> Compressed:
         """Complete ``upload`` with the compressed NAR once it is verified;
@@ -361,9 +376,13 @@ class NarStreamer:
         self.buffers.use()
         try:
             with self._compressing:
-                compressed = compress_checked(info, chunks, parts.write, self.method, self.level)
+                compressed = compress_checked(
+                    info, self._unless_stopped(chunks), parts.write, self.method, self.level
+                )
                 parts.send_last()
             parts.wait()
+            if self._stopping.is_set():
+                raise UploaderError("stopping: the upload is aborted")
             upload.complete()
             return compressed
         except BaseException as e:

@@ -72,6 +72,8 @@ def test_the_daemon_waits_for_credentials_and_uploads_once_they_appear(
     assert uploader.process is not None and uploader.process.poll() is None, uploader.log()
     report = status(uploader)
     assert "no AWS credentials found" in report["cache_problem"]
+    # The environment file beside the config file, where `install --config` puts it.
+    assert f"for the service put them into {tmp_path}/environment" in report["cache_problem"]
     assert report["pending"] == 1 and report["quarantined"] == []
     assert "problem:     " in run_cli("status", *uploader.queue_args()).stdout
     assert scrape(port)["nix_cache_uploader_cache_usable"] == 0

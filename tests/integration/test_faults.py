@@ -5,6 +5,8 @@ at no moment may a narinfo have been written before its NAR was complete."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,39 @@ def test_a_nix_cache_info_push_may_not_read_is_not_overwritten(
         result.stderr
     )
     assert "uploaded 1 path" in result.stderr
+
+
+def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orphan(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """SIGTERM while a large NAR's part is stuck: past drain-timeout the
+    daemon stops, its upload is aborted (not completed as a NAR no narinfo
+    names), and the entry stays to be uploaded at the next start."""
+    config = tmp_path / "drain.toml"
+    config.write_text("drain-timeout = 0.5\n")
+    uploader.extra_args = ["--config", str(config)]
+    uploader.store_url = faults.store_url(bucket, compression="none")
+    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
+    uploader.start()
+    salt = uuid.uuid4().hex[:12]
+    (path,) = build(f"""derivation {{
+      name = "stopped-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+      PATH = "/usr/bin:/bin";
+      args = ["-c" "mkdir $out; head -c 40000000 /dev/urandom > $out/blob"];
+    }}""", hook=str(uploader.hook))  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not faults.rules[0].hits:
+        assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"
+        time.sleep(0.05)
+    assert uploader.stop() == 0
+    time.sleep(4)  # the stalled part ends; nothing may complete after it
+    client = faults.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", [])
+    assert listed == [], f"an orphan NAR: {listed}\n{uploader.log()}"
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert len(list(uploader.spool.glob("*.entry"))) == 1
+
+    uploader.start()
+    uploader.wait_drained(timeout=120)
+    assert assert_bucket_consistent(faults, bucket) == 1
+    assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")

@@ -478,3 +478,13 @@ def test_command_lists_show_each_description_whole() -> None:
     for group in ([], ["pin"], ["quorum"]):
         listed = cli(*group, "--help").output.split("Commands:", 1)[1]
         assert "..." not in listed.replace("PATH...", ""), listed
+
+
+def test_keygen_with_a_bad_name_is_a_usage_error_and_values_read_as_toml(
+    tmp_path: Path,
+) -> None:
+    usage_error(cli("keygen", "bad name", str(tmp_path / "s"), str(tmp_path / "p")),
+                "invalid key name 'bad name'")  # fmt: skip
+    assert not (tmp_path / "s").exists()
+    config = write_config(tmp_path / "c.toml", "retry-min = true\n")
+    one_error_line(cli("check-config", "--config", config), "must be a number, not true")

@@ -122,6 +122,13 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
     overrides["upstream-keys"] = overrides.pop("upstream-keys")
     try:
         settings = load_settings(config_file, overrides)
+        if config_file is not None:
+            # Imported here, as below: boto3 is not for every command.
+            from uploader.targets.credentials import service_reads_credentials_from
+
+            service_reads_credentials_from(
+                os.path.join(os.path.dirname(os.path.abspath(config_file)), "environment")
+            )
         settings.require("to")
         assert settings.to is not None
         if os.geteuid() == 0:
@@ -336,7 +343,9 @@ def _print_status(r: dict[str, Any]) -> None:
         click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
         click.echo(f"target:      {r.get('target')}")
     oldest = r.get("oldest_pending_age")
-    line = f"queue:       {r.get('pending', '?')} pending, {r.get('in_flight', 0)} in flight"
+    pending = r.get("pending")
+    line = f"queue:       {'?' if pending is None else pending} pending, "
+    line += f"{r.get('in_flight', 0)} in flight"
     if oldest is not None and r.get("pending"):
         line += f", oldest {oldest:.0f}s"
     click.echo(line)

@@ -28,6 +28,9 @@ def keygen(name: str, secret_key_file: str, public_key_file: str) -> None:
         fail("the secret and the public key need two different files", EXIT_USAGE)
     try:
         key = generate(name)
+    except (UploaderError, ValueError) as e:
+        fail(str(e), EXIT_USAGE)  # a NAME that cannot be a key's
+    try:
         write_secret_key(secret_key_file, key)
     except (UploaderError, ValueError) as e:
         fail(str(e))

@@ -22,10 +22,24 @@ import botocore.session
 
 from uploader._exceptions import ConfigError, CredentialsError
 
-__all__ = ["ENVIRONMENT_FILE", "missing_credentials", "rejected_credentials", "session_for"]
+__all__ = [
+    "ENVIRONMENT_FILE",
+    "missing_credentials",
+    "rejected_credentials",
+    "service_reads_credentials_from",
+    "session_for",
+]
 
 # Where `install` and the NixOS module have the service read its credentials.
 ENVIRONMENT_FILE = "/etc/nix-cache-uploader/environment"
+_environment_file = ENVIRONMENT_FILE
+
+
+def service_reads_credentials_from(path: str) -> None:
+    """Name ``path`` in the messages on credentials: `install --config`
+    puts the service's environment file beside its config file."""
+    global _environment_file
+    _environment_file = path
 
 # S3 error codes that mean "these credentials are not (or no longer) good".
 REJECTED_CODES = frozenset(
@@ -122,7 +136,7 @@ def missing_credentials(action: str, where: str, profile: str | None) -> Credent
         f"{action} {where}: no AWS credentials found (looked for AWS_ACCESS_KEY_ID and "
         f"AWS_SECRET_ACCESS_KEY in the environment, profile {profile or 'default'!r} in "
         f"{aws_files()}, a web identity token, and instance or container metadata); "
-        f"export them, or for the service put them into {ENVIRONMENT_FILE}"
+        f"export them, or for the service put them into {_environment_file}"
     )
 
 
@@ -130,5 +144,5 @@ def rejected_credentials(action: str, where: str, code: str) -> CredentialsError
     why = "have expired" if "Expired" in code or "Refresh" in code else "were refused"
     return CredentialsError(
         f"{action} {where}: the AWS credentials {why} ({code}); check or renew them "
-        f"(for the service: {ENVIRONMENT_FILE}) and the region"
+        f"(for the service: {_environment_file}) and the region"
     )
