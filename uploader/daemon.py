@@ -49,7 +49,7 @@ from uploader.metrics import Metrics
 from uploader.progress import plural
 from uploader.spool import Spool
 from uploader.spoolentry import Entry
-from uploader.state import write_status
+from uploader.state import snapshot_settled, spool_snapshot, write_status
 from uploader.store import NixStore, PathInfo
 
 __all__ = ["Daemon"]
@@ -760,11 +760,17 @@ class Daemon:
             "failures": dict(self._failures),
             "last_errors": list(self._last_errors),
             "cache_problem": self._cache_problem,
+            **spool_snapshot(self.spool.path, lambda: len(self.spool.pending())),
         }
 
     def _write_status(self, *, running: bool) -> None:
         try:
-            write_status(self.settings.state_dir, self.status(running=running))
+            status = self.status(running=running)
+            # A snapshot too close to the spool's last change is one a CI
+            # user's `wait` cannot trust: another follows on the next tick.
+            if running and not snapshot_settled(status):
+                self._dirty = True
+            write_status(self.settings.state_dir, status)
         except OSError as e:
             log.error("cannot write status to %s: %s", self.settings.state_dir, e)
 

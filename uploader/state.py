@@ -15,12 +15,19 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from uploader.redact import scrub
 
-__all__ = ["KnownCache", "read_status", "write_status"]
+__all__ = [
+    "KnownCache",
+    "entries_per_status",
+    "read_status",
+    "snapshot_settled",
+    "spool_snapshot",
+    "write_status",
+]
 
 STATUS_FILE = "status.json"
 _SCHEMA = """
@@ -131,3 +138,43 @@ def read_status(state_dir: str) -> dict[str, Any] | None:
             return data
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+# The spool's last change must be this much older than the daemon's look at
+# it: a directory's mtime has the kernel's coarse clock (a few ms), so an
+# entry made in the same tick as an earlier change could leave it unchanged.
+_SETTLED = 0.05
+
+
+def spool_snapshot(spool: str, entries: Callable[[], int]) -> dict[str, Any]:
+    """What the daemon saw of the spool directory, for users who may not
+    list it (`wait` and `status` in a CI job): its mtime, then how many
+    entries it held, and when."""
+    try:
+        mtime = os.stat(spool).st_mtime_ns
+        checked = time.time()
+        count = entries()
+    except OSError:
+        return {}
+    return {"spool_mtime_ns": mtime, "spool_checked_at": checked, "spool_entries": count}
+
+
+def snapshot_settled(snapshot: Mapping[str, Any]) -> bool:
+    """Whether a later change of the spool is sure to change its mtime."""
+    mtime, checked = snapshot.get("spool_mtime_ns"), snapshot.get("spool_checked_at")
+    if not isinstance(mtime, int) or not isinstance(checked, int | float):
+        return False
+    return checked - mtime / 1e9 >= _SETTLED
+
+
+def entries_per_status(report: Mapping[str, Any], spool: str) -> int | None:
+    """The entries in ``spool`` as the daemon last counted them, when the
+    directory has not changed since (no entry came or went); else None."""
+    count = report.get("spool_entries")
+    if not isinstance(count, int) or not snapshot_settled(report):
+        return None
+    try:
+        now = os.stat(spool).st_mtime_ns
+    except OSError:
+        return None
+    return count if now == report.get("spool_mtime_ns") else None

@@ -179,7 +179,22 @@ def test_a_ci_user_outside_the_spool_group_can_wait_and_see_status(
     report = json.loads(shown.stdout)
     assert report["daemon"] == "running"
     assert report["quarantined"] is None  # not this user's to see
-    assert "pending" in report
+    assert report["pending"] == 0
+
+    # An idle daemon writes its status every few seconds; a short wait still
+    # knows at once that nothing is queued (the spool has not changed since).
+    for _ in range(3):
+        quick = as_ci_user("wait", "--timeout", "1", timeout=1)
+        assert quick.returncode == 0, quick.stderr
+
+    # A build queued while the daemon is stopped: not "0 pending" any more.
+    assert separated.stop() == 0
+    build(trivial_expr("ci-user-later"), hook=str(separated.hook))
+    report = json.loads(as_ci_user("status", "--json").stdout)
+    assert report["daemon"] == "stopped" and report["pending"] is None
+    assert "?" in as_ci_user("status").stdout.splitlines()[2]
+    late = as_ci_user("wait", "--timeout", "1", timeout=1)
+    assert late.returncode == 3 and "queue state unknown" in late.stderr
 
 
 def test_the_key_stays_out_of_argv_environment_and_log(

@@ -112,7 +112,7 @@ def test_an_unknown_aws_profile_is_an_error_to_push_and_a_warning_to_check_confi
         ("retry-max = inf", "retry-max must be"),
         ("known-ttl = -1", "known-ttl must be"),
         ("drain-timeout = -1", "drain-timeout must be"),
-        ('drain-timeout = "60"', "'drain-timeout' must be a number, not '60'"),
+        ('drain-timeout = "60"', "'drain-timeout' must be a number, not \"60\""),
         ("retry-min = 10\nretry-max = 5", "retry-min (10) must be at most retry-max (5)"),
     ],
 )

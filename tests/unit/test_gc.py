@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -338,3 +339,86 @@ def test_a_pin_that_cannot_be_undone_says_it_was_written_and_why(
     assert "pin 'release' was written" in message and "s3:GetObject" in message
     assert "deleting" in message and "pin rm release" in message
     assert [p.name for p in list_pins(cache.target)] == ["release"]
+
+
+def test_a_gc_stopped_after_any_deletion_leaves_every_closure_whole(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Referrers go before what they reference: however far a deleting run
+    got (Ctrl-C, kill), every narinfo left still has its closure."""
+    leaf = cache.store.add("leaf")
+    mid = [cache.store.add(f"mid{i}", [leaf]) for i in range(3)]
+    top = cache.store.add("top", [*mid, leaf])
+    side = cache.store.add("side", [mid[0]])
+    keep = cache.store.add("keep")
+    cache.push("a", top)
+    cache.push("a", side)
+    cache.push("a", keep)  # the newest root of "a": the others lapse
+    cache.gc()  # marks
+    doomed = {hash_part(p) for p in (leaf, *mid, top, side)}
+    real_delete = FileTarget.delete
+    for allowed in range(1, len(doomed)):
+        snapshot = cache.dir.parent / f"copy{allowed}"
+        shutil.copytree(cache.dir, snapshot)
+        count = {"n": 0}
+
+        def stop_after(
+            self: FileTarget, key: str, allowed: int = allowed, count: dict[str, int] = count
+        ) -> None:
+            if key.endswith(".narinfo"):
+                if count["n"] == allowed:
+                    raise KeyboardInterrupt
+                count["n"] += 1
+            real_delete(self, key)
+
+        monkeypatch.setattr(FileTarget, "delete", stop_after)
+        copy = Cache(cache.dir.parent / f"run{allowed}")
+        copy.dir, copy.target = snapshot, open_target(f"file://{snapshot}")
+        with pytest.raises(KeyboardInterrupt):
+            collect(copy.target, TIGHT, delete=True, jobs=1)
+        monkeypatch.setattr(FileTarget, "delete", real_delete)
+        left = {p.name[:32] for p in snapshot.glob("*.narinfo")}
+        assert len(left & doomed) == len(doomed) - allowed
+        assert copy.clean(), f"stopped after {allowed}: a narinfo lost part of its closure"
+
+
+def test_referrers_come_before_what_they_reference() -> None:
+    from uploader.lifecycle.gc import referrers_first
+    from uploader.lifecycle.survey import Bucket, Entry
+
+    def entry(*refs: str) -> Entry:
+        return Entry(name="x", size=1, mtime=0, url="nar/x", refs=refs)
+
+    a, b, c, d, e = (ch * 32 for ch in "abcde")
+    bucket = Bucket(narinfos={a: entry(b, a), b: entry(c), c: entry(), d: entry(c), e: entry()})
+    assert referrers_first(bucket, {a, b, c, d}) == [sorted([a, d]), [b], [c]]
+    assert referrers_first(bucket, {b, c}) == [[b], [c]]  # a stays: not doomed here
+
+
+def test_a_stopped_gc_says_what_it_deleted(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from uploader.cli import main
+
+    leaf = cache.store.add("leaf")
+    cache.push("a", cache.store.add("top", [leaf]))
+    cache.push("a", cache.store.add("keep"))
+    cache.gc()  # marks
+    real_delete = FileTarget.delete
+    deleted: list[str] = []
+
+    def stop_after_one(self: FileTarget, key: str) -> None:
+        if key.endswith(".narinfo") and deleted:
+            raise KeyboardInterrupt
+        deleted.append(key)
+        real_delete(self, key)
+
+    monkeypatch.setattr(FileTarget, "delete", stop_after_one)
+    result = CliRunner().invoke(
+        main, ["gc", "--to", f"file://{cache.dir}", "--delete", "--grace", "0", "--keep-days",
+               "0", "--nar-delay", "0", "-j", "1"],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert "gc stopped after deleting 1 narinfo; what stays has its closures" in result.output
+    monkeypatch.setattr(FileTarget, "delete", real_delete)
+    assert cache.clean()

@@ -45,7 +45,7 @@ from uploader.priority import lower_priority
 from uploader.progress import human_bytes, plural
 from uploader.signing import SecretKey
 from uploader.spool import Spool
-from uploader.state import KnownCache, read_status
+from uploader.state import KnownCache, entries_per_status, read_status
 from uploader.store import NixStore
 from uploader.targets import parse_store_url
 from uploader.upstream import Upstreams
@@ -280,6 +280,15 @@ def status(
     pending = _spool_pending(settings)
     if pending is not None:
         report["pending"] = len(pending)
+    elif "updated_at" in report:
+        # A user who may not list the spool: the daemon's count holds while
+        # the spool is as the daemon last saw it; otherwise it is unknown
+        # (a stopped daemon's count is not updated).
+        counted = entries_per_status(report, settings.spool)
+        if counted is not None:
+            report["pending"] = counted
+        elif _daemon_state(report) != "running":
+            report["pending"] = None
     try:
         report["quarantined"] = [
             {"entry": n, "reason": r} for n, r in Spool(settings.spool).quarantined()
@@ -414,8 +423,12 @@ def wait(
     while True:
         report = read_status(settings.state_dir)
         pending = _spool_pending(settings)
+        counted = entries_per_status(report, settings.spool) if report else None
         if pending is not None:
             left = len(pending)
+        elif counted is not None:
+            # The daemon's count, of a spool that has not changed since.
+            left = counted
         elif report and float(report["updated_at"]) > start:
             left = int(report["pending"]) + int(report["in_flight"])
         else:

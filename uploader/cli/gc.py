@@ -26,6 +26,7 @@ from uploader.cli._common import (
 )
 from uploader.config import check_upstreams
 from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
+from uploader.lifecycle.gc import DELETED
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.pins import PinRefused
 from uploader.lifecycle.upstream import served_upstream
@@ -135,7 +136,14 @@ def gc_command(
             jobs=jobs,
             progress=(lambda label: TerminalProgress(label=label)) if show else None,
         )
-    except UploaderError as e:
+    except (UploaderError, KeyboardInterrupt) as e:
+        # Stopped part way: say what went (what stays keeps its closures).
+        gone = " and ".join(plural(n, kind) for kind, n in DELETED.items() if n)
+        if gone:
+            click.echo(f"gc stopped after deleting {gone}; what stays has its closures: "
+                       "run `gc --delete` again to finish", err=True)  # fmt: skip
+        if isinstance(e, KeyboardInterrupt):
+            raise
         fail(str(e))
     if as_json:
         click.echo(json.dumps(_to_json(result, store_url), indent=2))
@@ -179,7 +187,7 @@ def _print(result: GcResult, quiet: bool) -> None:
         f"({human_bytes(nbytes)}): {plural(len(done.narinfos), 'narinfo')}, "
         f"{plural(len(done.nars), 'NAR')}{_bookkeeping(result)}; "
         f"{plural(len(waiting), 'unreferenced NAR')} ({human_bytes(sum(waiting.values()))}) "
-        "wait for --nar-delay"
+        "kept until unreferenced for --nar-delay, from the gc --delete that first finds them"
     )
     if result.previous is None:
         line += (

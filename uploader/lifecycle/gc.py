@@ -12,8 +12,9 @@ current mark.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from uploader.lifecycle.survey import Bucket, Policy, Seeds, changed_seeds, read
 from uploader.lifecycle.verify import Progress
 from uploader.targets import Target
 
-__all__ = ["GcResult", "collect"]
+__all__ = ["DELETED", "GcResult", "collect", "referrers_first"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def collect(
     lock: GcLock | None = None,
 ) -> GcResult:
     """A gc run; with ``delete``, ``lock`` is taken and held throughout."""
+    with _counting:
+        DELETED.clear()
     check_layout(target, write=delete)
     if delete:
         lock = lock or GcLock(target)
@@ -110,7 +113,10 @@ def _run(
     result.record = record
     assert lock is not None
     done = result.plan
-    _delete(target, lock, [narinfo_key(h) for h in done.narinfos], jobs)
+    # Referrers before what they reference: a run stopped part way leaves a
+    # bucket whose every narinfo still has its closure.
+    for level in referrers_first(bucket, done.narinfos):
+        _delete(target, lock, [narinfo_key(h) for h in level], jobs, what="narinfo")
     _delete(target, lock, done.listings + done.logs + done.nars, jobs)
     _write_record(target, record, now, COMPLETE, candidates, set(done.narinfos), done.unreferenced)
     if done.unreadable:
@@ -147,12 +153,51 @@ def _write_record(
     target.put_bytes(key, encode(record), JSON_TYPE)
 
 
-def _delete(target: Target, lock: GcLock, keys: list[str], jobs: int) -> None:
+def referrers_first(bucket: Bucket, doomed: Iterable[str]) -> list[list[str]]:
+    """``doomed`` (hash parts) in levels: each holds the paths all of whose
+    doomed referrers are in earlier levels.  Deleted level by level, what
+    remains is closed under references at every moment."""
+    doomed = set(doomed)
+    referrers: dict[str, int] = dict.fromkeys(doomed, 0)
+    for h in doomed:
+        for ref in set(bucket.narinfos[h].refs if h in bucket.narinfos else ()):
+            if ref in doomed and ref != h:
+                referrers[ref] += 1
+    levels: list[list[str]] = []
+    ready = sorted(h for h, n in referrers.items() if n == 0)
+    placed = 0
+    while ready:
+        levels.append(ready)
+        placed += len(ready)
+        nxt = []
+        for h in ready:
+            for ref in set(bucket.narinfos[h].refs if h in bucket.narinfos else ()):
+                if ref in doomed and ref != h:
+                    referrers[ref] -= 1
+                    if referrers[ref] == 0:
+                        nxt.append(ref)
+        ready = sorted(nxt)
+    if placed < len(doomed):  # a cycle (no store paths make one): last, together
+        levels.append(sorted(h for h, n in referrers.items() if n > 0))
+    return levels
+
+
+# Objects deleted by this process so far, by kind: what an interrupted run
+# reports (the CLI reads it when stopped part way).
+DELETED: dict[str, int] = {}
+_counting = threading.Lock()
+
+
+def _delete(
+    target: Target, lock: GcLock, keys: list[str], jobs: int, what: str = "other object"
+) -> None:
     """Delete ``keys``, ``jobs`` at a time; each only while the lock is surely ours."""
 
     def one(key: str) -> None:
         lock.check()
         target.delete(key)
+        with _counting:
+            DELETED[what] = DELETED.get(what, 0) + 1
         log.debug("deleted %s", key)
 
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="delete") as pool:

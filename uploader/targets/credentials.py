@@ -41,6 +41,7 @@ def service_reads_credentials_from(path: str) -> None:
     global _environment_file
     _environment_file = path
 
+
 # S3 error codes that mean "these credentials are not (or no longer) good".
 REJECTED_CODES = frozenset(
     {
