@@ -137,4 +137,6 @@ def to_store_path(p: str, store_dir: str = STORE_DIR) -> str:
         pending[:0] = target.split("/")
     if not os.path.lexists(current):
         raise InvalidPathError(f"{p!r}: no such file or directory (resolved to {current!r})")
+    if current == store_dir:
+        raise InvalidPathError(f"{p!r} is the store directory itself: give a store path in it")
     raise InvalidPathError(f"{p!r} does not lead into {store_dir} (resolved to {current!r})")

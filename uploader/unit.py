@@ -101,6 +101,10 @@ def render_unit(p: UnitParams, settings: Settings) -> str:
     # Background work: builds and interactive users come first.
     priority = "Nice=19\nCPUWeight=20\nIOSchedulingClass=idle\n" if settings.low_priority else ""
     stop_timeout = math.ceil(settings.drain_timeout) + 30
+    # systemd makes the default state directory; install makes another one.
+    state = (
+        f"StateDirectory={_STATE_DIRECTORY}\n" if settings.state_dir == DEFAULT_STATE_DIR else ""
+    )
     return f"""\
 {HEADER}; the next install overwrites it.
 # Local changes belong in a drop-in: systemctl edit nix-cache-uploader
@@ -116,11 +120,10 @@ LoadCredential={credential}:{p.secret_key_file.replace("%", "%%")}
 EnvironmentFile=-{p.environment_file.replace("%", "%%")}
 # `nix` and `nix-store`; HOME for the Nix client's cache directory.
 Environment={_word("PATH=" + ":".join(p.path))}
-Environment=HOME={DEFAULT_STATE_DIR}
+Environment={_word("HOME=" + settings.state_dir)}
 User={p.user}
 Group={p.group}
-StateDirectory={_STATE_DIRECTORY}
-Restart=on-failure
+{state}Restart=on-failure
 RestartSec=10
 # SIGTERM to the daemon only: it finishes in-flight uploads (drain-timeout) first.
 KillMode=mixed

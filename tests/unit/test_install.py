@@ -241,6 +241,9 @@ def test_unit_makes_other_directories_writable_and_waits_for_the_drain() -> None
     # '-': a tmp-dir that is missing must not stop systemd at namespace setup.
     assert found["ReadWritePaths"] == [f"{DEFAULT_SPOOL} {DEFAULT_GC_ROOTS} /srv/state -/srv/tmp"]
     assert found["TimeoutStopSec"] == ["76"]
+    # The user's home is the state directory install made; systemd makes no other.
+    assert found["Environment"][1] == "HOME=/srv/state"
+    assert "StateDirectory" not in found
 
 
 @pytest.mark.parametrize(

@@ -157,3 +157,9 @@ def test_to_store_path_says_when_a_path_does_not_exist(tmp_path: Path) -> None:
         to_store_path(str(inside), store_dir=str(store))
     # A store path this machine does not have is left for the store to refuse.
     assert to_store_path(f"{GOOD}/bin/hello") == GOOD
+
+
+def test_the_store_directory_itself_is_said_to_be_one() -> None:
+    for given in ("/nix/store", "/nix/store/", "/nix/store/."):
+        with pytest.raises(InvalidPathError, match="is the store directory itself"):
+            to_store_path(given)
