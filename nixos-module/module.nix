@@ -577,7 +577,7 @@ in
       path = [ config.nix.package ];
       environment = {
         # Nix clients want a writable home for their cache directory.
-        HOME = defaultStateDir;
+        HOME = stateDir;
       };
 
       serviceConfig = {
@@ -600,7 +600,8 @@ in
 
         User = cfg.user;
         Group = cfg.group;
-        StateDirectory = "nix-cache-uploader";
+        # systemd makes the default state directory; tmpfiles another one.
+        StateDirectory = lib.mkIf (stateDir == defaultStateDir) "nix-cache-uploader";
 
         Restart = "on-failure";
         RestartSec = 10;

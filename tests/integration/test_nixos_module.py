@@ -465,3 +465,14 @@ def test_build_logs_and_listings_are_settings_the_config_file_carries() -> None:
     config = with_settings(**{"upload-logs": True, "write-nar-listing": True})
     toml = evaluate(config, select=f"{CONFIG_FILE}.env.configFile.value").value
     assert toml["upload-logs"] is True and toml["write-nar-listing"] is True
+
+
+def test_a_custom_state_dir_is_home_and_systemd_makes_no_other() -> None:
+    for state, directory in (("/srv/state", None), ("/var/lib/nix-cache-uploader",
+                                                       "nix-cache-uploader")):  # fmt: skip
+        found = evaluate(
+            with_settings(**{"state-dir": state}),
+            select="let s = config.systemd.services.nix-cache-uploader; in "
+            "{ home = s.environment.HOME; dir = s.serviceConfig.StateDirectory or null; }",
+        ).value
+        assert found == {"home": state, "dir": directory}
