@@ -158,11 +158,17 @@ def referrers_first(bucket: Bucket, doomed: Iterable[str]) -> list[list[str]]:
     doomed referrers are in earlier levels.  Deleted level by level, what
     remains is closed under references at every moment."""
     doomed = set(doomed)
+    # Each doomed path's doomed references (a self-reference is no edge).
+    refs = {
+        h: {r for r in bucket.narinfos[h].refs if r in doomed and r != h}
+        if h in bucket.narinfos
+        else set()
+        for h in doomed
+    }
     referrers: dict[str, int] = dict.fromkeys(doomed, 0)
-    for h in doomed:
-        for ref in set(bucket.narinfos[h].refs if h in bucket.narinfos else ()):
-            if ref in doomed and ref != h:
-                referrers[ref] += 1
+    for targets in refs.values():
+        for ref in targets:
+            referrers[ref] += 1
     levels: list[list[str]] = []
     ready = sorted(h for h, n in referrers.items() if n == 0)
     placed = 0
@@ -171,11 +177,10 @@ def referrers_first(bucket: Bucket, doomed: Iterable[str]) -> list[list[str]]:
         placed += len(ready)
         nxt = []
         for h in ready:
-            for ref in set(bucket.narinfos[h].refs if h in bucket.narinfos else ()):
-                if ref in doomed and ref != h:
-                    referrers[ref] -= 1
-                    if referrers[ref] == 0:
-                        nxt.append(ref)
+            for ref in refs[h]:
+                referrers[ref] -= 1
+                if referrers[ref] == 0:
+                    nxt.append(ref)
         ready = sorted(nxt)
     if placed < len(doomed):  # a cycle (no store paths make one): last, together
         levels.append(sorted(h for h, n in referrers.items() if n > 0))
