@@ -9,6 +9,7 @@ flags given on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -175,6 +176,18 @@ def read_config_file(path: str | None) -> dict[str, Any]:
     return data
 
 
+def _unknown_settings(names: list[str]) -> str:
+    """What to say of settings the file has and no version knows: the
+    nearest known name for a misspelt one, else the list of them all."""
+    guesses = {n: difflib.get_close_matches(n, _FIELDS, n=1, cutoff=0.6) for n in names}
+    if all(guesses.values()):
+        return "; ".join(
+            f"unknown setting {n!r} (did you mean {g[0]!r}?)" for n, g in guesses.items()
+        )
+    known = ", ".join(sorted(_FIELDS))
+    return f"unknown setting(s) {', '.join(names)} (known: {known})"
+
+
 def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Settings:
     """Settings from the config file with ``overrides`` (flag values that are
     not None, keyed by setting name with dashes) applied on top."""
@@ -189,8 +202,7 @@ def load_settings(config_file: str | None, overrides: Mapping[str, Any]) -> Sett
             else:
                 extra[key] = value
         if extra:
-            known = ", ".join(sorted(_FIELDS))
-            raise ConfigError(f"unknown setting(s) {', '.join(sorted(extra))} (known: {known})")
+            raise ConfigError(_unknown_settings(sorted(extra)))
         _check(Settings(**values))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

@@ -133,7 +133,11 @@ def test_push_leaves_out_what_an_upstream_cache_serves_and_pin_add_accepts_it(
     pin = ["pin", "add", "--to", s3.store_url(bucket), "release", top]
     refused = run_cli(*pin, check=False)
     assert refused.returncode == 1 and f"missing {dep}" in refused.stderr
-    run_cli(*pin[:4], "--upstream", upstream_url, *pin[4:])
+    added = run_cli(*pin[:4], "--upstream", upstream_url, *pin[4:])
+    assert (
+        "pinned release: 1 path of its closure kept in this cache, 1 more served by the "
+        "upstream cache" in added.stderr
+    )
     listed = run_cli("pin", "list", "--to", s3.store_url(bucket)).stdout
     assert listed.startswith("release\t") and top in listed
 

@@ -111,7 +111,7 @@ def test_pins_add_list_rm_and_refuse_a_closure_not_in_the_cache(cache: Cache) ->
     app = cache.store.add("app", [base])
     other = cache.store.add("other", [base])
     cache.push("ci", app)
-    assert add_pin(cache.target, "release", [app]) == 2
+    assert add_pin(cache.target, "release", [app]) == (2, 0)
     with pytest.raises(PinRefused, match=f"missing {other}"):
         add_pin(cache.target, "broken", [other])
     with pytest.raises(PinRefused):
@@ -303,7 +303,8 @@ def test_a_pin_leaves_to_an_upstream_the_paths_it_serves(cache: Cache, tmp_path:
     with pytest.raises(PinRefused, match=f"missing {base}"):
         add_pin(cache.target, "release", [app], upstream=lambda n: served(urls, (other,), n, 4))
     trusted = (KEY.public_key(),)
-    assert add_pin(cache.target, "release", [app], upstream=lambda n: served(urls, trusted, n, 4))
+    added = add_pin(cache.target, "release", [app], upstream=lambda n: served(urls, trusted, n, 4))
+    assert added == (1, 1)
     assert [p.name for p in list_pins(cache.target)] == ["release"]
 
 
@@ -374,8 +375,10 @@ def test_a_gc_stopped_after_any_deletion_leaves_every_closure_whole(
         monkeypatch.setattr(FileTarget, "delete", stop_after)
         copy = Cache(cache.dir.parent / f"run{allowed}")
         copy.dir, copy.target = snapshot, open_target(f"file://{snapshot}")
+        deleted: dict[str, int] = {}
         with pytest.raises(KeyboardInterrupt):
-            collect(copy.target, TIGHT, delete=True, jobs=1)
+            collect(copy.target, TIGHT, delete=True, jobs=1, deleted=deleted)
+        assert deleted == ({"narinfo": allowed} if allowed else {})
         monkeypatch.setattr(FileTarget, "delete", real_delete)
         left = {p.name[:32] for p in snapshot.glob("*.narinfo")}
         assert len(left & doomed) == len(doomed) - allowed

@@ -743,13 +743,14 @@ def test_check_config_accepts_a_good_file_without_its_key(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('to = "s3://bucket"\ncompresion = "xz"\n', "unknown setting(s) compresion"),
+        ('to = "s3://bucket"\ncompresion = "xz"\n', "'compresion' (did you mean 'compression'?)"),
+        ('to = "s3://bucket"\nthreads = 4\n', "setting(s) threads (known: attest-key-file,"),
         ('to = "s3://bucket"\njobs = "8"\n', "setting 'jobs' must be an integer"),
         ('to = "s3://bucket?regoin=x"\n', "unknown parameter 'regoin'"),
         ('to = "http://bucket"\n', "unsupported scheme 'http'"),
         ('to = "s3://bucket"\ncompression = "gzip"\n', "compression 'gzip' is not one of"),
         ('to = "s3://bucket"\ncompression = "xz"\ncompression-level = 12\n', "out of range"),
-        ('to = "s3://bucket"\nmetrics = "localhost"\n', "expected PORT or HOST:PORT"),
+        ('to = "s3://bucket"\nmetrics = "localhost"\n', "config.toml: metrics address 'localhost'"),
         ('to = "s3://bucket"\nspool = "spool"\n', "spool must be an absolute path"),
         ("to = s3://bucket\n", "config.toml"),
     ],

@@ -511,7 +511,7 @@ def check_config(config_file: str | None) -> None:
         settings = load_settings(path, {})
         warnings = _settings_warnings(settings)
     except UploaderError as e:
-        fail(str(e) if path in str(e) else f"{path}: {e}")
+        fail(str(e) if path in str(e) else f"config file {path}: {e}")
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: ok")

@@ -26,7 +26,6 @@ from uploader.cli._common import (
 )
 from uploader.config import check_upstreams
 from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
-from uploader.lifecycle.gc import DELETED
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.pins import PinRefused
 from uploader.lifecycle.upstream import served_upstream
@@ -128,6 +127,7 @@ def gc_command(
     target = _open(store_url, jobs)
     policy = Policy(keep_days=keep_days, keep_last=keep_last, grace=grace, nar_delay=nar_delay)
     show = sys.stderr.isatty() and not quiet and not as_json
+    deleted: dict[str, int] = {}
     try:
         result = collect(
             target,
@@ -135,10 +135,11 @@ def gc_command(
             delete=do_delete,
             jobs=jobs,
             progress=(lambda label: TerminalProgress(label=label)) if show else None,
+            deleted=deleted,
         )
     except (UploaderError, KeyboardInterrupt) as e:
         # Stopped part way: say what went (what stays keeps its closures).
-        gone = " and ".join(plural(n, kind) for kind, n in DELETED.items() if n)
+        gone = " and ".join(plural(n, kind) for kind, n in deleted.items() if n)
         if gone:
             click.echo(f"gc stopped after deleting {gone}; what stays has its closures: "
                        "run `gc --delete` again to finish", err=True)  # fmt: skip
@@ -289,7 +290,7 @@ def pin_add(
         return served_upstream(upstreams, keys, names, jobs=16, refused=refused)
 
     try:
-        size = add_pin(target, name, store_paths, upstream=upstream if upstreams else None)
+        added = add_pin(target, name, store_paths, upstream=upstream if upstreams else None)
     except PinRefused as e:
         # An upstream that has the paths, signed by another key than
         # --upstream-key: say so, not only "push them first".
@@ -297,8 +298,16 @@ def pin_add(
         fail(f"{e}{why}")
     except UploaderError as e:
         fail(str(e))
-    if not quiet:
-        click.echo(f"pinned {name}: {plural(size, 'path')} in its closure", err=True)
+    if quiet:
+        return
+    if added.upstream:
+        click.echo(
+            f"pinned {name}: {plural(added.cached, 'path')} of its closure kept in this cache, "
+            f"{added.upstream} more served by the upstream cache (not this cache's to keep)",
+            err=True,
+        )
+    else:
+        click.echo(f"pinned {name}: {plural(added.cached, 'path')} in its closure", err=True)
 
 
 @pin.command("list")

@@ -28,7 +28,7 @@ from uploader.lifecycle.survey import Bucket, Policy, Seeds, changed_seeds, read
 from uploader.lifecycle.verify import Progress
 from uploader.targets import Target
 
-__all__ = ["DELETED", "GcResult", "collect", "referrers_first"]
+__all__ = ["GcResult", "collect", "referrers_first"]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,18 @@ def collect(
     jobs: int = 32,
     progress: Callable[[str], Progress] | None = None,
     lock: GcLock | None = None,
+    deleted: dict[str, int] | None = None,
 ) -> GcResult:
-    """A gc run; with ``delete``, ``lock`` is taken and held throughout."""
-    with _counting:
-        DELETED.clear()
+    """A gc run; with ``delete``, ``lock`` is taken and held throughout.
+    ``deleted`` counts the objects deleted by kind as they go: what the
+    caller can report of a run stopped part way."""
     check_layout(target, write=delete)
     if delete:
         lock = lock or GcLock(target)
         lock.acquire()
     try:
-        return _run(target, policy, delete, jobs, progress, lock)
+        counts = {} if deleted is None else deleted
+        return _run(target, policy, delete, jobs, progress, lock, counts)
     finally:
         if lock is not None and delete:
             lock.release()
@@ -85,6 +87,7 @@ def _run(
     jobs: int,
     progress: Callable[[str], Progress] | None,
     lock: GcLock | None,
+    deleted: dict[str, int],
 ) -> GcResult:
     keys = run_keys(target)
     previous = read_run(target, keys[-1]) if keys else None
@@ -112,19 +115,20 @@ def _run(
     )
     result.record = record
     assert lock is not None
+    _delete = _Deleter(target, lock, jobs, deleted)
     done = result.plan
     # Referrers before what they reference: a run stopped part way leaves a
     # bucket whose every narinfo still has its closure.
     for level in referrers_first(bucket, done.narinfos):
-        _delete(target, lock, [narinfo_key(h) for h in level], jobs, what="narinfo")
-    _delete(target, lock, done.listings + done.logs + done.nars, jobs)
+        _delete([narinfo_key(h) for h in level], "narinfo")
+    _delete(done.listings + done.logs + done.nars)
     _write_record(target, record, now, COMPLETE, candidates, set(done.narinfos), done.unreferenced)
     if done.unreadable:
         return result  # nothing at all is deleted (docs/lifecycle.md)
     result.lapsed_roots = seeds.lapsed
-    _delete(target, lock, [r.key for r in seeds.lapsed], jobs)
+    _delete([r.key for r in seeds.lapsed])
     result.pruned_runs = _old_runs(keys, now)
-    _delete(target, lock, result.pruned_runs, jobs)
+    _delete(result.pruned_runs)
     return result
 
 
@@ -187,23 +191,22 @@ def referrers_first(bucket: Bucket, doomed: Iterable[str]) -> list[list[str]]:
     return levels
 
 
-# Objects deleted by this process so far, by kind: what an interrupted run
-# reports (the CLI reads it when stopped part way).
-DELETED: dict[str, int] = {}
-_counting = threading.Lock()
+class _Deleter:
+    """Deletes keys ``jobs`` at a time, each only while the lock is surely
+    ours, and counts what went by kind in ``counts``."""
 
+    def __init__(self, target: Target, lock: GcLock, jobs: int, counts: dict[str, int]) -> None:
+        self._target, self._lock, self._jobs = target, lock, jobs
+        self._counts = counts
+        self._counting = threading.Lock()
 
-def _delete(
-    target: Target, lock: GcLock, keys: list[str], jobs: int, what: str = "other object"
-) -> None:
-    """Delete ``keys``, ``jobs`` at a time; each only while the lock is surely ours."""
+    def __call__(self, keys: list[str], what: str = "other object") -> None:
+        def one(key: str) -> None:
+            self._lock.check()
+            self._target.delete(key)
+            with self._counting:
+                self._counts[what] = self._counts.get(what, 0) + 1
+            log.debug("deleted %s", key)
 
-    def one(key: str) -> None:
-        lock.check()
-        target.delete(key)
-        with _counting:
-            DELETED[what] = DELETED.get(what, 0) + 1
-        log.debug("deleted %s", key)
-
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="delete") as pool:
-        list(pool.map(one, keys))
+        with ThreadPoolExecutor(max_workers=self._jobs, thread_name_prefix="delete") as pool:
+            list(pool.map(one, keys))

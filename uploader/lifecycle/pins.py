@@ -10,6 +10,7 @@ what it would delete, and marked paths are asked again once it finished.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from uploader._exceptions import UploaderError
 from uploader.lifecycle.listing import fetch_narinfos
@@ -19,11 +20,19 @@ from uploader.narinfo import NarInfo
 from uploader.storepath import HASH_LENGTH, STORE_DIR, hash_part
 from uploader.targets import Target
 
-__all__ = ["PinRefused", "add_pin"]
+__all__ = ["PinAdded", "PinRefused", "add_pin"]
 
 
 class PinRefused(UploaderError):
     """Part of the pin's closure is not in the cache."""
+
+
+class PinAdded(NamedTuple):
+    """A pin written: how many paths of its closure this cache keeps, and
+    how many it leaves to an upstream cache that serves them."""
+
+    cached: int
+    upstream: int
 
 
 def add_pin(
@@ -33,7 +42,7 @@ def add_pin(
     *,
     jobs: int = 32,
     upstream: Callable[[list[str]], set[str]] | None = None,
-) -> int:
+) -> PinAdded:
     """Write the pin; returns the size of its closure.  Raises PinRefused
     (the pin left as it was) when a path of the closure is not in the cache,
     nor, given ``upstream`` (store path basenames -> those an upstream cache
@@ -44,11 +53,14 @@ def add_pin(
         guard = Protection(target)
         guard.marks.refresh()
         found, missing = _closure(target, paths, jobs)
+        elsewhere = 0
         if missing and upstream is not None:
             # Served elsewhere, as `run --upstream` leaves them: not this
             # cache's to keep, so not followed further either.
             served = upstream(sorted(p.removeprefix(f"{STORE_DIR}/") for p in missing))
+            elsewhere = len(missing)
             missing = {p for p in missing if p.removeprefix(f"{STORE_DIR}/") not in served}
+            elsewhere -= len(missing)
         missing |= guard.gone(sorted(found))
     except UploaderError as e:
         _restore(target, name, before, e)
@@ -65,7 +77,7 @@ def add_pin(
             f"{', '.join(shown[:5])}{more} (push them first"
             f"{'' if upstream else ', or give the --upstream cache that serves them'})"
         )
-    return len(found)
+    return PinAdded(len(found), elsewhere)
 
 
 def _restore(target: Target, name: str, before: bytes | None, why: UploaderError | None) -> None:
