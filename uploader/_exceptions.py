@@ -29,6 +29,7 @@ __all__ = [
     "InvalidPathError",
     "KeyFileError",
     "NarError",
+    "NoBucketError",
     "SpoolError",
     "StoreError",
     "TargetError",
@@ -72,6 +73,11 @@ class VerificationError(UploaderError):
 
 class TargetError(UploaderError):
     """The binary cache refused a request."""
+
+
+class NoBucketError(TargetError):
+    """The bucket does not exist (an uploader has it create nix-cache-info and
+    the layout again, should it come back)."""
 
 
 class TransientTargetError(TargetError):

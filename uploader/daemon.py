@@ -34,6 +34,7 @@ from uploader._exceptions import (
     IncompleteEntryError,
     InvalidPathError,
     NarError,
+    NoBucketError,
     SpoolError,
     StoreError,
     TargetError,
@@ -312,6 +313,8 @@ class Daemon:
         if isinstance(error, CredentialsError):
             self._cache_down(error, names)
             return
+        if isinstance(error, NoBucketError):
+            self.engine.bucket_gone()
         # Counted once per batch (an unreachable endpoint, a missing bucket):
         # what monitoring alerts on while every upload fails.
         self._count_failure(_kind(error))

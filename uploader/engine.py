@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import IO, Any, Protocol, TypeVar
 
-from uploader._exceptions import TargetError, UploaderError
+from uploader._exceptions import NoBucketError, TargetError, UploaderError
 from uploader.compression import THREADED_ABOVE, extension
 from uploader.narinfo import NarInfo
 from uploader.narlisting import NarListing
@@ -167,6 +167,8 @@ class CacheGuard(Protocol):
     mark consulted for each."""
 
     def prepare(self) -> None: ...
+
+    def forget_layout(self) -> None: ...
 
     def begin(self, paths: Iterable[str]) -> None: ...
 
@@ -379,9 +381,14 @@ class Engine:
             heads: list[_HeadStart] = []
             try:
                 infos = await self._closure_and_root(roots, heads)
-                result = await self._push_infos(
-                    roots, infos, progress, absent=(), force=forced, head=heads
+                result = self._bucket_checked(
+                    await self._push_infos(
+                        roots, infos, progress, absent=(), force=forced, head=heads
+                    )
                 )
+            except NoBucketError:
+                self.bucket_gone()
+                raise
             finally:
                 for head in heads:
                     self._drop_head(head)
@@ -482,12 +489,29 @@ class Engine:
         async with self.requests_here():
             heads: list[_HeadStart] = []
             try:
-                return await self._push_infos(
-                    roots, infos, progress, absent=absent, force=force, head=heads
+                return self._bucket_checked(
+                    await self._push_infos(
+                        roots, infos, progress, absent=absent, force=force, head=heads
+                    )
                 )
+            except NoBucketError:
+                self.bucket_gone()
+                raise
             finally:
                 for head in heads:
                     self._drop_head(head)
+
+    def _bucket_checked(self, result: PushResult) -> PushResult:
+        if any(isinstance(e, NoBucketError) for e in result.failed.values()):
+            self.bucket_gone()
+        return result
+
+    def bucket_gone(self) -> None:
+        """The bucket was not there: should it be made again, it needs
+        nix-cache-info and the layout again, as a new one does."""
+        self._cache_info_checked = False
+        if self.guard is not None:
+            self.guard.forget_layout()
 
     async def _push_infos(
         self,

@@ -163,6 +163,38 @@ def test_s3_outage_is_waited_out(
     assert_substitutes(seaweedfs, bucket, before + during, keys, tmp_path / "fresh")
 
 
+def test_a_bucket_deleted_and_made_again_gets_its_nix_cache_info_again(
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """Nix takes a bucket for a cache only with nix-cache-info: a daemon
+    whose bucket was deleted under it writes it again (and the layout) once
+    the bucket is back, as it did for the new one."""
+    config = tmp_path / "retry.toml"
+    config.write_text("retry-min = 0.2\nretry-max = 1.0\n")
+    uploader.extra_args = ["--config", str(config)]
+    uploader.start()
+    first = build(dag_expr(1), hook=str(uploader.hook))
+    uploader.wait_drained(timeout=120)
+    client = s3.client()
+    for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    client.delete_bucket(Bucket=bucket)
+
+    later = build(dag_expr(1), hook=str(uploader.hook))
+    deadline = time.monotonic() + 60
+    while "the bucket does not exist" not in uploader.log():
+        assert time.monotonic() < deadline, uploader.log()
+        time.sleep(0.2)
+    s3.create_bucket(bucket)
+    uploader.wait_drained(timeout=120)
+
+    assert s3.get(bucket, "nix-cache-info") is not None, uploader.log()
+    assert client.head_object(Bucket=bucket, Key="lifecycle/layout.json")
+    assert_bucket_consistent(s3, bucket)
+    assert_substitutes(s3, bucket, later, keys, tmp_path / "fresh")
+    assert first != later
+
+
 def test_queued_outputs_are_gc_rooted_until_uploaded(
     uploader: UploaderRun, s3: S3Server, bucket: str
 ) -> None:

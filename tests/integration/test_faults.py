@@ -5,6 +5,7 @@ at no moment may a narinfo have been written before its NAR was complete."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.integration.test_daemon import assert_bucket_consistent, assert_subst
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.faults import FaultProxy, Rule
-from tests.support.nix import build, multi_output_expr
+from tests.support.nix import build, multi_output_expr, trivial_expr
 from uploader.narinfo import NarInfo
 
 # The proxy stands in front of SeaweedFS: what is tested is the client's
@@ -91,10 +92,18 @@ def test_multipart_upload_survives_a_cut_part_and_a_failed_completion(
         Rule("error", "POST", r"uploadId=", count=1),
     )
 
-    run_cli("push", "--to", faults.store_url(bucket, compression="none"),
-            "--secret-key-file", keys.secret_file, path)  # fmt: skip
+    pushed = run_cli("push", "-vv", "--to", faults.store_url(bucket, compression="none"),
+                     "--secret-key-file", keys.secret_file, path)  # fmt: skip
 
     assert [r.hits for r in faults.rules] == [1, 1], "faults not met"
+    # Each retry says so, as the small requests' do, and names no upload id.
+    retried = [line for line in pushed.stderr.splitlines() if "; attempt 2 of " in line]
+    assert any(f"UploadPart s3://{bucket}/nar/" in line for line in retried), pushed.stderr
+    assert any(
+        f"CompleteMultipartUpload s3://{bucket}/nar/" in line and ": 500 InternalError" in line
+        for line in retried
+    ), pushed.stderr
+    assert "uploadId" not in pushed.stderr
     assert assert_written_in_order(faults, bucket) == 1
     assert assert_bucket_consistent(faults, bucket) == 1
     assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
@@ -139,6 +148,47 @@ def test_a_nix_cache_info_push_may_not_read_is_not_overwritten(
         result.stderr
     )
     assert "uploaded 1 path" in result.stderr
+
+
+def test_a_clock_off_by_hours_is_named_as_such_and_the_daemon_waits_for_it(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """S3 refuses every request of a machine whose clock is off (its HEADs
+    answer a bare 403): the message names the clock, in one line, not a
+    permission; the daemon keeps the entries until the clock is right."""
+    (out,) = build(multi_output_expr(), attr="lib")
+    faults.add(Rule("skewed", count=10**6))
+    result = run_cli("push", "--to", faults.store_url(bucket), "--secret-key-file",
+                     keys.secret_file, out, check=False)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "RequestTimeTooSkewed" in line and "this machine's clock is more than 15 minutes" in line
+    assert "NTP" in line and "denied" not in line and "&#39;" not in line
+
+    config = tmp_path / "retry.toml"
+    config.write_text("retry-min = 0.2\nretry-max = 1.0\n")
+    uploader.extra_args = ["--config", str(config)]
+    uploader.store_url = faults.store_url(bucket)
+    uploader.start()
+    (later,) = build(trivial_expr("after-skew"), hook=str(uploader.hook))
+    deadline = time.monotonic() + 60
+    while "clock" not in (problem := _status(uploader).get("cache_problem") or ""):
+        assert time.monotonic() < deadline, uploader.log()
+        time.sleep(0.2)
+    assert "RequestTimeTooSkewed" in problem
+    assert len(list(uploader.spool.glob("*.entry"))) == 1
+    faults.rules[0].count = 0  # the clock is set right
+    uploader.wait_drained(timeout=120)
+    assert assert_bucket_consistent(faults, bucket) == 1
+    assert_substitutes(faults, bucket, [later], keys, tmp_path / "fresh")
+    assert uploader.stop() == 0
+
+
+def _status(uploader: UploaderRun) -> dict[str, object]:
+    report: dict[str, object] = json.loads(
+        run_cli("status", "--json", *uploader.queue_args()).stdout
+    )
+    return report
 
 
 def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orphan(

@@ -23,7 +23,16 @@ from tests.support.services import S3Server
 
 __all__ = ["FaultProxy", "Rule"]
 
-ACTIONS = ("slowdown", "error", "forbidden", "denied", "drop-request", "drop-response", "stall")
+ACTIONS = (
+    "slowdown",
+    "error",
+    "forbidden",
+    "denied",
+    "skewed",
+    "drop-request",
+    "drop-response",
+    "stall",
+)
 _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "error": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -32,6 +41,12 @@ _ERRORS = {
     "forbidden": (403, "SignatureDoesNotMatch", "The request signature does not match"),
     # What S3 says to a user whose policy lacks the permission.
     "denied": (403, "AccessDenied", "Access Denied"),
+    # What S3 says to a machine whose clock is off (escaped, as it sends it).
+    "skewed": (
+        403,
+        "RequestTimeTooSkewed",
+        "The difference between the request time and the server&#39;s time is too large.",
+    ),
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "expect", "transfer-encoding", "proxy-connection"}
 

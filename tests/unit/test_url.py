@@ -70,6 +70,13 @@ def test_file_url(text: str, directory: str) -> None:
         ("s3://my-cache?region=", "parameter 'region' is empty"),
         ("s3://ab", "at least 3 characters"),
         ("s3://my-cache/sub/dir", "no path"),
+        # botocore refuses these before sending anything; the server, the rest.
+        ("s3://bad_bucket!?endpoint=http://h:1", "'bad_bucket!' is not an S3 bucket name"),
+        ("s3://my..cache", "'my..cache' is not an S3 bucket name"),
+        ("s3://-cache", "beginning and ending with a letter or digit"),
+        ("s3://cache.", "beginning and ending with a letter or digit"),
+        ("s3://my%20cache", "is not an S3 bucket name"),
+        (f"s3://{'a' * 256}", "is not an S3 bucket name"),
         ("s3://my-cache?endpoint=h:1&scheme=ftp", "scheme must be http or https"),
         ("http://cache.example.org", "unsupported scheme 'http'"),
         ("cache.example.org", "unsupported scheme ''"),
@@ -135,3 +142,8 @@ def test_redacted_hides_the_secret_key() -> None:
 def test_redacted_without_a_secret_key_is_the_url() -> None:
     text = "file:///srv/cache?compression=xz"
     assert parse_store_url(text).redacted() == text
+
+
+@pytest.mark.parametrize("bucket", ["abc", "my-cache.example.org", "Old_Bucket", "0cache9"])
+def test_bucket_names_s3_servers_take_are_accepted(bucket: str) -> None:
+    assert parse_store_url(f"s3://{bucket}/?region=eu-west-1").bucket == bucket

@@ -60,6 +60,11 @@ class Protection:
             check_layout(self.target, write=True)
             self._layout_checked = True
 
+    def forget_layout(self) -> None:
+        """Check the layout again before the next root (the bucket was gone:
+        made again, it lacks one)."""
+        self._layout_checked = False
+
     def begin(self, paths: Iterable[str]) -> None:
         """Write a new root (in progress) listing ``paths``, then read the mark."""
         self.prepare()

@@ -51,6 +51,9 @@ REJECTED_CODES = frozenset(
         "InvalidToken",
         "TokenRefreshRequired",
         "InvalidClientTokenId",
+        # Not the credentials but the clock that signs with them: as
+        # unusable until someone acts (rejected_credentials says what).
+        "RequestTimeTooSkewed",
     }
 )
 
@@ -142,6 +145,12 @@ def missing_credentials(action: str, where: str, profile: str | None) -> Credent
 
 
 def rejected_credentials(action: str, where: str, code: str) -> CredentialsError:
+    if code == "RequestTimeTooSkewed":
+        return CredentialsError(
+            f"{action} {where}: S3 refuses the time of the requests ({code}): this "
+            "machine's clock is more than 15 minutes from the server's; set it right "
+            "(NTP: systemd-timesyncd or chrony) and the uploads resume"
+        )
     why = "have expired" if "Expired" in code or "Refresh" in code else "were refused"
     return CredentialsError(
         f"{action} {where}: the AWS credentials {why} ({code}); check or renew them "

@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import datetime
 import hashlib
+import html
 import logging
 import os
 import random
@@ -301,7 +302,7 @@ class DirectRequests:
 
     def _client_session(self, session: _Session) -> aiohttp.ClientSession:
         if session.http is None:
-            ca = os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True)
+            ca = _ca_bundle(self._credentials) or botocore.httpsession.get_cert_path(True)
             context = ssl.create_default_context(cafile=ca if isinstance(ca, str) else None)
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, limit_per_host=0, ssl=context
@@ -380,7 +381,13 @@ class DirectRequests:
                         )
                     failure = f"{status} {response.reason or ''}".rstrip()
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                failure = scrub(f"{type(e).__name__}: {e}")
+                # One line, and short: aiohttp quotes whole raw responses.
+                failure = scrub(" ".join(f"{type(e).__name__}: {e}".split()))[:300]
+                if last and isinstance(e, TimeoutError):
+                    raise ConnectionError(
+                        f"no answer in time in {self._attempts} attempts ({failure}): the "
+                        "server is not answering; check that it is up and reachable"
+                    ) from None
                 if last:
                     raise ConnectionError(failure) from None
                 wait = 0.0
@@ -485,6 +492,15 @@ def _client_error(status: int, reason: str, headers: dict[str, str], body: bytes
     return error
 
 
+def _ca_bundle(session: Any) -> str | None:
+    """The CA bundle boto3's clients use too: AWS_CA_BUNDLE, else the
+    profile's ``ca_bundle``."""
+    core = getattr(session, "_session", None)
+    ca = core.get_config_variable("ca_bundle") if core is not None else None
+    return ca if isinstance(ca, str) and ca else os.environ.get("AWS_CA_BUNDLE") or None
+
+
 def _tag(xml: str, name: str) -> str | None:
     match = re.search(rf"<{name}>(.*?)</{name}>", xml, re.S)
-    return match.group(1) if match else None
+    # XML's escapes (the server&#39;s time) read as the text they stand for.
+    return html.unescape(match.group(1)) if match else None

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import urllib.parse
 from typing import IO, Any
 
 import boto3
@@ -21,7 +22,7 @@ import botocore.exceptions
 from botocore.config import Config
 from s3transfer.manager import TransferConfig, TransferManager
 
-from uploader._exceptions import ConfigError, TargetError, TransientTargetError
+from uploader._exceptions import ConfigError, NoBucketError, TargetError, TransientTargetError
 from uploader.redact import scrub
 from uploader.targets import KeyPage, ObjectPage, Upload
 from uploader.targets.credentials import (
@@ -52,7 +53,6 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
     "SlowDown",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "Throttling",
     "ThrottlingException",
     "TooManyRequests",
@@ -81,7 +81,7 @@ def _describe(e: Exception, action: str, where: str, profile: str | None = None)
         status = _status(e)
         if code in REJECTED_CODES:
             return rejected_credentials(action, where, code)
-        msg = scrub(f"{action} {where}: {code or status} {err.get('Message', '')}".rstrip())
+        msg = _one_line(f"{action} {where}: {code or status} {err.get('Message', '')}")
         if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
             headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
             return TransientTargetError(msg, retry_after=_retry_after(headers.get("retry-after")))
@@ -89,8 +89,23 @@ def _describe(e: Exception, action: str, where: str, profile: str | None = None)
             return _no_bucket(action, where)
         return TargetError(msg)
     if isinstance(e, botocore.exceptions.BotoCoreError | ConnectionError | TimeoutError | OSError):
-        return TransientTargetError(f"{action} {where}: {scrub(str(e))}")
-    return TargetError(f"{action} {where}: {scrub(str(e))}")
+        error = TransientTargetError(f"{action} {where}: {_one_line(str(e))}")
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            error.args = (f"{error.args[0]}{_UNTRUSTED}",)
+        return error
+    return TargetError(f"{action} {where}: {_one_line(str(e))}")
+
+
+# What a TLS certificate the system does not trust needs (docs/s3-providers.md).
+_UNTRUSTED = (
+    " (the endpoint's TLS certificate is not trusted here: for a private CA, set "
+    "AWS_CA_BUNDLE=/path/to/ca.pem in the environment, or ca_bundle in the AWS profile)"
+)
+
+
+def _one_line(text: str) -> str:
+    """A server's or botocore's words as one scrubbed line of a log event."""
+    return scrub(" ".join(text.split()))
 
 
 # What a 403 on each kind of request lacks (AWS's names; other servers' are alike).
@@ -104,8 +119,54 @@ _PERMISSIONS = {
 }
 
 
-def _no_bucket(action: str, where: str) -> TargetError:
-    return TargetError(f"{action} {where}: the bucket does not exist; create it first")
+def _log_retries(client: Any, bucket: str, total: int) -> None:
+    """Say when botocore tries a request again (the parts of streamed NARs,
+    their multipart calls, gc's deletions), as the small requests say it
+    (direct.py): a debug line, or a warning at a timeout, which costs
+    minutes before the last attempt gives up.  ``total`` attempts in all."""
+
+    def observe(
+        attempts: int,
+        operation: Any,
+        caught_exception: Exception | None = None,
+        response: Any = None,
+        request_dict: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        if attempts >= total:
+            return  # the last: whoever gives up says so
+        level = logging.DEBUG
+        if caught_exception is not None:
+            failure = type(caught_exception).__name__
+            timeouts = botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError
+            if isinstance(caught_exception, timeouts):
+                failure, level = f"no answer in time ({failure})", logging.WARNING
+        elif response is not None:
+            status = int(getattr(response[0], "status_code", 0) or 0)
+            code = str(response[1].get("Error", {}).get("Code", ""))
+            if status < 500 and status != 429 and code not in _TRANSIENT_CODES:
+                return  # not retried (or not a failure)
+            failure = f"{status} {code}".strip()
+        else:
+            return
+        key = urllib.parse.unquote((request_dict or {}).get("url_path", "")).lstrip("/")
+        log.log(level, "%s s3://%s/%s: %s; attempt %d of %d",
+                operation.name, bucket, key, failure, attempts + 1, total)  # fmt: skip
+
+    # First, so that botocore's own handler (which answers whether to retry)
+    # does not stop the event before it is seen; it returns nothing.
+    client.meta.events.register_first("needs-retry.s3", observe)
+
+
+def _no_bucket(action: str, where: str) -> NoBucketError:
+    if action in ("uploading", "deleting"):
+        return NoBucketError(
+            f"{action} {where}: the bucket does not exist; create it first (or check "
+            "the bucket name in the store URL)"
+        )
+    return NoBucketError(
+        f"{action} {where}: the bucket does not exist; check the bucket name in the store URL"
+    )
 
 
 def _status(e: botocore.exceptions.ClientError) -> int:
@@ -150,7 +211,9 @@ class S3Target:
         config = Config(
             region_name=url.params.get("region", "us-east-1"),
             # Request-level retries only; the daemon's queue retries for longer.
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # In all, as the direct requests count them (botocore's
+            # max_attempts would be the retries after the first).
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             # Every caller thread, plus s3transfer's part uploads.
             max_pool_connections=max_connections + MULTIPART_CONCURRENCY,
             # Checksums only where S3 requires them: the NAR's integrity is
@@ -180,6 +243,8 @@ class S3Target:
             )
         except (botocore.exceptions.BotoCoreError, ValueError) as e:
             raise ConfigError(f"store URL {url}: {e}") from e
+        for client in (self._client, self._parts_client):
+            _log_retries(client, self.bucket, max_attempts)
         self._transfers = TransferManager(self._client, _transfer_config())
         self._listable = True
         self._denied: set[str] = set()

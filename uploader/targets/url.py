@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -18,6 +19,11 @@ from uploader._exceptions import ConfigError
 from uploader.compression import check_level
 
 __all__ = ["StoreUrl", "parse_store_url"]
+
+# What S3 servers take for a bucket name: AWS's rules for new buckets are
+# stricter (lower case, no '_', at most 63), but older buckets and other
+# servers have the rest; a name outside this, botocore refuses before sending.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{1,253})[A-Za-z0-9]")
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,12 @@ def parse_store_url(url: str) -> StoreUrl:
             raise ConfigError(
                 f"store URL {url!r}: expected s3://BUCKET?region=…&endpoint=… "
                 "(bucket names have at least 3 characters, no path)"
+            )
+        if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+            raise ConfigError(
+                f"store URL {url!r}: {bucket!r} is not an S3 bucket name: bucket names are "
+                "letters, digits, '.' and '-' (and '_' in old buckets), beginning and "
+                "ending with a letter or digit, without '..'"
             )
         allowed = _S3_PARAMS | _COMMON_PARAMS
         result = StoreUrl(scheme="s3", bucket=bucket, params=params, raw=url)
