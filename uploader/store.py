@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from uploader import nar
-from uploader._exceptions import InvalidPathError, StoreError
+from uploader._exceptions import InvalidPathError, StoreError, UploaderError
 from uploader.derivation import parse_outputs
 from uploader.nixbase32 import format_hash, parse_hash
 from uploader.storepath import STORE_DIR, parse_store_path
@@ -79,6 +81,28 @@ class NixStore:
         self._nix = self._find("nix", bin_dir)
         self._nix_store = self._find("nix-store", bin_dir)
         self._show_verb: tuple[str, ...] | None = None
+        # A closure asked for ahead (prefetch_closure): its paths, its answer.
+        self._ahead: tuple[list[str], Future[dict[str, PathInfo]]] | None = None
+
+    def prefetch_closure(self, paths: Iterable[str]) -> None:
+        """Begin asking Nix for the closure of ``paths`` in the background;
+        the next ``path_infos`` of the same paths with ``closure`` takes its
+        answer (or its error).  `push` asks while it opens the cache: Nix's
+        two commands run on another core meanwhile."""
+        try:
+            items = sorted({parse_store_path(p) for p in paths})
+        except UploaderError:
+            return  # path_infos says so, when asked
+        answer: Future[dict[str, PathInfo]] = Future()
+
+        def ask() -> None:
+            try:
+                answer.set_result(self._infos(items, closure=True, checked=False))
+            except BaseException as e:
+                answer.set_exception(e)
+
+        threading.Thread(target=ask, name="closure-ahead", daemon=True).start()
+        self._ahead = (items, answer)
 
     @staticmethod
     def _find(name: str, bin_dir: str | None) -> str:
@@ -116,6 +140,12 @@ class NixStore:
         just before (then Nix's own error for a path collected since is a
         StoreError)."""
         items = sorted({parse_store_path(p) for p in paths})
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and closure and not checked and ahead[0] == items:
+            return ahead[1].result()
+        return self._infos(items, closure=closure, checked=checked)
+
+    def _infos(self, items: list[str], *, closure: bool, checked: bool) -> dict[str, PathInfo]:
         if not items:
             return {}
         invalid = set() if checked else self.invalid_paths(items)

@@ -68,3 +68,29 @@ def test_an_unreadable_drv_is_asked_to_nix(
 
     assert store.read_derivation_outputs(drvs) == {}
     assert store.derivation_outputs(drvs) == expected
+
+
+def test_a_closure_asked_ahead_is_the_one_asked_after(nix_daemon: NixDaemon) -> None:
+    """push asks Nix for the closure while it opens the cache: the answer
+    (or Nix's refusal) is the same as asked at the time, and taken once."""
+    from tests.support.nix import build, multi_output_expr
+
+    out = build(multi_output_expr(), attr="out")
+    store = NixStore(env=nix_client_env())
+    direct = store.path_infos(out, closure=True)
+    assert len(direct) >= 2
+
+    ahead = NixStore(env=nix_client_env())
+    ahead.prefetch_closure(out)
+    assert ahead.path_infos(out, closure=True) == direct
+    assert ahead._ahead is None, "taken once; the next question asks Nix again"
+    assert ahead.path_infos(out, closure=True) == direct
+
+    # Asked ahead for other paths: not taken for these.
+    ahead.prefetch_closure([next(iter(set(direct) - set(out)))])
+    assert ahead.path_infos(out, closure=True) == direct
+
+    missing = f"{out[0][:-3]}xyz"
+    ahead.prefetch_closure([missing])
+    with pytest.raises(uploader.store.InvalidPathError, match="is not valid"):
+        ahead.path_infos([missing], closure=True)

@@ -29,6 +29,7 @@ from uploader.lifecycle.layout import check_name
 from uploader.progress import TerminalProgress, human_bytes, plural
 from uploader.quorum import Attester
 from uploader.signing import SecretKey
+from uploader.store import NixStore
 from uploader.storepath import to_store_path
 from uploader.upstream import Upstreams
 
@@ -123,6 +124,10 @@ def push(
     # Made only when asked for: it holds a thread pool for its lookups.
     upstreams = Upstreams(upstream_urls, upstream_keys) if upstream_urls or upstream_keys else None
     try:
+        # Nix is asked for the closure while the cache is opened (boto3's
+        # start-up is a quarter of a second of one core).
+        store = NixStore()
+        store.prefetch_closure(roots)
         key, attest = None, None
         if attest_key_file is not None:
             refuse_cache_key(secret_key_file, store_url)
@@ -139,6 +144,7 @@ def push(
             write_nar_listing=write_nar_listing,
             root=None if attest is not None else (root_name or socket.gethostname()),
             upstreams=upstreams,
+            store=store,
         )
     except KeyFileError as e:
         fail(str(e))
