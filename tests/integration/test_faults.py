@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from tests.integration.test_daemon import assert_bucket_consistent, assert_subst
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.faults import FaultProxy, Rule
-from tests.support.nix import build, multi_output_expr, trivial_expr
+from tests.support.nix import build, multi_output_expr, random_blob_expr, trivial_expr
 from uploader.narinfo import NarInfo
 
 # The proxy stands in front of SeaweedFS: what is tested is the client's
@@ -80,13 +79,7 @@ def test_push_survives(
 def test_multipart_upload_survives_a_cut_part_and_a_failed_completion(
     faults: FaultProxy, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
-    salt = tmp_path.name
-    expr = f"""derivation {{
-      name = "large-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
-      PATH = "/usr/bin:/bin";
-      args = ["-c" "mkdir $out; head -c 20000000 /dev/urandom > $out/blob"];
-    }}"""
-    (path,) = build(expr)
+    (path,) = build(random_blob_expr("large", 20_000_000))
     faults.add(
         Rule("drop-request", "PUT", r"[?&]partNumber=2(&|$)", count=1),
         Rule("error", "POST", r"uploadId=", count=1),
@@ -203,12 +196,7 @@ def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orpha
     uploader.store_url = faults.store_url(bucket, compression="none")
     faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
     uploader.start()
-    salt = uuid.uuid4().hex[:12]
-    (path,) = build(f"""derivation {{
-      name = "stopped-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
-      PATH = "/usr/bin:/bin";
-      args = ["-c" "mkdir $out; head -c 40000000 /dev/urandom > $out/blob"];
-    }}""", hook=str(uploader.hook))  # fmt: skip
+    (path,) = build(random_blob_expr("stopped", 40_000_000), hook=str(uploader.hook))
     deadline = time.monotonic() + 60
     while not faults.rules[0].hits:
         assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"

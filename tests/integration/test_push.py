@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import KeyPair, make_keys, run_cli
-from tests.support.nix import build, instantiate, multi_output_expr, nix_path_info, substitute
+from tests.support.nix import (
+    build,
+    instantiate,
+    multi_output_expr,
+    nix_path_info,
+    random_blob_expr,
+    substitute,
+)
 from tests.support.services import NixDaemon, S3Server
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
@@ -161,13 +168,7 @@ def test_large_nar_streams_with_bounded_memory(
     nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:
     """A 300 MiB NAR goes up in multipart parts without the uploader holding it."""
-    salt = os.urandom(6).hex()
-    expr = f"""derivation {{
-      name = "big-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
-      PATH = "/usr/bin:/bin";
-      args = ["-c" "mkdir $out; head -c 314572800 /dev/urandom > $out/blob"];
-    }}"""
-    (path,) = build(expr)
+    (path,) = build(random_blob_expr("big", 314572800))
     proc = subprocess.Popen(
         [sys.executable, "-m", "uploader", "push", "--to", s3.store_url(bucket),
          "--secret-key-file", keys.secret_file, path],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import KeyPair, run_cli
-from tests.support.nix import build, substitute
+from tests.support.nix import build, random_blob_expr, substitute
 from tests.support.services import NixDaemon, SeaweedFS
 from tests.support.tls import TlsFront
 from uploader.storepath import hash_part
@@ -38,12 +38,7 @@ def test_a_private_ca_is_trusted_the_documented_ways(
 ) -> None:
     salt = tmp_path.name
     # Over 16 MiB: streamed in parts, which boto3 sends, not aiohttp.
-    expr = f"""derivation {{
-      name = "tls-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
-      PATH = "/usr/bin:/bin";
-      args = ["-c" "mkdir $out; head -c 20000000 /dev/urandom > $out/blob"];
-    }}"""
-    (path,) = build(expr)
+    (path,) = build(random_blob_expr("tls", 20_000_000))
     assert https.endpoint.startswith("https://")
 
     bucket = https.create_bucket(f"tls-{salt[-12:].lower().replace('_', '-')}")

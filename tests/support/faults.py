@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from tests.support.services import S3Server
+from tests.support.services import S3Front, S3Server
 
 __all__ = ["FaultProxy", "Rule"]
 
@@ -75,7 +75,7 @@ class Request:
     status: int
 
 
-class FaultProxy(S3Server):
+class FaultProxy(S3Front):
     """The S3 server ``upstream`` as the program under test sees it; checks
     read the bucket from ``upstream`` directly."""
 
@@ -95,18 +95,6 @@ class FaultProxy(S3Server):
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def http_url(self, bucket: str) -> str:
-        return self.upstream.http_url(bucket)
-
-    def client(self):  # type: ignore[no-untyped-def]
-        return self.upstream.client()
-
-    def create_bucket(self, name: str) -> str:
-        return self.upstream.create_bucket(name)
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        return self.upstream.get(bucket, key)
 
     def add(self, *rules: Rule) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ __all__ = [
     "instantiate",
     "multi_output_expr",
     "nix_path_info",
+    "random_blob_expr",
     "substitute",
     "trivial_expr",
 ]
@@ -92,6 +93,16 @@ def trivial_expr(name: str = "trivial", content: str | None = None) -> str:
   name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
   PATH = "/usr/bin:/bin";
   args = ["-c" "echo {content} > $out"];
+}}"""
+
+
+def random_blob_expr(name: str, nbytes: int) -> str:
+    """One derivation writing ``nbytes`` of random bytes (incompressible: its
+    NAR is as large compressed), fresh each call."""
+    return f"""derivation {{
+  name = "{name}-{_salt()}"; system = builtins.currentSystem; builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  args = ["-c" "mkdir $out; head -c {nbytes} /dev/urandom > $out/blob"];
 }}"""
 
 

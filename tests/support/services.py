@@ -187,6 +187,25 @@ class S3Server:
             raise
 
 
+class S3Front(S3Server):
+    """A server in front of ``upstream`` (a fault injector, TLS): what the
+    program under test talks to, while checks read ``upstream`` itself."""
+
+    upstream: S3Server
+
+    def http_url(self, bucket: str) -> str:
+        return self.upstream.http_url(bucket)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return self.upstream.client()
+
+    def create_bucket(self, name: str) -> str:
+        return self.upstream.create_bucket(name)
+
+    def get(self, bucket: str, key: str) -> bytes | None:
+        return self.upstream.get(bucket, key)
+
+
 @dataclass
 class SeaweedFS(S3Server):
     """A `weed mini` serving S3 on 127.0.0.1."""

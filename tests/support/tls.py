@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.support.services import S3Server
+from tests.support.services import S3Front, S3Server
 
 __all__ = ["TlsFront", "self_signed"]
 
@@ -55,7 +55,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-class TlsFront(S3Server):
+class TlsFront(S3Front):
     """``upstream`` reached over HTTPS; ``stop()`` closes it and every relay."""
 
     def __init__(self, upstream: S3Server, directory: Path) -> None:
@@ -76,15 +76,6 @@ class TlsFront(S3Server):
     @property
     def endpoint(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    def client(self):  # type: ignore[no-untyped-def]
-        return self.upstream.client()
-
-    def create_bucket(self, name: str) -> str:
-        return self.upstream.create_bucket(name)
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        return self.upstream.get(bucket, key)
 
     def stop(self) -> None:
         self._listener.close()
