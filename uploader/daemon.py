@@ -323,7 +323,7 @@ class Daemon:
 
     def _cache_up(self) -> None:
         if self._cache_problem is not None:
-            log.warning("the cache takes the credentials now; uploading the waiting entries")
+            log.warning("the cache takes the requests again; uploading the waiting entries")
             self._cache_problem = None
             self._dirty = True
             self._wakeup.set()

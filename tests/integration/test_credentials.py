@@ -89,4 +89,4 @@ def test_the_daemon_waits_for_credentials_and_uploads_once_they_appear(
     assert s3.get(bucket, f"{hash_part(out)}.narinfo") is not None
     assert status(uploader)["cache_problem"] is None
     assert scrape(port)["nix_cache_uploader_cache_usable"] == 1
-    assert "the cache takes the credentials now" in uploader.log()
+    assert "the cache takes the requests again" in uploader.log()

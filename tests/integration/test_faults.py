@@ -172,6 +172,7 @@ def test_a_clock_off_by_hours_is_named_as_such_and_the_daemon_waits_for_it(
     assert len(list(uploader.spool.glob("*.entry"))) == 1
     faults.rules[0].count = 0  # the clock is set right
     uploader.wait_drained(timeout=120)
+    assert "the cache takes the requests again" in uploader.log()
     assert assert_bucket_consistent(faults, bucket) == 1
     assert_substitutes(faults, bucket, [later], keys, tmp_path / "fresh")
     assert uploader.stop() == 0

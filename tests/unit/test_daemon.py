@@ -155,7 +155,7 @@ def test_without_credentials_entries_wait_with_one_line_until_they_appear(
     d = s.run_until(appear_then_drain)
     assert all(s.target.narinfo(out) is not None for out in outs)
     assert d.status(running=True)["cache_problem"] is None
-    assert any("the cache takes the credentials now" in r.getMessage() for r in caplog.records)
+    assert any("the cache takes the requests again" in r.getMessage() for r in caplog.records)
 
 
 def test_a_failure_holding_back_many_entries_is_one_warning(
