@@ -77,6 +77,31 @@ def test_a_server_that_stops_answering_is_said_at_once_not_after_every_attempt(
     assert any("no answer in time" in w and "attempt 2 of 2" in w for w in warned), warned
 
 
+def test_a_stalled_part_is_said_at_its_first_timeout_and_the_end_names_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The parts of a streamed NAR go through botocore, which retries on its
+    own: its timeouts are said as the small requests' are."""
+    with silent_server() as port:
+        url = parse_store_url(f"s3://silent?endpoint=http://127.0.0.1:{port}")
+        target = S3Target(url, max_attempts=2, read_timeout=0.3)
+        with caplog.at_level(logging.WARNING), pytest.raises(TargetError) as failed:
+            target.start_upload("nar/x.nar.zst", "application/x-nix-nar")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "CreateMultipartUpload s3://silent/nar/x.nar.zst: no answer in time "
+        "(ReadTimeoutError); attempt 2 of 2"
+    ], warned
+    assert "\n" not in str(failed.value) and "uploadId" not in str(failed.value)
+    with silent_server() as port:
+        url = parse_store_url(f"s3://silent?endpoint=http://127.0.0.1:{port}")
+        target = S3Target(url, max_attempts=2, read_timeout=0.3)
+        with pytest.raises(TargetError) as failed:
+            target.get("nix-cache-info")
+    assert "no answer in time in 2 attempts" in str(failed.value)
+    assert "check that it is up and reachable" in str(failed.value)
+
+
 def test_an_endpoint_without_a_scheme_on_a_plain_http_server_says_to_add_one() -> None:
     with plain_http_server() as port:
         url = parse_store_url(f"s3://plain?endpoint=127.0.0.1:{port}")

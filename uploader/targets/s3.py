@@ -149,7 +149,9 @@ def _log_retries(client: Any, bucket: str, total: int) -> None:
             failure = f"{status} {code}".strip()
         else:
             return
-        key = urllib.parse.unquote((request_dict or {}).get("url_path", "")).lstrip("/")
+        # The path without its query (``?uploads``; an upload id, elsewhere).
+        path = (request_dict or {}).get("url_path", "").split("?", 1)[0]
+        key = urllib.parse.unquote(path).lstrip("/")
         log.log(level, "%s s3://%s/%s: %s; attempt %d of %d",
                 operation.name, bucket, key, failure, attempts + 1, total)  # fmt: skip
 
