@@ -151,6 +151,30 @@ def test_status_does_not_count_unknown_builders_the_publisher_has_not_seen(
     assert waiting["why"] == "not yet checked by the publisher"
 
 
+def test_a_conflict_a_dropped_builder_key_ends_leaves_the_status_too(bucket: Bucket) -> None:
+    """Dropping a builder's key settles the paths it alone disputed: the
+    next pass removes their conflict reports, which `quorum status` reads."""
+    put(bucket, attestation("ci-a-1"))
+    put(bucket, attestation("ci-b-1", nar_hash=sha(b"another build")))
+    assert publisher(bucket).run_pass().conflicts == [PATH]
+    (conflict,) = quorum_status(bucket, None)["conflicts"]
+    assert conflict["storePath"] == PATH
+    assert bucket.list_prefix("quorum/v1/conflicts/")
+
+    without_b = Publisher(bucket, CACHE, {"ci-a-1": PUBLIC["ci-a-1"]}, quorum=2)
+    result = without_b.run_pass()
+    assert result.conflicts == [] and list(result.waiting) != []
+    status = quorum_status(bucket, None)
+    assert status["conflicts"] == []
+    assert [(w["storePath"], w["attestations"]) for w in status["waiting"]] == [(PATH, 1)]
+    assert status["waiting"][0]["why"] == "needs 1 more builder to build and attest it"
+    assert bucket.list_prefix("quorum/v1/conflicts/") == []
+
+    # The key back: disputed again, and reported again.
+    assert publisher(bucket).run_pass().conflicts == [PATH]
+    assert len(quorum_status(bucket, None)["conflicts"]) == 1
+
+
 def test_attestations_a_pass_deleted_are_not_listed_as_not_counted(bucket: Bucket) -> None:
     put(bucket, attestation("ci-a-1"))
     stranger = put(bucket, attestation("ci-x-1"))
@@ -207,3 +231,10 @@ def test_an_idle_publisher_writes_no_new_root_each_pass(bucket: Bucket) -> None:
 def test_the_publisher_writes_nix_cache_info(bucket: Bucket) -> None:
     publisher(bucket).run_pass()
     assert (bucket.get("nix-cache-info") or b"").startswith(b"StoreDir: /nix/store")
+
+
+def test_a_path_no_attestation_of_counts_is_named_and_says_why(bucket: Bucket) -> None:
+    put(bucket, attestation("ci-x-1"))  # not one of the --builder-key keys
+    (waiting,) = publisher(bucket).run_pass().waiting.values()
+    assert waiting["storePath"] == PATH, "named by its claim, not its bare hash"
+    assert waiting["why"] == "no attestation counts (see the ones not counted)"

@@ -40,6 +40,7 @@ from uploader.quorum.attestation import VERSION, Attestation
 from uploader.quorum.bucket import Bucket
 from uploader.quorum.layout import (
     ATTESTATIONS,
+    CONFLICTS,
     STAGING,
     attestation_key,
     conflict_key,
@@ -156,8 +157,17 @@ class Publisher:
             if p.hashpart in done or p.hashpart in result.waiting or self._has.get(p.hashpart):
                 continue
             if p.verdict.state != CONFLICT:
-                result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, "")
+                claimed = next(
+                    (
+                        a.store_path
+                        for a in _parsed(p.found)
+                        if a is not None and hash_part(a.store_path) == p.hashpart
+                    ),
+                    None,
+                )
+                result.waiting[p.hashpart] = _waiting(p.verdict, self.quorum, "", claimed)
         self._expire(paths, done, in_use, result)
+        self._settle_conflicts({p.hashpart for p in paths.values() if p.verdict.state == CONFLICT})
         self._write_status(result)
         self._guard.complete()
         if written is not None:
@@ -339,6 +349,16 @@ class Publisher:
             self.bucket.delete(key)
             self._removed.add(key)
 
+    def _settle_conflicts(self, disputed: set[str]) -> None:
+        """Remove the conflict reports of paths no longer disputed: a
+        builder's key was dropped, or its attestations expired.  `quorum
+        status` reads the reports; they say what this pass found."""
+        for key, _ in self.bucket.list_prefix(CONFLICTS):
+            hashpart = key.removeprefix(CONFLICTS).removesuffix(".json")
+            if key == conflict_key(hashpart) and hashpart not in disputed:
+                self.bucket.delete(key)
+                log.info("no longer disputed: %s (its conflict report is removed)", hashpart)
+
     def _report_conflict(self, verdict: Verdict) -> None:
         key = conflict_key(verdict.hashpart)
         doc = conflict_report(verdict, self.clock())
@@ -402,14 +422,23 @@ def _parsed(found: list[tuple[str, bytes]]) -> list[Attestation | None]:
     return out
 
 
-def _waiting(verdict: Verdict, quorum: int, why: str) -> dict[str, Any]:
+def _waiting(verdict: Verdict, quorum: int, why: str, claimed: str | None = None) -> dict[str, Any]:
+    """A waiting path as status.json and `quorum status` show it; ``claimed``
+    names it when no attestation counted (an unparsable or untrusted one's
+    claim, shown only as a name)."""
     builders = sorted(a.builder for a in verdict.support)
+    needed = verdict.needed or quorum
+    if not why and not builders:
+        why = "no attestation counts (see the ones not counted)"
+    elif not why:
+        more = needed - len(builders)
+        why = f"needs {more} more builder{'s' if more != 1 else ''} to build and attest it"
     return {
-        "storePath": verdict.store_path or verdict.hashpart,
+        "storePath": verdict.store_path or claimed or verdict.hashpart,
         "have": len(builders),
-        "needed": verdict.needed or quorum,
+        "needed": needed,
         "builders": builders,
-        "why": why or f"{len(builders)} of {verdict.needed or quorum} attestations",
+        "why": why,
     }
 
 
