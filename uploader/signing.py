@@ -143,6 +143,12 @@ class PublicKey:
     def to_text(self) -> str:
         return f"{self.name}:{base64.b64encode(bytes(self._verify_key)).decode()}"
 
+    @property
+    def raw(self) -> bytes:
+        """The key's 32 bytes, whatever its name: one key under two names is
+        still one key."""
+        return bytes(self._verify_key)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PublicKey):
             return NotImplemented

@@ -247,6 +247,41 @@ def test_attestations_that_cannot_be_trusted_are_not_counted_and_are_reported(
     assert a_key not in reasons
 
 
+def test_a_narinfo_the_cache_key_did_not_sign_is_neither_published_over_nor_recorded(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    """A builder with write access to the narinfos (shared credentials) puts
+    one there, signed with its own key: clients refuse it, so the path is not
+    taken for published, nor its attestations dropped; it is reported."""
+    url = s3.store_url(bucket)
+    expr = chain_expr(uuid.uuid4().hex[:10], 1)
+    path = build(expr)[0]
+    attest(url, fleet["a"], path)
+    path = rebuild(expr, [path])
+    attest(url, fleet["b"], path)
+    # Builder C signs one with its own key, as a cache of its own would.
+    run_cli("push", "--to", f"file://{tmp_path / 'own'}", "--secret-key-file",
+            fleet["c"].secret_file, path)  # fmt: skip
+    key = f"{hash_part(path)}.narinfo"
+    foreign = (tmp_path / "own" / key).read_bytes()
+    s3.client().put_object(Bucket=bucket, Key=key, Body=foreign)
+
+    result = run_cli(*publish_args(url, fleet))
+    assert "is not signed by the cache key cache-1" in result.stderr, result.stderr
+    assert "published 0 paths, 1 waiting" in result.stderr
+    assert keys_in(s3, bucket, "quorum/v1/published/") == []
+    assert len(attestations_in(s3, bucket)) == 2
+    status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
+    (waiting,) = status["waiting"]
+    assert "a narinfo the cache key did not sign is in the way" in waiting["why"]
+    assert s3.get(bucket, key) == foreign, "never overwritten"
+
+    s3.client().delete_object(Bucket=bucket, Key=key)
+    assert "published 1 path" in run_cli(*publish_args(url, fleet)).stderr
+    published = NarInfo.parse((narinfo(s3, bucket, path) or b"").decode())
+    assert [sig.split(":")[0] for sig in published.sigs] == ["cache-1"]
+
+
 def test_a_builder_refuses_the_cache_key_without_opening_it(
     s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
 ) -> None:

@@ -78,3 +78,28 @@ def test_a_builder_key_named_like_the_cache_key_is_refused(
     builders = ["--builder-key", keys["ci-a-1"] + ".pub", "--builder-key", str(impostor)]
     refused = publish(tmp_path, keys, "--quorum", "1", *builders)
     assert_usage_error(refused, "--builder-key cache-1", "name")
+
+
+def _renamed(keys: dict[str, str], name: str, as_: str) -> str:
+    """``keys[name]``'s public key under the name ``as_``, as NAME:KEY."""
+    public = SecretKey.load(keys[name]).public_key().to_text()
+    return f"{as_}:{public.split(':', 1)[1]}"
+
+
+def test_the_cache_key_under_another_name_is_refused(tmp_path: Path, keys: dict[str, str]) -> None:
+    """The same key bytes, whatever the name: a builder holding the cache key
+    could sign narinfos alone."""
+    builders = ["--builder-key", keys["ci-a-1"] + ".pub",
+                "--builder-key", _renamed(keys, "cache-1", "ci-z-1")]  # fmt: skip
+    refused = publish(tmp_path, keys, "--quorum", "1", *builders)
+    assert_usage_error(refused, "--builder-key ci-z-1", "cache key")
+    assert not (tmp_path / "bucket").exists()
+
+
+def test_one_key_under_two_builder_names_is_refused(tmp_path: Path, keys: dict[str, str]) -> None:
+    """Else one machine's attestations, renamed, count twice toward the quorum."""
+    builders = ["--builder-key", keys["ci-a-1"] + ".pub",
+                "--builder-key", _renamed(keys, "ci-a-1", "ci-x-1")]  # fmt: skip
+    refused = publish(tmp_path, keys, "--quorum", "2", *builders)
+    assert_usage_error(refused, "ci-a-1 and ci-x-1 are the same key")
+    assert not (tmp_path / "bucket").exists()

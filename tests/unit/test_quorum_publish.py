@@ -18,6 +18,7 @@ from uploader.quorum import Attestation, Attester, Bucket, Publisher, open_bucke
 from uploader.quorum.layout import attestation_key
 from uploader.quorum.metrics import PublisherMetrics
 from uploader.quorum.publish import ROOT_REFRESH
+from uploader.quorum.reports import describe_claims
 from uploader.signing import generate
 from uploader.store import PathInfo
 
@@ -238,3 +239,50 @@ def test_a_path_no_attestation_of_counts_is_named_and_says_why(bucket: Bucket) -
     (waiting,) = publisher(bucket).run_pass().waiting.values()
     assert waiting["storePath"] == PATH, "named by its claim, not its bare hash"
     assert waiting["why"] == "no attestation counts (see the ones not counted)"
+
+
+def test_a_conflict_on_references_alone_says_so(
+    bucket: Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two builders with the same NAR but different references: the NARs
+    compare equal, so the message must show where the sides differ."""
+    put(bucket, attestation("ci-a-1"))
+    put(bucket, attestation("ci-b-1", references=(OTHER,)))
+    with caplog.at_level("WARNING"):
+        assert publisher(bucket).run_pass().conflicts == [PATH]
+    (line,) = [r.getMessage() for r in caplog.records if "CONFLICT" in r.getMessage()]
+    assert f"with references [{OTHER.rsplit('/', 1)[1]}]" in line
+    (conflict,) = quorum_status(bucket, None)["conflicts"]
+    assert sorted(describe_claims(conflict))[1].startswith("ci-b-1: ")
+    assert sorted(describe_claims(conflict))[1].endswith(f"[{OTHER.rsplit('/', 1)[1]}]")
+
+
+def test_an_oversized_attestation_is_refused_without_reading_it_whole(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A builder may write anything below its name: the publisher, the one
+    machine with the cache key, reads no more of it than an attestation may be."""
+    from uploader.quorum.attestation import MAX_SIZE
+
+    key = put(bucket, attestation("ci-a-1"))
+    huge = key.replace("ci-a-1", "ci-b-1")
+    bucket.put_bytes(huge, b"{" + b" " * (3 * MAX_SIZE), "application/json")
+    read: list[int] = []
+    real_open = bucket.open_object
+
+    def counted(k: str):  # type: ignore[no-untyped-def]
+        stream = real_open(k)
+        if stream is not None and k == huge:
+            real_read = stream.read
+            stream.read = lambda n=-1: (d := real_read(n), read.append(len(d)))[0]  # type: ignore
+        return stream
+
+    monkeypatch.setattr(bucket, "open_object", counted)
+    real_get = bucket.get
+    monkeypatch.setattr(
+        bucket, "get", lambda k: pytest.fail(f"{k} read whole") if k == huge else real_get(k)
+    )
+    result = publisher(bucket).run_pass()
+    assert sum(read) == MAX_SIZE + 1
+    reasons = {r["key"]: r["reason"] for r in result.rejected}
+    assert reasons[huge] == f"attestation is too large (over {MAX_SIZE} bytes)"

@@ -19,6 +19,7 @@ from uploader.config import check_upstreams
 from uploader.progress import plural
 from uploader.quorum import PassResult, Publisher, check_builder_name, open_bucket, quorum_status
 from uploader.quorum.metrics import PublisherMetrics
+from uploader.quorum.reports import describe_claims
 from uploader.signing import PublicKey, SecretKey
 from uploader.store import PathInfo
 from uploader.upstream import Upstreams
@@ -37,6 +38,13 @@ def _builder_keys(values: tuple[str, ...], trusted: tuple[str, ...]) -> dict[str
         check_builder_name(key.name)
         if key.name in keys:
             raise ConfigError(f"--builder-key: two keys named {key.name}")
+        same = next((name for name, k in keys.items() if k.raw == key.raw), None)
+        if same is not None:
+            # One machine's attestations would count twice toward the quorum.
+            raise ConfigError(
+                f"--builder-key: {same} and {key.name} are the same key; each builder "
+                "needs a key of its own"
+            )
         keys[key.name] = key
     for name in trusted:
         if name not in keys:
@@ -111,6 +119,9 @@ def publish(
         fail(f"--interval {interval:g}: give at least 0.1 seconds between passes", EXIT_USAGE)
     try:
         keys = _builder_keys(builder_keys, trusted)
+    except UploaderError as e:
+        fail(str(e), EXIT_USAGE)  # the command line's keys
+    try:
         if quorum > len(keys) and not trusted:
             fail(
                 f"--quorum {quorum} can never be reached with {plural(len(keys), 'builder key')}: "
@@ -155,7 +166,7 @@ def _check_separate(cache: PublicKey, keys: dict[str, PublicKey]) -> None:
     it could sign narinfos alone, and a builder's attestation signed with it
     would be counted."""
     for name, key in keys.items():
-        if key == cache:
+        if key.raw == cache.raw:
             fail(
                 f"--builder-key {name} is the cache key's public key: a builder never "
                 "holds the cache key (give each builder its own key)",
@@ -246,11 +257,7 @@ def status(store_url: str, needed: int | None, as_json: bool) -> None:
         click.echo(f"  {w['storePath']}: {w['attestations']} of {w['needed'] or n} ({w['why']})")
     click.echo(f"conflicts: {len(report['conflicts'])}")
     for c in report["conflicts"]:
-        claims = "; ".join(
-            f"{', '.join(b['builder'] for b in claim['builders'])}: {claim['narHash']}"
-            for claim in c["claims"]
-        )
-        click.echo(f"  {c['storePath']}: {claims}")
+        click.echo(f"  {c['storePath']}: {'; '.join(describe_claims(c))}")
     if report["rejected"]:
         click.echo(f"not counted: {len(report['rejected'])}")
         for r in report["rejected"]:

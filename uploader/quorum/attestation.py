@@ -110,7 +110,7 @@ class Attestation:
     def parse(cls, data: bytes) -> Attestation:
         """Read an attestation; ValueError says what is wrong with it."""
         if len(data) > MAX_SIZE:
-            raise ValueError(f"attestation is too large ({len(data)} bytes)")
+            raise ValueError(f"attestation is too large (over {MAX_SIZE} bytes)")
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -31,11 +31,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uploader._exceptions import TargetError
 from uploader.compression import extension
 from uploader.engine import NAR_TYPE, narinfo_key
 from uploader.lifecycle.protect import Protection
 from uploader.narinfo import NarInfo
 from uploader.progress import PATH_EVENTS
+from uploader.quorum.attestation import MAX_SIZE as ATTESTATION_MAX
 from uploader.quorum.attestation import VERSION, Attestation
 from uploader.quorum.bucket import Bucket
 from uploader.quorum.layout import (
@@ -48,7 +50,13 @@ from uploader.quorum.layout import (
     parse_attestation_key,
     published_key,
 )
-from uploader.quorum.reports import STATUS_KEY, conflict_report, dump, publication_record
+from uploader.quorum.reports import (
+    STATUS_KEY,
+    conflict_report,
+    describe_claims,
+    dump,
+    publication_record,
+)
 from uploader.quorum.staged import StagedMismatch, VerifiedNar, fetch_verified
 from uploader.quorum.tally import CONFLICT, READY, Verdict, judge
 from uploader.signing import PublicKey, SecretKey
@@ -209,7 +217,9 @@ class Publisher:
             groups[parsed[0]].append((key, mtime))
         paths = {}
         for hashpart, objects in sorted(groups.items()):
-            found = [(k, data) for k, _ in objects if (data := self.bucket.get(k)) is not None]
+            found = [
+                (k, data) for k, _ in objects if (data := _read_bounded(self.bucket, k)) is not None
+            ]
             verdict = self._judge(hashpart, found)
             newest = max(m for _, m in objects)
             paths[hashpart] = _Path(hashpart, found, newest, verdict)
@@ -223,12 +233,34 @@ class Publisher:
 
     def _published(self, hashpart: str, store_path: str | None = None) -> bool:
         if hashpart not in self._has:
-            present = self.bucket.exists(f"{hashpart}.narinfo")
+            present = self._signed_here(hashpart)
             # A gc candidate is asked again (and kept) before it counts.
             if present and store_path is not None and self._guard.gone([store_path]):
                 present = False
             self._has[hashpart] = present
         return self._has[hashpart]
+
+    def _signed_here(self, hashpart: str, *, quiet: bool = False) -> bool:
+        """Whether the cache has a narinfo for the path that the cache key
+        signed.  One it did not sign (written with a builder's or a stolen
+        write access) is not taken for published: Nix clients refuse it,
+        and it is reported rather than recorded."""
+        data = self.bucket.get(f"{hashpart}.narinfo")
+        if data is None:
+            return False
+        public = self._key.public_key()
+        try:
+            info = NarInfo.parse(data.decode())
+            signed = any(public.verify(info.fingerprint(), sig) for sig in info.sigs)
+        except (ValueError, UnicodeDecodeError):
+            signed = False
+        if not signed and not quiet:
+            log.warning(
+                "%s.narinfo is not signed by the cache key %s: not taken as published, and "
+                "never overwritten; delete it to have the publisher publish the path",
+                hashpart, public.name,
+            )  # fmt: skip
+        return signed
 
     def _publish_bottom_up(
         self, pending: list[_Path], in_use: collections.Counter[str], result: PassResult
@@ -268,6 +300,14 @@ class Publisher:
 
     def _publish(self, p: _Path, in_use: collections.Counter[str], result: PassResult) -> bool:
         verdict = p.verdict
+        if self.bucket.exists(f"{p.hashpart}.narinfo") and not self._signed_here(
+            p.hashpart, quiet=True
+        ):
+            # Not the cache key's (else it would count as published): never
+            # overwritten, never recorded as published (see _signed_here).
+            why = "a narinfo the cache key did not sign is in the way: delete it"
+            result.waiting[p.hashpart] = _waiting(verdict, self.quorum, why)
+            return False
         checked: list[tuple[Attestation, VerifiedNar]] = []
         missing: dict[str, str] = {}
         try:
@@ -366,11 +406,8 @@ class Publisher:
         if old is not None and _same_claims(old, doc):
             return
         self.bucket.put_bytes(key, dump(doc), _JSON)
-        hashes = ", ".join(
-            f"{c['narHash']} ({', '.join(b['builder'] for b in c['builders'])})"
-            for c in doc["claims"]
-        )
-        log.warning("CONFLICT %s: builders disagree: %s; not signed", verdict.store_path, hashes)
+        claims = "; ".join(describe_claims(doc))
+        log.warning("CONFLICT %s: builders disagree: %s; not signed", verdict.store_path, claims)
 
     def _expire(
         self,
@@ -410,6 +447,20 @@ class Publisher:
             "published": result.published,
         }
         self.bucket.put_bytes(STATUS_KEY, dump(doc), _JSON)
+
+
+def _read_bounded(bucket: Bucket, key: str) -> bytes | None:
+    """An attestation's bytes, but never more than one past the largest an
+    attestation may be: a builder may write anything below its name, and a
+    pass holds every attestation it read."""
+    stream = bucket.open_object(key)
+    if stream is None:
+        return None
+    with stream:
+        try:
+            return stream.read(ATTESTATION_MAX + 1)
+        except Exception as e:  # botocore's read errors have no common base
+            raise TargetError(f"reading {key}: {type(e).__name__}: {e}") from e
 
 
 def _parsed(found: list[tuple[str, bytes]]) -> list[Attestation | None]:

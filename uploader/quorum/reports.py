@@ -4,13 +4,20 @@ conflict reports, publication records and its own status (docs/quorum-format.md)
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from uploader.quorum.attestation import VERSION, Attestation
 from uploader.quorum.layout import PREFIX
 from uploader.quorum.tally import Verdict
 
-__all__ = ["STATUS_KEY", "conflict_report", "dump", "publication_record"]
+__all__ = [
+    "STATUS_KEY",
+    "conflict_report",
+    "describe_claims",
+    "dump",
+    "publication_record",
+]
 
 # Rewritten after each pass of the publisher; read by `quorum status`.
 STATUS_KEY = PREFIX + "publisher-status.json"
@@ -39,6 +46,23 @@ def conflict_report(verdict: Verdict, now: float) -> dict[str, Any]:
             )
         ],
     }
+
+
+def describe_claims(report: dict[str, Any]) -> list[str]:
+    """Each side of a conflict report in a few words: its NarHash, and its
+    references too when that is where the sides differ (the NARs are then
+    the same, and comparing them shows nothing)."""
+    claims = report.get("claims", [])
+    by_refs = len({c.get("narHash") for c in claims}) == 1
+    out = []
+    for c in claims:
+        who = ", ".join(str(b.get("builder")) for b in c.get("builders", []))
+        what = str(c.get("narHash"))
+        if by_refs:
+            refs = [os.path.basename(str(r)) for r in c.get("references", [])]
+            what += f" with references [{', '.join(refs) or 'none'}]"
+        out.append(f"{who}: {what}")
+    return out
 
 
 def publication_record(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from uploader.compression import METHODS, open_decompressor
-from uploader.nixbase32 import format_hash
+from uploader.nixbase32 import format_hash, parse_hash
 from uploader.quorum.attestation import Attestation
 from uploader.quorum.bucket import Bucket
 from uploader.quorum.layout import STAGING
@@ -39,6 +39,85 @@ class VerifiedNar:
     file: IO[bytes]  # a named temporary file; closing it deletes it
     file_hash: str
     file_size: int
+
+
+def _nar_str(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data + bytes(-len(data) % 8)
+
+
+# A NAR holding one regular file, up to its contents' length (and the end).
+_FILE_HEAD = b"".join(_nar_str(s) for s in (b"nix-archive-1", b"(", b"type", b"regular"))
+_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
+_CONTENTS = _nar_str(b"contents")
+_FILE_TAIL = _nar_str(b")")
+
+
+class _FlatContent:
+    """The SHA-256 of the one file a NAR holds, fed the NAR in pieces: what
+    a flat (``fixed:sha256:``) or text (``text:sha256:``) content address
+    is.  ``digest()`` is None when the NAR is not a single regular file."""
+
+    _PREFIXES = (_FILE_HEAD + _CONTENTS, _FILE_HEAD + _EXECUTABLE + _CONTENTS)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # the header until it is read; then the end
+        self._left: int | None = None  # content bytes still to hash
+        self._size = 0
+        self._sha = hashlib.sha256()
+        self._bad = False
+
+    def update(self, piece: bytes) -> None:
+        if self._bad:
+            return
+        if self._left is None:
+            self._buffer += piece
+            if not self._read_head():
+                return
+            piece, self._buffer = bytes(self._buffer), bytearray()
+        assert self._left is not None
+        take = piece[: self._left]
+        self._sha.update(take)
+        self._left -= len(take)
+        self._buffer += piece[len(take) :]
+        self._bad = len(self._buffer) > len(_FILE_TAIL) + 8
+
+    def _read_head(self) -> bool:
+        """Whether the header is read (then the buffer holds what follows)."""
+        head = bytes(self._buffer)
+        possible = False
+        for prefix in self._PREFIXES:
+            need = len(prefix) + 8
+            if len(head) >= need and head.startswith(prefix):
+                self._left = self._size = int.from_bytes(head[len(prefix) : need], "little")
+                del self._buffer[:need]
+                return True
+            possible |= len(head) < need and (prefix + bytes(8)).startswith(head[: len(prefix)])
+        self._bad = not possible
+        return False
+
+    def digest(self) -> bytes | None:
+        end = bytes(-self._size % 8) + _FILE_TAIL
+        if self._bad or self._left != 0 or bytes(self._buffer) != end:
+            return None
+        return self._sha.digest()
+
+
+def _flat_claim(a: Attestation) -> str | None:
+    """The content hash a flat or text content address claims for the file
+    in the NAR (a recursive one is the NarHash, checked as such)."""
+    if a.ca is None:
+        return None
+    for prefix in ("fixed:sha256:", "text:sha256:"):
+        if a.ca.startswith(prefix):
+            return "sha256:" + a.ca.removeprefix(prefix)
+    return None
+
+
+def _claimed_digest(claim: str | None) -> bytes | None:
+    try:
+        return parse_hash(claim) if claim is not None else None
+    except ValueError:
+        return None
 
 
 class _HashingReader:
@@ -77,11 +156,15 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
             raw = _HashingReader(source, copy)
             nar_sha = hashlib.sha256()
             nar_size = 0
+            claimed = _flat_claim(a)
+            content = _FlatContent() if claimed is not None else None
             try:
                 reader = open_decompressor(a.nar.compression, raw)  # type: ignore[arg-type]
                 while piece := reader.read(_PIECE):
                     nar_sha.update(piece)
                     nar_size += len(piece)
+                    if content is not None:
+                        content.update(piece)
                     if nar_size > a.nar_size:
                         break  # no need to read a bomb to its end
             except Exception as e:  # zstd/xz errors have no common base
@@ -100,6 +183,16 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
                 f"its staged NAR {url} has NarHash {nar_hash} ({nar_size} bytes), "
                 f"not the attested {a.nar_hash} ({a.nar_size} bytes)"
             )
+        if content is not None:
+            # A content address counts for a quorum of one (tally.py): the
+            # bytes must be the ones it names, not only the claim's path.
+            digest = content.digest()
+            found = format_hash(digest) if digest is not None else "not a single regular file"
+            if digest is None or digest != _claimed_digest(claimed):
+                raise StagedMismatch(
+                    f"its staged NAR {url} does not hold what its content address {a.ca} "
+                    f"names (the file's sha256: {found})"
+                )
         copy.flush()
         return VerifiedNar(copy, file_hash, raw.size)
     except BaseException:
