@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from uploader._exceptions import NarError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "dump", "write_nar"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "SINGLE_FILE_END", "SINGLE_FILE_HEADS", "dump", "write_nar"]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -36,6 +36,11 @@ _SYMLINK = _NODE_OPEN + _str(b"symlink") + _str(b"target")
 _REGULAR = _NODE_OPEN + _str(b"regular") + _str(b"contents")
 _EXECUTABLE = _NODE_OPEN + _str(b"regular") + _str(b"executable") + _str(b"") + _str(b"contents")
 _ENTRY = _str(b"entry") + _str(b"(") + _str(b"name")
+# A NAR of one regular file, up to its contents' length (plain, executable),
+# and what ends it after the padded contents: what a flat content address
+# hashes is in between (quorum/staged.py).
+SINGLE_FILE_HEADS = (_MAGIC + _REGULAR, _MAGIC + _EXECUTABLE)
+SINGLE_FILE_END = _CLOSE
 _NODE = _str(b"node")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from uploader.compression import METHODS, open_decompressor
+from uploader.nar import SINGLE_FILE_END, SINGLE_FILE_HEADS
 from uploader.nixbase32 import format_hash, parse_hash
 from uploader.quorum.attestation import Attestation
 from uploader.quorum.bucket import Bucket
@@ -41,23 +42,10 @@ class VerifiedNar:
     file_size: int
 
 
-def _nar_str(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "little") + data + bytes(-len(data) % 8)
-
-
-# A NAR holding one regular file, up to its contents' length (and the end).
-_FILE_HEAD = b"".join(_nar_str(s) for s in (b"nix-archive-1", b"(", b"type", b"regular"))
-_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
-_CONTENTS = _nar_str(b"contents")
-_FILE_TAIL = _nar_str(b")")
-
-
 class _FlatContent:
     """The SHA-256 of the one file a NAR holds, fed the NAR in pieces: what
     a flat (``fixed:sha256:``) or text (``text:sha256:``) content address
     is.  ``digest()`` is None when the NAR is not a single regular file."""
-
-    _PREFIXES = (_FILE_HEAD + _CONTENTS, _FILE_HEAD + _EXECUTABLE + _CONTENTS)
 
     def __init__(self) -> None:
         self._buffer = bytearray()  # the header until it is read; then the end
@@ -79,13 +67,13 @@ class _FlatContent:
         self._sha.update(take)
         self._left -= len(take)
         self._buffer += piece[len(take) :]
-        self._bad = len(self._buffer) > len(_FILE_TAIL) + 8
+        self._bad = len(self._buffer) > len(SINGLE_FILE_END) + 8
 
     def _read_head(self) -> bool:
         """Whether the header is read (then the buffer holds what follows)."""
         head = bytes(self._buffer)
         possible = False
-        for prefix in self._PREFIXES:
+        for prefix in SINGLE_FILE_HEADS:
             need = len(prefix) + 8
             if len(head) >= need and head.startswith(prefix):
                 self._left = self._size = int.from_bytes(head[len(prefix) : need], "little")
@@ -96,7 +84,7 @@ class _FlatContent:
         return False
 
     def digest(self) -> bytes | None:
-        end = bytes(-self._size % 8) + _FILE_TAIL
+        end = bytes(-self._size % 8) + SINGLE_FILE_END
         if self._bad or self._left != 0 or bytes(self._buffer) != end:
             return None
         return self._sha.digest()
