@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable
@@ -176,11 +177,17 @@ def write_public_key(path: str, key: PublicKey) -> None:
     _write_new_file(path, key.to_text(), 0o644)
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, *, shown: bool = True) -> None:
     # A ':' would move the name/key boundary; whitespace would break the
     # one-line key files and the Sig: lines of narinfo files.
     if not name or ":" in name or any(c.isspace() or not c.isprintable() for c in name):
-        raise KeyFileError(f"invalid key name {name!r}: must be non-empty, without ':' or spaces")
+        quoted = f" {name!r}" if shown else ""
+        raise KeyFileError(f"invalid key name{quoted}: must be non-empty, without ':' or spaces")
+
+
+def _base64_like(text: str) -> bool:
+    """Whether ``text`` could be a key's base64 rather than its name."""
+    return len(text) >= 40 and re.fullmatch(r"[A-Za-z0-9+/]+=*", text) is not None
 
 
 def _split_key(text: str, kind: str, size: int) -> tuple[str, bytes]:
@@ -193,17 +200,23 @@ def _split_key(text: str, kind: str, size: int) -> tuple[str, bytes]:
     name, colon, payload = text.partition(":")
     if not colon or not name or not payload:
         raise KeyFileError(f"{kind} key is not in the form <name>:<base64>")
-    _check_name(name)
+    # A secret key file's "name" may be its secret (the two halves swapped,
+    # or the name missing): never quoted.
+    named = kind != "secret"
+    _check_name(name, shown=named)
+    label = f"{kind} key {name!r}" if named else f"{kind} key"
     try:
         raw = base64.b64decode(payload, validate=True)
     except binascii.Error:
         where = " (it contains a carriage return)" if "\r" in payload else ""
-        raise KeyFileError(f"{kind} key {name!r} is not valid base64{where}") from None
+        if not named and _base64_like(name):
+            where += " (is it written <base64>:<name>? the name comes first)"
+        raise KeyFileError(f"{label} is not valid base64{where}") from None
     if len(raw) != size:
         # Handing over the wrong file of a key pair is the likely mistake.
         other = {_SECRET_SIZE: "secret", _PUBLIC_SIZE: "public"}.get(len(raw))
         hint = f" (this looks like a {other} key)" if other and other != kind else ""
-        raise KeyFileError(f"{kind} key {name!r} has {len(raw)} bytes, expected {size}{hint}")
+        raise KeyFileError(f"{label} has {len(raw)} bytes, expected {size}{hint}")
     return name, raw
 
 

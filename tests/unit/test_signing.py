@@ -106,6 +106,9 @@ PAYLOAD = NIX_SECRET.split(":", 1)[1]
         # The public half is not the one derived from the seed.
         ("test-1:" + base64.b64encode(base64.b64decode(PAYLOAD)[:63] + b"\0").decode(), "corrupt"),
         ("bad name:" + PAYLOAD, "invalid key name"),
+        # Written the wrong way round: the "name" is the secret itself.
+        (PAYLOAD + ":test-1", "the name comes first"),
+        (PAYLOAD + " x:test-1", "invalid key name:"),
     ],
     ids=[
         "empty",
@@ -118,6 +121,8 @@ PAYLOAD = NIX_SECRET.split(":", 1)[1]
         "public-key",
         "mismatched-halves",
         "bad-name",
+        "swapped",
+        "swapped-with-space",
     ],
 )
 def test_malformed_secret_keys_never_echo_the_key(text: str, message: str) -> None:
