@@ -87,7 +87,9 @@ class NarListing:
         )
         # Nix 2.8 writes backspace and form feed as \u0008 and \u000c (newer
         # Nix as \b and \f, as Python does); every reader takes either.
-        return _SHORT_ESCAPE.sub(_long_escape, text).encode()
+        # Bytes of names and targets that are not UTF-8 go out as they are,
+        # as Nix writes them: replacing them would merge two names into one.
+        return _SHORT_ESCAPE.sub(_long_escape, text).encode(errors="surrogateescape")
 
 
 # An escape sequence of a backslash or of a character Nix writes as \u00XX.
@@ -131,7 +133,7 @@ def _node() -> _Parser:
         yield from _expect(b"target")
         target = yield from _string()
         yield from _expect(b")")
-        return {"type": "symlink", "target": target.decode(errors="replace")}
+        return {"type": "symlink", "target": target.decode(errors="surrogateescape")}
     if kind == b"directory":
         entries: dict[str, Any] = {}
         while True:
@@ -142,7 +144,7 @@ def _node() -> _Parser:
                 raise NarError(f"expected 'entry' or ')' in a directory node, got {tag!r}")
             yield from _expect(b"(")
             yield from _expect(b"name")
-            name = (yield from _string()).decode(errors="replace")
+            name = (yield from _string()).decode(errors="surrogateescape")
             yield from _expect(b"node")
             entries[name] = yield from _node()
             yield from _expect(b")")

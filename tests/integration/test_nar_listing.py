@@ -69,6 +69,13 @@ CORNERS: dict[str, Tree] = {
         b"\x08\x0c\t\n\r\x01\x1f\x7f": (b"", 0o644),
         b'quote"back\\slash': b"target-\x0c\\f",
     },
+    # Not UTF-8: raw bytes, as Nix writes them; two such names stay two.
+    "names-not-utf8": {
+        b"x\xfe": (b"innocent", 0o644),
+        b"x\xff": (b"hidden", 0o644),
+        b"link": b"../bad\xff\xfename",
+        b"\xc3": {b"\xed\xa0\x80": (b"", 0o755)},
+    },
     "large-file": {b"big": (os.urandom(3 << 20), 0o644), b"after": (b"x", 0o644)},
 }
 
@@ -91,10 +98,15 @@ utf8_names = (
     .filter(lambda s: s not in (".", ".."))
     .map(str.encode)
 )
+byte_names = st.binary(min_size=1, max_size=8).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
+)
 trees = st.recursive(
     st.one_of(st.tuples(st.binary(max_size=200), st.sampled_from([0o644, 0o755])),
-              utf8_names.map(lambda b: b"target-" + b)),
-    lambda children: st.dictionaries(utf8_names, children, max_size=5),
+              utf8_names.map(lambda b: b"target-" + b),
+              byte_names.map(lambda b: b"raw-" + b)),
+    lambda children: st.dictionaries(st.one_of(utf8_names, byte_names), children,
+                                     max_size=5),
     max_leaves=15,
 )  # fmt: skip
 
