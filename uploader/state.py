@@ -1,7 +1,10 @@
 """The daemon's local memory, kept in its state directory.
 
 ``state.sqlite`` remembers which narinfos the cache holds (so a re-enqueued
-closure costs no request) and what upstream caches answered.
+closure costs no request) and what upstream caches answered.  It and its
+``-wal`` and ``-shm`` files are the uploader's alone (0600): a user who can
+open SQLite's files can lock them and stall every write.  It is only a
+memory: when it cannot be used, the daemon asks the cache instead.
 ``status.json`` is the daemon's public face for `status` and `wait`, which may
 run as users who cannot read the spool: queue depth, in-flight work,
 failures; never anything secret.
@@ -9,15 +12,18 @@ failures; never anything secret.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from uploader._exceptions import ConfigError
 from uploader.redact import scrub
 
 __all__ = [
@@ -29,7 +35,17 @@ __all__ = [
     "write_status",
 ]
 
+log = logging.getLogger(__name__)
+
 STATUS_FILE = "status.json"
+# SQLite's own files beside the database; it creates them with the
+# database's mode.
+_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+# How long a write waits for a lock: only this process uses the database,
+# so a lock held longer is someone else's and not worth waiting for.
+_BUSY_TIMEOUT = 0.5
+# A database that keeps failing is reported at most this often.
+_REPORT_EVERY = 300.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS known (
     target TEXT NOT NULL, hash TEXT NOT NULL, seen REAL NOT NULL,
@@ -49,13 +65,44 @@ class KnownCache:
     """Which narinfos a target (and upstreams) hold, as last seen; thread-safe."""
 
     def __init__(self, path: str, target: str, *, ttl: float = 7 * 86400.0) -> None:
+        self.path = path
         self.target = target
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._reported = -_REPORT_EVERY
+        try:
+            _make_private(path)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(
+                f"cannot use the state database {path} ({reason}): it and its -wal and "
+                "-shm files must belong to the user the daemon runs as; chown them, or "
+                "delete them (it is only a memory of what the cache holds)"
+            ) from e
+
+    @contextlib.contextmanager
+    def _using(self, what: str) -> Iterator[None]:
+        """Hold the lock; a database error is logged (now and then) and
+        swallowed: what is not remembered is asked of the cache again."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as e:
+                now = time.monotonic()
+                if now - self._reported >= _REPORT_EVERY:
+                    self._reported = now
+                    log.warning(
+                        "the state database %s cannot %s (%s): going on without it, "
+                        "asking the cache instead; if it is locked, look for another "
+                        "process holding it open (`fuser %s*`)",
+                        self.path, what, e, self.path,
+                    )  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
@@ -65,7 +112,7 @@ class KnownCache:
         wanted = list(hash_parts)
         found: set[str] = set()
         cutoff = time.time() - self.ttl
-        with self._lock:
+        with self._using("be read"):
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i : i + 500]
                 marks = ",".join("?" * len(chunk))
@@ -79,13 +126,13 @@ class KnownCache:
     def remember(self, hash_parts: Iterable[str]) -> None:
         now = time.time()
         rows = [(self.target, h, now) for h in hash_parts]
-        with self._lock:
+        with self._using("be written"):
             self._db.executemany("INSERT OR REPLACE INTO known VALUES (?, ?, ?)", rows)
 
     def forget(self, hash_parts: Iterable[str]) -> None:
         """Drop what is remembered of these narinfos (gc deleted them)."""
         rows = [(self.target, h) for h in hash_parts]
-        with self._lock:
+        with self._using("be written"):
             self._db.executemany("DELETE FROM known WHERE target = ? AND hash = ?", rows)
 
     def upstream_answers(self, url: str, hash_parts: Iterable[str]) -> dict[str, bool]:
@@ -93,7 +140,7 @@ class KnownCache:
         wanted = list(hash_parts)
         now = time.time()
         answers: dict[str, bool] = {}
-        with self._lock:
+        with self._using("be read"):
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i : i + 500]
                 marks = ",".join("?" * len(chunk))
@@ -111,8 +158,24 @@ class KnownCache:
     def remember_upstream(self, url: str, answers: dict[str, bool]) -> None:
         now = time.time()
         rows = [(url, h, int(p), now) for h, p in answers.items()]
-        with self._lock:
+        with self._using("be written"):
             self._db.executemany("INSERT OR REPLACE INTO upstream VALUES (?, ?, ?, ?)", rows)
+
+
+def _make_private(path: str) -> None:
+    """Create the database 0600, and take group and world access from one
+    an older version left 0644 (SQLite gives its side files the same mode)."""
+    for suffix in _SIDE_FILES:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if not suffix else 0)
+        try:
+            fd = os.open(path + suffix, flags, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def write_status(state_dir: str, status: dict[str, Any]) -> None:

@@ -167,6 +167,9 @@ def test_a_ci_user_outside_the_spool_group_can_wait_and_see_status(
     separated.wait_drained(timeout=120)
     time.sleep(2)  # idle: nothing left to change in the status
 
+    def as_other(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return _as_user(NOBODY, NOBODY, *cmd, cwd=separated.root)
+
     def as_ci_user(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         cmd = [uploader_python, "-m", "uploader", *args, *separated.queue_args()]
         return _as_user(NOBODY, NOBODY, *cmd, cwd=separated.root, timeout=timeout + 10)
@@ -180,6 +183,13 @@ def test_a_ci_user_outside_the_spool_group_can_wait_and_see_status(
     assert report["daemon"] == "running"
     assert report["quarantined"] is None  # not this user's to see
     assert report["pending"] == 0
+    # The daemon's database is not theirs to open: a lock on it would stall
+    # every write (only status.json is for them).
+    memory = sorted(separated.state_dir.glob("state.sqlite*"))
+    assert {p.name for p in memory} >= {"state.sqlite", "state.sqlite-wal", "state.sqlite-shm"}
+    for path in memory:
+        opened = as_other("python3", "-c", f"open({str(path)!r}, 'rb')")
+        assert opened.returncode != 0 and "PermissionError" in opened.stderr, path
 
     # An idle daemon writes its status every few seconds; a short wait still
     # knows at once that nothing is queued (the spool has not changed since).
