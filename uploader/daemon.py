@@ -116,8 +116,11 @@ class Daemon:
         self._forced = False
         self._dirty = True
         self._started = time.time()
+        # Counted as each path lands, not when its batch settles: a batch
+        # that fails later still uploaded them.
         self._uploaded_paths = 0
         self._uploaded_bytes = 0
+        engine.on_uploaded = self._count_upload
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         # Set while the cache cannot be used at all (no credentials, rejected
@@ -557,8 +560,6 @@ class Daemon:
         self, ready: dict[str, list[str]], infos: dict[str, PathInfo], result: PushResult
     ) -> None:
         """Acknowledge, quarantine or reschedule each entry after a push."""
-        self._uploaded_paths += len(result.uploaded)
-        self._uploaded_bytes += result.file_bytes
         for path, error in result.failed.items():
             self._count_failure(_kind(error))
             if not isinstance(error, DependencyFailed):
@@ -605,6 +606,12 @@ class Daemon:
                 self._retry_later([name], str(root_causes[0]), retry_after=retry_after)
 
     # -- bookkeeping ---------------------------------------------------
+
+    def _count_upload(self, info: PathInfo, seconds: float, file_size: int) -> None:
+        self._uploaded_paths += 1
+        self._uploaded_bytes += file_size
+        if self.metrics is not None:
+            self.metrics.uploaded(seconds, info.nar_size, file_size)
 
     def _maybe_still_written(self, name: str) -> bool:
         """Whether a malformed entry is so fresh that a writer that does not

@@ -707,11 +707,11 @@ class Engine:
         result.uploaded.append(path)
         result.nar_bytes += info.nar_size
         result.file_bytes += prepared.file_size
+        if self.on_uploaded is not None:
+            self.on_uploaded(info, time.monotonic() - started, prepared.file_size)
         if self.known is not None:
             self.known.remember([hash_part(path)])
         done[path].set_result(None)
-        if self.on_uploaded is not None:
-            self.on_uploaded(info, time.monotonic() - started, prepared.file_size)
         if progress:
             progress.advance(info, True)
 

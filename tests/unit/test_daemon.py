@@ -99,6 +99,35 @@ def test_entries_are_acknowledged_once_their_closure_is_in_the_cache(tmp_path: P
     assert status["uploaded_paths"] == 2
 
 
+class _FailsOnce(KnownCache):
+    """A memory whose first write fails as an unforeseen error would."""
+
+    failed = False
+
+    def remember(self, hash_parts: Iterable[str]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unforeseen")
+        super().remember(hash_parts)
+
+
+def test_paths_of_a_batch_that_failed_after_uploading_them_are_counted(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    s.known = memory = _FailsOnce(str(tmp_path / "known.sqlite"), "memory")
+    out = s.store.add("counted")
+    s.entry("counted", f"out {out}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert memory.failed, "the first batch failed"
+    status = read_status(s.settings.state_dir)
+    assert status is not None
+    # Uploaded once, by the batch that failed; the retry found it there.
+    assert s.target.puts().count(narinfo_key(out)) == 1
+    assert status["uploaded_paths"] == 1
+    assert status["uploaded_bytes"] > 0
+
+
 def test_outputs_are_resolved_from_the_derivation_when_the_hook_saw_none(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     out, lib = s.store.add("multi"), s.store.add("multi-lib")

@@ -225,8 +225,6 @@ def _make_daemon(
         metrics = Metrics()
         host, port = metrics.serve(settings.metrics)
         log.info("serving metrics at http://%s:%d/metrics", host, port)
-        record = metrics.uploaded
-        engine.on_uploaded = lambda info, seconds, size: record(seconds, info.nar_size, size)
     roots = GcRoots(settings.gc_roots_dir)
     if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
         log.warning("%s", unprotected)
