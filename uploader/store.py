@@ -3,7 +3,8 @@
 Every query is one `nix` subprocess for many paths (chunked only to stay under
 the argv limit), never one process per path.  The store is reached the way the
 caller's environment says (``NIX_REMOTE``, the daemon socket for a non-root
-user), so the uploader needs no more than read access to the store.
+user), so the uploader needs no more than read access to the store.  The
+commands get the caller's environment without its ``AWS_*`` variables.
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ class NixStore:
     """The local Nix store, asked through the `nix` and `nix-store` commands."""
 
     def __init__(self, *, env: dict[str, str] | None = None, bin_dir: str | None = None) -> None:
-        self._env = env
+        # Nix is asked only about the local store: it gets no S3 credentials.
+        self._env = {
+            k: v for k, v in (os.environ if env is None else env).items()
+            if not k.startswith("AWS_")
+        }  # fmt: skip
         self._nix = self._find("nix", bin_dir)
         self._nix_store = self._find("nix-store", bin_dir)
         self._show_verb: tuple[str, ...] | None = None

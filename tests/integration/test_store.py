@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +96,37 @@ def test_a_closure_asked_ahead_is_the_one_asked_after(nix_daemon: NixDaemon) -> 
     ahead.prefetch_closure([missing])
     with pytest.raises(uploader.store.InvalidPathError, match="is not valid"):
         ahead.path_infos([missing], closure=True)
+
+
+def test_nix_is_not_handed_the_s3_credentials(
+    nix_daemon: NixDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's environment holds the S3 credentials (the service's
+    environment file); the Nix commands it runs get none of them."""
+    from tests.support.nix import build, trivial_expr
+
+    out = build(trivial_expr(f"env-{uuid.uuid4().hex[:8]}"))
+    seen = tmp_path / "seen"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("nix", "nix-store"):
+        real = shutil.which(tool)
+        wrapper = bin_dir / tool
+        wrapper.write_text(f'#!/bin/sh\nenv >> "$SEEN_BY_NIX"\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-s3cr3t", "AWS_SESSION_TOKEN": "t0ken-t0ken",
+               "AWS_ACCESS_KEY_ID": "AKIDAKIDAKID", "AWS_PROFILE": "ci"}  # fmt: skip
+    for name, value in {**nix_client_env(SEEN_BY_NIX=str(seen)), **secrets}.items():
+        monkeypatch.setenv(name, value)
+
+    for store in (
+        NixStore(bin_dir=str(bin_dir)),
+        NixStore(env=dict(os.environ), bin_dir=str(bin_dir)),
+    ):
+        seen.unlink(missing_ok=True)
+        assert store.invalid_paths(out) == set()
+        assert set(store.path_infos(out, closure=True)) >= set(out)
+        environment = seen.read_text()
+        assert environment.count("NIX_REMOTE=daemon") >= 2, "the commands ran, as the caller set"
+        for name, value in secrets.items():
+            assert name not in environment and value not in environment
