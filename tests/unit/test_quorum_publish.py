@@ -8,16 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.unit.test_quorum_attestation import PATH, attestation
 from tests.unit.test_quorum_ca import NIX_MADE
+from uploader import nar
 from uploader._exceptions import TargetError
 from uploader.engine import StoredNar
 from uploader.nixbase32 import format_hash
 from uploader.quorum import Attestation, Attester, Bucket, Publisher, open_bucket, quorum_status
+from uploader.quorum.attestation import StagedNar
 from uploader.quorum.layout import attestation_key
 from uploader.quorum.metrics import PublisherMetrics
-from uploader.quorum.publish import ROOT_REFRESH
+from uploader.quorum.publish import ROOT_REFRESH, PassResult
 from uploader.quorum.reports import describe_claims
 from uploader.signing import generate
 from uploader.store import PathInfo
@@ -286,3 +289,37 @@ def test_an_oversized_attestation_is_refused_without_reading_it_whole(
     assert sum(read) == MAX_SIZE + 1
     reasons = {r["key"]: r["reason"] for r in result.rejected}
     assert reasons[huge] == f"attestation is too large (over {MAX_SIZE} bytes)"
+
+
+def test_a_second_publisher_finding_a_path_published_under_it_rejects_nothing(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two publishers at once (a restart overlapping, a second by mistake):
+    the one that finds the staged NARs gone because the other published the
+    path meanwhile counts it as published, not as attestations to reject."""
+    (tmp_path / "out").write_bytes(b"built the same on both\n")
+    data = b"".join(nar.dump(str(tmp_path / "out")))
+    packed = zstandard.ZstdCompressor().compress(data)
+    for builder in ("ci-a-1", "ci-b-1"):
+        url = f"quorum/v1/staging/{builder}/x.nar.zst"
+        bucket.put_bytes(url, packed, "application/x-nix-nar")
+        staged = StagedNar(url, "zstd", sha(packed), len(packed))
+        put(bucket, attestation(builder, nar_hash=sha(data), nar_size=len(data), nar=staged,
+                                references=()))  # fmt: skip
+    first, second = publisher(bucket), publisher(bucket)
+    real_open = bucket.open_object
+    overtaken: list[PassResult] = []
+
+    def overtaking(key: str):  # type: ignore[no-untyped-def]
+        if key.startswith("quorum/v1/staging/") and not overtaken:
+            monkeypatch.setattr(bucket, "open_object", real_open)
+            overtaken.append(first.run_pass())  # publishes it, removing the staged NARs
+        return real_open(key)
+
+    monkeypatch.setattr(bucket, "open_object", overtaking)
+    result = second.run_pass()
+    assert [r.published for r in overtaken] == [[PATH]]
+    assert result.rejected == [] and result.waiting == {} and result.published == []
+    assert result.already == [PATH]
+    assert quorum_status(bucket, None)["rejected"] == []
+    assert bucket.get(f"{PATH[11:43]}.narinfo") is not None
