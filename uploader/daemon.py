@@ -422,6 +422,8 @@ class Daemon:
         if found is None:
             return
         present = found
+        if self.engine.recorder is not None and present:
+            await self._compare_rebuilt(sorted(present))
         todo = [p for p in all_outputs if p not in present]
         infos: dict[str, PathInfo] = {}
         result = PushResult(present=sorted(present))
@@ -455,9 +457,21 @@ class Daemon:
                 await asyncio.to_thread(guard.complete)
             except UploaderError as e:
                 log.warning("completing this batch's root in the cache: %s", e)
+        result.present = sorted(present.union(result.present))
         self._settle(ready, infos, result)
         if self.settings.upload_logs and result.uploaded:
             await asyncio.to_thread(self._upload_logs, entries, ready, set(result.uploaded))
+
+    async def _compare_rebuilt(self, outputs: list[str]) -> None:
+        """In attest mode, outputs attested already were built again (after
+        a garbage collection, or with --check): say so when the result
+        differs from the attestation, which stays."""
+        assert self.engine.recorder is not None
+        try:
+            infos = await asyncio.to_thread(self.store.path_infos, outputs, checked=True)
+            await asyncio.to_thread(self.engine.recorder.rebuilt_differently, list(infos.values()))
+        except UploaderError as e:
+            log.warning("comparing rebuilt outputs with their attestations: %s", e)
 
     async def _find_present(
         self, ready: dict[str, list[str]], all_outputs: list[str]
@@ -581,7 +595,9 @@ class Daemon:
                     continue
                 self._pending.pop(name, None)
                 self._unroot(name)
-                where = "staged and attested" if self.engine.recorder else "in the cache"
+                where = "in the cache"
+                if self.engine.recorder is not None:
+                    where = _attested(outputs, result)
                 log.info("%s: %s %s", name, plural(len(outputs), "output"), where)
                 continue
             root_causes = [_root_cause(e) for e in failed]
@@ -812,3 +828,12 @@ def _failures_in_closure(
         if path in infos:
             stack.extend(infos[path].references)
     return found
+
+
+def _attested(outputs: list[str], result: PushResult) -> str:
+    """What attest mode did for an entry's outputs, for its log line."""
+    if not set(outputs).isdisjoint(result.uploaded):
+        return "staged and attested"
+    if set(outputs).issubset(result.present):
+        return "attested before"
+    return "not attested here (published already, served upstream, or built elsewhere)"

@@ -160,6 +160,11 @@ class Recorder(Protocol):
 
     def record(self, info: PathInfo, nar: StoredNar) -> None: ...
 
+    def rebuilt_differently(self, infos: list[PathInfo]) -> set[str]:
+        """Those of ``infos``, done before, whose result now differs from
+        what was recorded then (said in the log; the first record stays)."""
+        ...
+
 
 class CacheGuard(Protocol):
     """The uploader's side of the gc protocol (uploader/lifecycle/protect.py):

@@ -384,23 +384,40 @@ def test_the_daemon_in_attest_mode_attests_each_build_and_signs_no_narinfo(
         f'spool = "{run.spool}"\nstate-dir = "{run.state_dir}"\n'
         f'gc-roots-dir = "{run.gc_roots}"\nlow-priority = false\n'
     )
+    expr = chain_expr(uuid.uuid4().hex[:10], 2, random_bottom=True)
     run.start()
     try:
-        top = build(chain_expr(uuid.uuid4().hex[:10], 2), hook=str(run.hook))[0]
+        top = build(expr, hook=str(run.hook))[0]
+        run.wait_drained()
+        paths = closure(top)
+        attested = attestations_in(s3, bucket)
+        first_log = run.log()
+        status = run_cli("status", *run.queue_args()).stdout
+        waited = run_cli("wait", *run.queue_args(), "--timeout", "5")
+
+        # Collected and built again: its bottom differs now (random bytes).
+        bottom = next(p for p in paths if p != top)
+        first = {k: s3.get(bucket, k) for k in attested}
+        subprocess.run(["nix-store", "--delete", *paths], env=nix_client_env(),
+                       check=True, capture_output=True)  # fmt: skip
+        assert build(expr, hook=str(run.hook))[0] == top
         run.wait_drained()
     finally:
         run.stop()
-    paths = closure(top)
-    attested = attestations_in(s3, bucket)
     assert attested == sorted(f"quorum/v1/attestations/{hash_part(p)}/ci-a-1.json" for p in paths)
     assert narinfos(s3, bucket) == {}
     assert keys_in(s3, bucket, "nar/") == []
     # Nothing is in the cache yet, and nothing says it is.
-    assert "staged and attested" in run.log() and "in the cache" not in run.log()
-    status = run_cli("status", *run.queue_args()).stdout
+    assert "staged and attested" in first_log and "in the cache" not in first_log
     assert f"attested:    {len(paths)} paths" in status and "uploaded:" not in status
-    waited = run_cli("wait", *run.queue_args(), "--timeout", "5")
     assert "spool drained: every queued build is staged and attested" in waited.stderr
+
+    # The rebuild: the first attestations stay, the log says which result differs.
+    rebuilt_log = run.log()[len(first_log) :]
+    assert {k: s3.get(bucket, k) for k in attested} == first
+    assert f"{bottom}: ci-a-1 attested it before with another result" in rebuilt_log
+    assert f"{top}: ci-a-1 attested it before" not in rebuilt_log  # the same bytes
+    assert "attested before" in rebuilt_log and "staged and attested" not in rebuilt_log
 
 
 def test_attestations_that_never_reach_the_quorum_expire_reported(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from uploader._exceptions import TargetError
 from uploader.engine import StoredNar, narinfo_key
 from uploader.progress import PATH_EVENTS
-from uploader.quorum.attestation import VERSION, Attestation, StagedNar
+from uploader.quorum.attestation import VERSION, Attestation, Claim, StagedNar
 from uploader.quorum.ca import ca_gives_path
 from uploader.quorum.layout import (
     attestation_key,
@@ -107,20 +107,38 @@ class Attester:
         key = self.done_key(info.path)
         existing = self.target.get(key)
         if existing is not None:
-            try:
-                first = Attestation.parse(existing)
-            except ValueError:
-                first = None
-            if first is None or first.claim != attestation.claim:
-                log.warning(
-                    "%s: %s attested it before with another result; keeping the first "
-                    "(this build is not reproducible, or the first attestation was altered)",
-                    info.path,
-                    self.builder,
-                )
+            self._differs(info, existing)
             return
         self.target.put_bytes(key, attestation.to_json(), "application/json")
         path_log.info("attested %s as %s (%d bytes NAR)", info.path, self.builder, info.nar_size)
+
+    def rebuilt_differently(self, infos: list[PathInfo]) -> set[str]:
+        """Those of ``infos`` this builder built again whose result is not
+        what it attested first (each is warned about; the first stays).
+        The daemon asks for outputs it finds attested already: Nix built
+        them again, after a garbage collection or with ``--check``."""
+        return {
+            info.path
+            for info in infos
+            if info.ultimate
+            and (existing := self.target.get(self.done_key(info.path))) is not None
+            and self._differs(info, existing)
+        }
+
+    def _differs(self, info: PathInfo, existing: bytes) -> bool:
+        try:
+            first: Claim | None = Attestation.parse(existing).claim
+        except ValueError:
+            first = None
+        if first == Claim(info.nar_hash, info.nar_size, info.references):
+            return False
+        log.warning(
+            "%s: %s attested it before with another result; keeping the first "
+            "(this build is not reproducible, or the first attestation was altered)",
+            info.path,
+            self.builder,
+        )
+        return True
 
     def check_reads(self) -> None:
         """Raise TargetError unless this builder can read its own attestations
