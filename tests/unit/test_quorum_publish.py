@@ -144,6 +144,18 @@ def test_status_counts_only_what_the_publisher_counts(bucket: Bucket) -> None:
     assert waiting["builders"] == ["ci-a-1"]
 
 
+def test_status_counts_nothing_before_the_first_pass(bucket: Bucket) -> None:
+    """No publisher status yet: no keys to check against, so a stranger's
+    attestation (or any object of that name) is listed, not counted."""
+    put(bucket, attestation("ci-x-1"))
+    bucket.put_bytes(attestation_key(PATH, "ci-y-1"), b"null", "application/json")
+    (waiting,) = quorum_status(bucket, 2)["waiting"]
+    assert (waiting["attestations"], waiting["builders"]) == (0, [])
+    assert waiting["why"] == (
+        "no publisher pass yet: 2 attestations listed (ci-x-1, ci-y-1), none checked"
+    )
+
+
 def test_status_does_not_count_unknown_builders_the_publisher_has_not_seen(
     bucket: Bucket,
 ) -> None:

@@ -59,8 +59,18 @@ def quorum_status(bucket: Bucket, quorum: int | None, *, recent: int = 10) -> di
                 "builders": counted,
                 "why": known["why"],
             }
+        elif known_builders is None:
+            # No publisher pass yet: nothing says whose keys count, and
+            # nothing was checked, so nothing is counted.
+            entry = {
+                "storePath": hashpart,
+                "attestations": 0,
+                "needed": quorum,
+                "builders": [],
+                "why": f"no publisher pass yet: {_listed(builders)}, none checked",
+            }
         else:
-            counted = sorted(b for b in builders if known_builders is None or b in known_builders)
+            counted = sorted(b for b in builders if b in known_builders)
             entry = {
                 "storePath": hashpart,
                 "attestations": len(counted),
@@ -88,6 +98,11 @@ def quorum_status(bucket: Bucket, quorum: int | None, *, recent: int = 10) -> di
             if (doc := _json(bucket, key)) is not None
         ],
     }
+
+
+def _listed(builders: list[str]) -> str:
+    n = len(builders)
+    return f"{n} attestation{'s' if n != 1 else ''} listed ({', '.join(sorted(builders))})"
 
 
 def _hash_part(store_path_or_hash: str) -> str:
