@@ -31,7 +31,15 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -382,21 +390,11 @@ class Engine:
         NAR or narinfo), and their NAR is written again whatever is there."""
         forced = frozenset(force)
         roots = sorted(set(paths) | forced)
-        async with self.requests_here():
-            heads: list[_HeadStart] = []
-            try:
-                infos = await self._closure_and_root(roots, heads)
-                result = self._bucket_checked(
-                    await self._push_infos(
-                        roots, infos, progress, absent=(), force=forced, head=heads
-                    )
-                )
-            except NoBucketError:
-                self.bucket_gone()
-                raise
-            finally:
-                for head in heads:
-                    self._drop_head(head)
+        async with self._pushing() as heads:
+            infos = await self._closure_and_root(roots, heads)
+            result = await self._push_infos(
+                roots, infos, progress, absent=(), force=forced, head=heads
+            )
             if self.guard is not None and result.ok:
                 await self._run(self.guard.complete)
         return result
@@ -491,25 +489,25 @@ class Engine:
         are waited for, not uploaded twice.  Paths in ``absent`` were just
         found missing by ``find_present``: they are not asked about again;
         paths in ``force`` are uploaded whatever the cache has (see push)."""
+        async with self._pushing() as heads:
+            return await self._push_infos(
+                roots, infos, progress, absent=absent, force=force, head=heads
+            )
+
+    @contextlib.asynccontextmanager
+    async def _pushing(self) -> AsyncIterator[list[_HeadStart]]:
+        """One push: its small requests from the loop, the head starts it
+        begins (dropped at the end), and a bucket found gone noted."""
         async with self.requests_here():
             heads: list[_HeadStart] = []
             try:
-                return self._bucket_checked(
-                    await self._push_infos(
-                        roots, infos, progress, absent=absent, force=force, head=heads
-                    )
-                )
+                yield heads
             except NoBucketError:
                 self.bucket_gone()
                 raise
             finally:
                 for head in heads:
                     self._drop_head(head)
-
-    def _bucket_checked(self, result: PushResult) -> PushResult:
-        if any(isinstance(e, NoBucketError) for e in result.failed.values()):
-            self.bucket_gone()
-        return result
 
     def bucket_gone(self) -> None:
         """The bucket was not there: should it be made again, it needs
@@ -568,6 +566,8 @@ class Engine:
                     fut.set_result(UploaderError(f"{p}: upload interrupted", store_path=p))
                 if self._inflight.get(p) is fut:
                     del self._inflight[p]
+        if any(isinstance(e, NoBucketError) for e in result.failed.values()):
+            self.bucket_gone()
         return result
 
     async def _plan(self, roots: Iterable[str], push: _Push) -> list[str]:
