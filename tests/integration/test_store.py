@@ -115,7 +115,7 @@ def test_nix_is_not_handed_the_s3_credentials(
         wrapper.write_text(f'#!/bin/sh\nenv >> "$SEEN_BY_NIX"\nexec {real} "$@"\n')
         wrapper.chmod(0o755)
     secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-s3cr3t", "AWS_SESSION_TOKEN": "t0ken-t0ken",
-               "AWS_ACCESS_KEY_ID": "AKIDAKIDAKID", "AWS_PROFILE": "ci"}  # fmt: skip
+               "AWS_ACCESS_KEY_ID": "AKIDAKIDAKID", "AWS_PROFILE": "pr0file-pr0file"}  # fmt: skip
     for name, value in {**nix_client_env(SEEN_BY_NIX=str(seen)), **secrets}.items():
         monkeypatch.setenv(name, value)
 
