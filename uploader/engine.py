@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -965,6 +966,13 @@ class Engine:
         except OSError as e:
             body.close()
             # A full or missing temporary directory passes; the daemon retries.
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = self.tmp_dir or tempfile.gettempdir()
+                raise UploaderError(
+                    f"{info.path}: no space left in {where} for its compressed NAR "
+                    f"({human_bytes(info.nar_size)} before compression): free space there, "
+                    "or point the tmp-dir setting (or TMPDIR) at a larger disk"
+                ) from e
             raise UploaderError(f"{info.path}: spooling its NAR: {e}") from e
         except BaseException:
             body.close()

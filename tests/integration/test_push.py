@@ -23,6 +23,7 @@ from tests.support.nix import (
     substitute,
 )
 from tests.support.services import NixDaemon, S3Server
+from tests.support.tmpfs import small_tmpfs
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
 
@@ -247,3 +248,26 @@ def test_a_push_nix_refuses_leaves_no_cache_directory(
     assert result.returncode == 1
     assert f"{ghost} is not valid in the local Nix store" in result.stderr
     assert not cache.exists(), "an empty cache directory made for nothing"
+
+
+def test_a_full_temporary_directory_says_where_and_what_to_do(
+    nix_daemon: NixDaemon, keys: KeyPair, tmp_path: Path
+) -> None:
+    """A NAR over 8 MiB waits for its upload in a temporary file: a full
+    disk there fails the path in one line that names the place, and the
+    same push goes through once there is room."""
+    path = build(random_blob_expr("tmp-full", 10 << 20))[0]
+    cache = f"file://{tmp_path / 'cache'}"
+    push = ("push", "--to", cache, "--secret-key-file", keys.secret_file, path)
+    with small_tmpfs(tmp_path / "small", "1m") as small:
+        full = run_cli(*push, check=False, env={**os.environ, "TMPDIR": str(small)})
+        assert full.returncode == 1
+        (line,) = [x for x in full.stderr.splitlines() if x.startswith("error:")]
+        assert line == (
+            f"error: {path}: no space left in {small} for its compressed NAR (10.0 MiB before "
+            "compression): free space there, or point the tmp-dir setting (or TMPDIR) at a "
+            "larger disk"
+        )
+        assert list(small.iterdir()) == [], "no temporary file left behind"
+    run_cli(*push)
+    assert (tmp_path / "cache" / f"{hash_part(path)}.narinfo").exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 
 from tests.support.entries import DEV, DRV, HASH, OUT
 from tests.support.requirements import require_binary
+from tests.support.tmpfs import small_tmpfs
 from uploader._exceptions import IncompleteEntryError, SpoolError
 from uploader.spool import Spool
 from uploader.spoolentry import END_LINE, FORMAT_HEADER, parse_entry
@@ -309,29 +309,10 @@ def test_an_unwritable_spool_is_reported_and_not_fatal(shell: str, spool: Path) 
         subprocess.run(["umount", str(spool)], check=True)
 
 
-def mount_tmpfs(path: Path, options: str) -> None:
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        # Only this case is skipped, and only because it needs a file system
-        # we can fill or freeze; CI runs as root, where mounting works.
-        pytest.skip(f"cannot mount a small tmpfs to fill: {done.stderr.strip()}")
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs to fill needs root and mount(8)")
-    path = tmp_path / "tmpfs"
-    mount_tmpfs(path, "size=4k")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "4k") as path:
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_full_disk_is_reported_and_leaves_no_complete_entry(shell: str, tmpfs: Path) -> None:

@@ -174,7 +174,9 @@ def push(
 
 def _report(result: PushResult, method: str, quiet: bool, engine: Engine) -> None:
     for path, error in sorted(result.failed.items()):
-        click.echo(redact.scrub(f"error: {path}: {error}"), err=True)
+        text = str(error)
+        said = text if text.startswith(f"{path}:") else f"{path}: {text}"
+        click.echo(redact.scrub(f"error: {said}"), err=True)
     if quiet and result.ok:
         return
     done = f"{plural(len(result.uploaded), 'path')} ({human_bytes(result.nar_bytes)} NAR, "
