@@ -5,6 +5,7 @@ a stopped uploader, SIGKILLs mid-drain and an S3 outage."""
 from __future__ import annotations
 
 import random
+import resource
 import shutil
 import subprocess
 import threading
@@ -96,6 +97,41 @@ def test_builds_go_on_while_the_uploader_is_down(
     uploader.start()
     uploader.wait_drained()
     assert uploader.pending() == []
+    assert_substitutes(s3, bucket, outputs, keys, tmp_path / "fresh")
+
+
+def test_running_out_of_open_files_costs_retries_not_paths(
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """The daemon raises its soft limit on open files; a NAR that cannot be
+    opened for want of them all the same is tried again, not quarantined:
+    the machine ran out, the path is fine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # as systemd and shells give
+    try:
+        uploader.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert uploader.process is not None
+    (limit,) = [x for x in Path(f"/proc/{uploader.process.pid}/limits").read_text().splitlines()
+                if x.startswith("Max open files")]  # fmt: skip
+    assert int(limit.split()[3]) == min(8192, hard), "the soft limit is raised at start"
+    assert uploader.stop() == 0
+
+    outputs = build(dag_expr(80), hook=str(uploader.hook))
+    # Far fewer than 80 uploads at once need, as an administrator's hard limit could be.
+    limited = tmp_path / "python-with-few-files"
+    limited.write_text(f'#!/bin/sh\nexec prlimit --nofile=48:48 -- {uploader.python} "$@"\n')
+    limited.chmod(0o755)
+    uploader.python = str(limited)
+    uploader.start()
+    uploader.wait_drained(timeout=180)
+    log = uploader.log()
+    assert "Too many open files (out of this process's open-file limit" in log
+    assert "quarantined" not in log
+    assert not (uploader.spool / "quarantine").exists() or not any(
+        (uploader.spool / "quarantine").iterdir()
+    )
     assert_substitutes(s3, bucket, outputs, keys, tmp_path / "fresh")
 
 

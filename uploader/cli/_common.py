@@ -22,6 +22,7 @@ from uploader._exceptions import ConfigError
 from uploader.compression import check_level
 from uploader.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR
 from uploader.engine import Engine, worker_threads
+from uploader.fdlimit import raise_open_files
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.protect import Protection
 from uploader.malloc import limit_arenas
@@ -240,6 +241,7 @@ def main() -> None:
     """
     # Before any thread starts (see malloc.py).
     limit_arenas()
+    raise_open_files()
 
 
 def make_engine(
