@@ -701,11 +701,14 @@ class Daemon:
     def _retry_later(self, names: Iterable[str], error: str, *, retry_after: float = 0.0) -> None:
         now = time.monotonic()
         delays = []
+        # One jitter for the entries that failed together: they stay one
+        # batch when retried (one attempt, one line), not one each.
+        jitter = random.uniform(0.5, 1.0)
         for name in names:
             p = self._pending.setdefault(name, _Pending(name))
             p.attempts += 1
             delay = min(self.settings.retry_max, self.settings.retry_min * 2 ** (p.attempts - 1))
-            delay = max(delay * random.uniform(0.5, 1.0), retry_after)
+            delay = max(delay * jitter, retry_after)
             p.next_try = now + delay
             p.last_error = error
             delays.append(delay)
@@ -716,10 +719,9 @@ class Daemon:
                 "%s: attempt %d failed, retrying in %.0fs: %s", name, p.attempts, delay, error
             )
         elif delays:
-            log.warning(
-                "%d entries failed, retrying in %.0fs to %.0fs: %s",
-                len(delays), min(delays), max(delays), error,
-            )  # fmt: skip
+            low, high = f"{min(delays):.0f}s", f"{max(delays):.0f}s"
+            when = low if low == high else f"{low} to {high}"
+            log.warning("%d entries failed, retrying in %s: %s", len(delays), when, error)
         self._note_error(None, error)
         self._dirty = True
 

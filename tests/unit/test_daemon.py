@@ -21,7 +21,7 @@ from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, wri
 from tests.support.fakes import FakeStore, RecordingTarget
 from tests.support.requirements import require_binary
 from uploader import signing
-from uploader._exceptions import CredentialsError, TransientTargetError
+from uploader._exceptions import CredentialsError, StoreError, TransientTargetError
 from uploader.cli import main
 from uploader.config import Settings
 from uploader.daemon import Daemon
@@ -126,6 +126,26 @@ def test_paths_of_a_batch_that_failed_after_uploading_them_are_counted(
     assert s.target.puts().count(narinfo_key(out)) == 1
     assert status["uploaded_paths"] == 1
     assert status["uploaded_bytes"] > 0
+
+
+def test_entries_that_fail_together_are_retried_together_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local Nix not answering holds back every entry: each round is one
+    batch and one log line, not a line per entry drifting apart."""
+    s = Setup(tmp_path, retry_min=0.05, retry_max=0.2)
+    for i in range(20):
+        s.entry(f"held-{i}", f"out {s.store.add(f'held-{i}')}")
+
+    def down(paths: Iterable[str]) -> set[str]:
+        raise StoreError("nix-store --check-validity: error: cannot connect to socket")
+
+    monkeypatch.setattr(s.store, "invalid_paths", down)
+    with caplog.at_level("WARNING", logger="uploader.daemon"):
+        s.run_until(lambda d: min((p.attempts for p in d._pending.values()), default=0) >= 4)
+    lines = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert len(lines) >= 4
+    assert all(line.startswith("20 entries failed, retrying in ") for line in lines), lines
 
 
 def test_outputs_are_resolved_from_the_derivation_when_the_hook_saw_none(tmp_path: Path) -> None:
