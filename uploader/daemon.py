@@ -120,6 +120,7 @@ class Daemon:
         # that fails later still uploaded them.
         self._uploaded_paths = 0
         self._uploaded_bytes = 0
+        self._status_failing = False
         engine.on_uploaded = self._count_upload
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
@@ -800,7 +801,18 @@ class Daemon:
                 self._dirty = True
             write_status(self.settings.state_dir, status)
         except OSError as e:
-            log.error("cannot write status to %s: %s", self.settings.state_dir, e)
+            # Said once until it works again: a full disk stays full a while.
+            if not self._status_failing:
+                log.error(
+                    "cannot write status to %s: %s; `status` and `wait` show what was "
+                    "last written until it can",
+                    self.settings.state_dir, e,
+                )  # fmt: skip
+            self._status_failing = True
+            return
+        if self._status_failing:
+            self._status_failing = False
+            log.warning("status written again to %s", self.settings.state_dir)
 
 
 def _kind(error: UploaderError) -> str:

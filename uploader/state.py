@@ -82,8 +82,8 @@ class KnownCache:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ConfigError(
                 f"cannot use the state database {path} ({reason}): it and its -wal and "
-                "-shm files must belong to the user the daemon runs as; chown them, or "
-                "delete them (it is only a memory of what the cache holds)"
+                "-shm files must belong to the user the daemon runs as, on a disk with "
+                "room; deleting them is safe (it is only a memory of what the cache holds)"
             ) from e
 
     @contextlib.contextmanager

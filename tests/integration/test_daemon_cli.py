@@ -20,6 +20,7 @@ from tests.support.daemon import UploaderRun
 from tests.support.entries import entry_bytes, write_entry
 from tests.support.nix import build, substitute, trivial_expr
 from tests.support.services import SeaweedFS
+from tests.support.tmpfs import small_tmpfs
 from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
 from uploader.nixbase32 import ALPHABET
 from uploader.storepath import hash_part
@@ -210,3 +211,39 @@ def test_sighup_is_answered_with_a_line_and_the_daemon_keeps_serving(
     uploader.wait_drained(timeout=120)
     assert seaweedfs.get(bucket, f"{hash_part(out)}.narinfo") is not None
     assert _status(uploader)["daemon"] == "running"
+
+
+def test_a_full_state_directory_does_not_stop_uploads(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    """The state directory holds only a memory and the status: full from the
+    start, the daemon warns once for each and uploads all the same; the
+    status is written again once there is room."""
+    paths = [build(trivial_expr(f"state-full-{i}"))[0] for i in range(3)]
+    for i, path in enumerate(paths):
+        _drop_entry(uploader.spool, f"full-{i}.entry", path)
+    with small_tmpfs(uploader.state_dir, "64k"):
+        filler = uploader.state_dir / "filler"
+        with open(filler, "wb") as f, pytest.raises(OSError, match="No space"):
+            f.write(b"\0" * (1 << 20))
+        with open(uploader.log_path, "ab") as log:
+            uploader.process = subprocess.Popen(
+                uploader.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=uploader.cwd,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while uploader.pending() and time.monotonic() < deadline:
+            assert uploader.process.poll() is None, uploader.log()
+            time.sleep(0.2)
+        assert uploader.pending() == [], uploader.log()
+        filler.unlink()
+        while "status written again" not in uploader.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert uploader.stop() == 0
+        log_text = uploader.log()
+    assert log_text.count("cannot use the state database") == 1
+    assert "(database or disk is full)" in log_text
+    assert log_text.count("cannot write status to") == 1, log_text
+    assert "status written again" in log_text
+    for path in paths:
+        assert seaweedfs.get(bucket, f"{hash_part(path)}.narinfo") is not None

@@ -13,7 +13,7 @@ import pytest
 
 
 def mount_tmpfs(path: Path, options: str) -> None:
-    path.mkdir()
+    path.mkdir(exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
         capture_output=True,

@@ -198,11 +198,16 @@ def _make_daemon(
     memory_of = parse_store_url(settings.to).redacted() + (
         f"#attest={attest.name}" if attest else ""
     )
-    known = KnownCache(
-        os.path.join(settings.state_dir, "state.sqlite"),
-        memory_of,
-        ttl=settings.known_ttl,
-    )
+    known: KnownCache | None = None
+    try:
+        known = KnownCache(
+            os.path.join(settings.state_dir, "state.sqlite"),
+            memory_of,
+            ttl=settings.known_ttl,
+        )
+    except ConfigError as e:
+        # Only a memory: a full disk or a stray file must not stop uploads.
+        log.warning("%s; going on without it, asking the cache instead", e)
     upstreams = Upstreams(settings.upstream, settings.upstream_keys, memory=known)
     store = NixStore()
     engine = make_engine(
