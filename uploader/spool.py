@@ -226,8 +226,15 @@ class Spool:
         reason_path = os.path.join(self.quarantine_path, name + _REASON_SUFFIX)
         _unlink(reason_path)  # O_EXCL below: never write through a planted link
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(reason_path, flags, 0o640), "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            with os.fdopen(os.open(reason_path, flags, 0o640), "w", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            # The entry is quarantined all the same (a full disk): its
+            # reason is in the log, and `status` says none was recorded.
+            with contextlib.suppress(OSError):
+                _unlink(reason_path)
+            log.warning("%s: the reason could not be recorded beside it: %s", name, e)
 
     def quarantined(self) -> list[tuple[str, str]]:
         """(name, reason) for every quarantined entry, by name."""

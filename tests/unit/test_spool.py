@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.entries import DRV, OUT, entry_bytes, v1_entry_bytes
+from tests.support.tmpfs import small_tmpfs
 from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
 from uploader.spool import DEFAULT_SPOOL, INCOMPLETE_GRACE, Spool, init_spool
 from uploader.spoolentry import FORMAT_HEADER, MAX_ENTRY_SIZE, Entry
@@ -296,3 +297,21 @@ def test_init_spool_as_root_gives_the_spool_to_root_and_the_group(tmp_path: Path
 def test_init_spool_names_an_unknown_group(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such group 'no-such-group-xyz'"):
         init_spool(tmp_path / "spool", "no-such-group-xyz")
+
+
+def test_a_full_disk_quarantines_the_entry_without_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "8k") as disk:
+        spool = Spool(disk / "spool")
+        os.mkdir(spool.path)
+        os.mkdir(spool.quarantine_path, 0o750)
+        put(spool, "a.entry", b"x")
+        with open(disk / "filler", "wb") as f, pytest.raises(OSError, match="No space"):
+            f.write(b"\0" * (1 << 20))
+        with caplog.at_level("WARNING", logger="uploader.spool"):
+            spool.quarantine("a.entry", "why it was quarantined")
+        assert spool.pending() == []
+        assert spool.quarantined() == [("a.entry", "(no reason recorded)")]
+        assert "a.entry: the reason could not be recorded beside it" in caplog.text
+        assert not Path(spool.quarantine_path, "a.entry.reason").exists()
