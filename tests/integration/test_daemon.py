@@ -121,7 +121,7 @@ def test_running_out_of_open_files_costs_retries_not_paths(
     outputs = build(dag_expr(80), hook=str(uploader.hook))
     # Far fewer than 80 uploads at once need, as an administrator's hard limit could be.
     limited = tmp_path / "python-with-few-files"
-    limited.write_text(f'#!/bin/sh\nexec prlimit --nofile=48:48 -- {uploader.python} "$@"\n')
+    limited.write_text(f'#!/bin/sh\nexec prlimit --nofile=40:40 -- {uploader.python} "$@"\n')
     limited.chmod(0o755)
     uploader.python = str(limited)
     uploader.start()

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import random
+import resource
 import subprocess
 import tempfile
 import tracemalloc
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.support.requirements import require_binary
 from uploader import nar
-from uploader._exceptions import NarError
+from uploader._exceptions import NarError, UploaderError
 from uploader.nixbase32 import format_hash
 
 MiB = 1 << 20
@@ -293,3 +294,21 @@ def test_a_200_mib_file_streams_in_constant_memory(tmp_path: Path) -> None:
     # 112 bytes of framing around the contents, which are padded to a multiple of 8.
     assert ours_size == theirs_size == 112 + 200 * MiB + 8
     assert ours_hash.hexdigest() == theirs_hash.hexdigest()
+
+
+def test_running_out_of_open_files_is_not_a_broken_path(tmp_path: Path) -> None:
+    """EMFILE while archiving is the machine's, not the path's: an error to
+    try again later (UploaderError), never NarError, which quarantines."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "file").write_bytes(b"x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new fd takes the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no room for one more
+    try:
+        with pytest.raises(UploaderError) as caught:
+            b"".join(nar.dump(os.fsencode(tmp_path / "root")))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not isinstance(caught.value, NarError)
+    assert "Too many open files (out of this process's open-file limit" in str(caught.value)
