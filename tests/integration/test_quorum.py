@@ -23,8 +23,9 @@ import zstandard
 from tests.integration.test_metrics import scrape
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.daemon import UploaderRun
-from tests.support.nix import build, nix_path_info, substitute
+from tests.support.nix import build, nix_path_info, random_blob_expr, substitute
 from tests.support.services import NixDaemon, S3Server, free_ports, nix_client_env
+from tests.support.tmpfs import small_tmpfs
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash, parse_hash
@@ -528,3 +529,26 @@ def test_a_closure_with_a_local_source_is_attested_and_published(
     assert copied.returncode == 0, copied.stderr
     status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
     assert status["waiting"] == [] and status["rejected"] == []
+
+
+def test_a_full_disk_on_the_publisher_fails_the_pass_and_holds_nothing_against_the_builder(
+    nix_daemon: NixDaemon, s3: S3Server, bucket: str, fleet: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    """The publisher copies each staged NAR to check it: with no room for
+    the copy, the pass fails in one line and is tried again; the builder's
+    attestation is not listed as not counted, and counts once there is room."""
+    url = s3.store_url(bucket)
+    path = build(random_blob_expr("publisher-full", 256 << 10))[0]
+    attest(url, fleet["a"], path)
+    args = [*publish_args(url, fleet, quorum=1)]
+    with small_tmpfs(tmp_path / "small", "64k") as small:
+        full = run_cli(*args, "--tmp-dir", str(small), check=False)
+        assert full.returncode == 1
+        (line,) = [x for x in full.stderr.splitlines() if x.startswith("error:")]
+        assert line.startswith(f"error: no space left in {small} for a copy of "), line
+        assert "Traceback" not in full.stderr
+        assert list(small.iterdir()) == []
+    status = json.loads(run_cli("quorum", "status", "--to", url, "--json").stdout)
+    assert status["rejected"] == []
+    assert "published 1 path" in run_cli(*args).stderr
+    assert narinfo(s3, bucket, path) is not None

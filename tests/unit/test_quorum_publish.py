@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -335,3 +337,35 @@ def test_a_second_publisher_finding_a_path_published_under_it_rejects_nothing(
     assert result.already == [PATH]
     assert quorum_status(bucket, None)["rejected"] == []
     assert bucket.get(f"{PATH[11:43]}.narinfo") is not None
+
+
+def test_a_staged_nar_that_cannot_be_read_fails_the_pass_not_the_builder(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of a staged NAR that breaks off (the network, the server) is
+    the pass's failure: the attestation is not excluded for the rest of the
+    publisher's life, and the next pass publishes the path."""
+    (tmp_path / "out").write_bytes(b"built the same on both\n")
+    data = b"".join(nar.dump(str(tmp_path / "out")))
+    packed = zstandard.ZstdCompressor().compress(data)
+    for builder in ("ci-a-1", "ci-b-1"):
+        url = f"quorum/v1/staging/{builder}/x.nar.zst"
+        bucket.put_bytes(url, packed, "application/x-nix-nar")
+        staged = StagedNar(url, "zstd", sha(packed), len(packed))
+        put(bucket, attestation(builder, nar_hash=sha(data), nar_size=len(data), nar=staged,
+                                references=()))  # fmt: skip
+
+    class BreaksOff(io.RawIOBase):
+        def readinto(self, buffer: Any) -> int:
+            raise ConnectionResetError("reset by peer")
+
+    real_open = bucket.open_object
+    monkeypatch.setattr(
+        bucket, "open_object", lambda k: BreaksOff() if "staging" in k else real_open(k)
+    )
+    p = publisher(bucket)
+    with pytest.raises(TargetError, match="ConnectionResetError: reset by peer"):
+        p.run_pass()
+    assert p.excluded == {}
+    monkeypatch.setattr(bucket, "open_object", real_open)
+    assert p.run_pass().published == [PATH]

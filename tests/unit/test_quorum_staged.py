@@ -5,16 +5,20 @@ attestation be enough (flat and text addresses name the file inside)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.tmpfs import small_tmpfs
 from tests.unit.test_quorum_attestation import attestation
 from uploader import nar
+from uploader._exceptions import TargetError, UploaderError
 from uploader.nixbase32 import format_hash
 from uploader.quorum import Bucket, open_bucket
 from uploader.quorum.attestation import StagedNar
@@ -86,3 +90,31 @@ def test_a_flat_content_address_must_name_the_file_staged(
         fetch_verified(bucket, poisoned, str(tmp_path))  # type: ignore[arg-type]
     honest = stage(bucket, tmp_path, genuine, claim)
     fetch_verified(bucket, honest, str(tmp_path)).file.close()  # type: ignore[arg-type]
+
+
+def test_a_full_disk_or_a_failed_read_is_the_publishers_not_the_builders(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Only what the NAR is can make it not count: the publisher's own disk
+    filling up, or the bucket failing mid-read, is an error to retry."""
+    honest = stage(bucket, tmp_path, os.urandom(64 << 10), "fixed:sha256:unused")
+    with small_tmpfs(tmp_path / "small", "16k") as small:
+        with pytest.raises(UploaderError) as full:
+            fetch_verified(bucket, honest, str(small))  # type: ignore[arg-type]
+        assert not isinstance(full.value, StagedMismatch)
+        assert str(full.value).startswith(f"no space left in {small} for a copy of ")
+        assert list(small.iterdir()) == [], "the partial copy is deleted"
+
+    class Failing(io.RawIOBase):
+        def readinto(self, buffer: Any) -> int:
+            raise ConnectionResetError("reset by peer")
+
+    real_open = bucket.open_object
+    bucket.open_object = (  # type: ignore[method-assign]
+        lambda key: Failing() if "staging" in key else real_open(key)
+    )
+    with pytest.raises(TargetError) as failed:
+        fetch_verified(bucket, honest, str(tmp_path))  # type: ignore[arg-type]
+    assert str(failed.value) == (
+        "reading quorum/v1/staging/ci-a-1/x.nar.zst: ConnectionResetError: reset by peer"
+    )

@@ -184,9 +184,11 @@ def _timed_pass(publisher: Publisher, gauges: PublisherMetrics | None) -> PassRe
     started = time.monotonic()
     try:
         result = publisher.run_pass()
-    except UploaderError:
+    except (UploaderError, OSError) as e:
         if gauges is not None:
             gauges.failed()
+        if isinstance(e, OSError):  # the machine's (a full disk): the pass is retried
+            raise UploaderError(f"{e.strerror or e}: {e.filename or 'a local file'}") from e
         raise
     if gauges is not None:
         gauges.record(result, time.monotonic() - started)

@@ -8,11 +8,15 @@ temporary file is what gets published, so what was checked is what is served.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import IO
 
+from uploader._exceptions import TargetError, UploaderError
 from uploader.compression import METHODS, open_decompressor
 from uploader.nar import SINGLE_FILE_END, SINGLE_FILE_HEADS
 from uploader.nixbase32 import format_hash, parse_hash
@@ -108,21 +112,49 @@ def _claimed_digest(claim: str | None) -> bytes | None:
         return None
 
 
+class _NotTheBuilders(Exception):
+    """Reading the bucket or writing the local copy failed: the publisher's
+    trouble (a network error, a full disk), never held against the NAR."""
+
+    def __init__(self, error: UploaderError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _HashingReader:
     """Reads ``source``, hashing and copying every byte to ``copy``."""
 
-    def __init__(self, source: IO[bytes], copy: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], copy: IO[bytes], url: str) -> None:
         self.source = source
         self.copy = copy
+        self.url = url
         self.sha = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.source.read(n if n >= 0 else _PIECE)
+        try:
+            data = self.source.read(n if n >= 0 else _PIECE)
+        except Exception as e:  # botocore's read errors have no common base
+            raise _NotTheBuilders(
+                TargetError(f"reading {self.url}: {type(e).__name__}: {e}")
+            ) from e
         self.sha.update(data)
         self.size += len(data)
-        self.copy.write(data)
+        try:
+            self.copy.write(data)
+        except OSError as e:
+            raise _NotTheBuilders(_copy_failed(self.url, self.copy, e)) from e
         return data
+
+
+def _copy_failed(url: str, copy: IO[bytes], e: OSError) -> UploaderError:
+    where = os.path.dirname(getattr(copy, "name", "")) or tempfile.gettempdir()
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UploaderError(
+            f"no space left in {where} for a copy of {url} to check: free space there, "
+            "or point --tmp-dir (or TMPDIR) at a larger disk"
+        )
+    return UploaderError(f"copying {url} to {where} to check it: {e}")
 
     def readable(self) -> bool:
         return True
@@ -138,10 +170,14 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
     source = bucket.open_object(url)
     if source is None:
         raise StagedMismatch(f"its staged NAR {url} is missing", missing=True)
-    copy = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="staged-")  # noqa: SIM115
+    try:
+        copy = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="staged-")  # noqa: SIM115
+    except OSError as e:
+        source.close()
+        raise UploaderError(f"making a temporary file to check {url} in: {e}") from e
     try:
         with source:
-            raw = _HashingReader(source, copy)
+            raw = _HashingReader(source, copy, url)
             nar_sha = hashlib.sha256()
             nar_size = 0
             claimed = _flat_claim(a)
@@ -155,6 +191,8 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
                         content.update(piece)
                     if nar_size > a.nar_size:
                         break  # no need to read a bomb to its end
+            except _NotTheBuilders:
+                raise
             except Exception as e:  # zstd/xz errors have no common base
                 raise StagedMismatch(f"its staged NAR {url} does not decompress: {e}") from e
             while raw.read(_PIECE):
@@ -181,8 +219,20 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
                     f"its staged NAR {url} does not hold what its content address {a.ca} "
                     f"names (the file's sha256: {found})"
                 )
-        copy.flush()
+        try:
+            copy.flush()
+        except OSError as e:
+            raise _NotTheBuilders(_copy_failed(url, copy, e)) from e
         return VerifiedNar(copy, file_hash, raw.size)
+    except _NotTheBuilders as e:
+        _discard(copy)
+        raise e.error from e.__cause__
     except BaseException:
-        copy.close()
+        _discard(copy)
         raise
+
+
+def _discard(copy: IO[bytes]) -> None:
+    """Close (and so delete) a copy whose buffered bytes may not fit."""
+    with contextlib.suppress(OSError):
+        copy.close()
