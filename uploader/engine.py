@@ -964,7 +964,7 @@ class Engine:
                 listing=listing.json() if listing is not None else None,
             )
         except OSError as e:
-            body.close()
+            _discard(body)
             # A full or missing temporary directory passes; the daemon retries.
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = self.tmp_dir or tempfile.gettempdir()
@@ -975,7 +975,7 @@ class Engine:
                 ) from e
             raise UploaderError(f"{info.path}: spooling its NAR: {e}") from e
         except BaseException:
-            body.close()
+            _discard(body)
             raise
 
     def _put_nar(self, url: str, prepared: _Prepared, overwrite: bool) -> None:
@@ -1115,3 +1115,10 @@ def _heights(above: Mapping[str, Sequence[str]]) -> dict[str, int]:
                 open_.discard(node)
                 height[node] = 1 + max((height.get(n, 0) for n in above[node]), default=0)
     return height
+
+
+def _discard(body: IO[bytes]) -> None:
+    """Close (and so delete) a temporary NAR whose buffered bytes may not
+    fit: on a full disk, closing raises the error again."""
+    with contextlib.suppress(OSError):
+        body.close()

@@ -488,3 +488,20 @@ def test_keygen_with_a_bad_name_is_a_usage_error_and_values_read_as_toml(
     assert not (tmp_path / "s").exists()
     config = write_config(tmp_path / "c.toml", "retry-min = true\n")
     one_error_line(cli("check-config", "--config", config), "must be a number, not true")
+
+
+def test_status_names_the_subject_of_an_error_once(tmp_path: Path, spool: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    path = "/nix/store/" + "a" * 32 + "-big"
+    errors = [
+        {"time": 0, "subject": path, "error": f"{path}: no space left in /tmp for …"},
+        {"time": 0, "subject": path, "error": f"{path} differs from what the Nix database …"},
+        {"time": 0, "subject": "e.entry", "error": "not UTF-8"},
+    ]
+    status = {"spool": str(spool), "updated_at": 0, "last_errors": errors}
+    (state / "status.json").write_text(json.dumps(status))
+    shown = cli("status", "--state-dir", str(state)).output
+    assert f"{path}: no space left" in shown and f"{path}: {path}" not in shown
+    assert f" {path} differs from" in shown
+    assert "e.entry: not UTF-8" in shown

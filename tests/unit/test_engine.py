@@ -457,6 +457,39 @@ def test_unwritable_tmp_dir_is_a_per_path_failure(tmp_path: Path) -> None:
     assert result.uploaded == [small]
 
 
+def test_a_disk_that_fills_while_a_nar_waits_is_a_per_path_failure_that_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filled mid-write, the temporary file fails again as it closes (its
+    buffered bytes do not fit either): still the path's failure, with the
+    directory and what to do, not an unexpected error of the whole batch."""
+    store = FakeStore(tmp_path)
+    big = store.add("big", contents=os.urandom(9 * MiB))
+    small = store.add("small")
+    real = tempfile.NamedTemporaryFile
+
+    class FillsUp:
+        def __init__(self, **kwargs: Any) -> None:
+            self.file = real(**kwargs)
+            self.name = self.file.name
+            self.written = 0
+
+        def write(self, data: bytes) -> int:
+            self.written += len(data)
+            if self.written > 2 * MiB:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def close(self) -> None:
+            self.file.close()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("uploader.engine.tempfile.NamedTemporaryFile", FillsUp)
+    result = push(store, RecordingTarget(), [big, small], tmp_dir=str(tmp_path))
+    assert result.uploaded == [small]
+    assert str(result.failed[big]).startswith(f"{big}: no space left in {tmp_path} for ")
+
+
 # Compression, nix-cache-info, large NARs ------------------------------------------
 
 

@@ -395,7 +395,9 @@ def _print_status(r: dict[str, Any]) -> None:
         click.echo("last errors:")
         for item in errors[-5:]:
             when = time.strftime("%H:%M:%S", time.localtime(item["time"]))
-            subject = f"{item['subject']}: " if item.get("subject") else ""
+            # Not twice: many errors begin with the path they are about.
+            named = item.get("subject") and not item["error"].startswith(item["subject"])
+            subject = f"{item['subject']}: " if named else ""
             click.echo(f"  {when} {subject}{item['error']}")
 
 
