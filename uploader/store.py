@@ -30,6 +30,9 @@ __all__ = ["NixStore", "PathInfo"]
 # Keeps each command line far below ARG_MAX even for long store path names.
 _CHUNK = 1000
 _NIX_FLAGS = ("--extra-experimental-features", "nix-command", "--offline")
+# Far above what a query of a large closure takes (seconds); the batch is
+# retried after it.
+NIX_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,16 @@ class NixStore:
 
     def _run(self, args: Sequence[str]) -> str:
         try:
-            proc = subprocess.run(args, env=self._env, capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                args, env=self._env, capture_output=True, text=True, check=False,
+                timeout=NIX_TIMEOUT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as e:
+            # A hung nix-daemon would hold the batch, and a stop, forever.
+            raise StoreError(
+                f"{os.path.basename(args[0])} {args[1]}: no answer in {NIX_TIMEOUT:.0f}s; "
+                "is the nix-daemon hung? (`systemctl status nix-daemon`)"
+            ) from e
         except OSError as e:
             raise StoreError(f"running {args[0]}: {e}") from e
         if proc.returncode != 0:

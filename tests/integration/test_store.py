@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -130,3 +131,28 @@ def test_nix_is_not_handed_the_s3_credentials(
         assert environment.count("NIX_REMOTE=daemon") >= 2, "the commands ran, as the caller set"
         for name, value in secrets.items():
             assert name not in environment and value not in environment
+
+
+def test_a_nix_that_does_not_answer_is_given_up_on(
+    nix_daemon: NixDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung nix-daemon must not hold a batch (and a stop) forever: the
+    query ends in a StoreError, which the daemon retries, and the child goes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nix").symlink_to(str(shutil.which("nix")))
+    hung = bin_dir / "nix-store"
+    hung.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\nexec sleep 600\n")
+    hung.chmod(0o755)
+    monkeypatch.setattr(uploader.store, "NIX_TIMEOUT", 1.0)
+    store = NixStore(env=nix_client_env(), bin_dir=str(bin_dir))
+    started = time.monotonic()
+    with pytest.raises(uploader.store.StoreError) as hang:
+        store.invalid_paths(["/nix/store/" + "a" * 32 + "-x"])
+    assert time.monotonic() - started < 10
+    assert str(hang.value) == (
+        "nix-store --check-validity: no answer in 1s; is the nix-daemon hung? "
+        "(`systemctl status nix-daemon`)"
+    )
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists(), "the hung command was killed and reaped"
