@@ -328,6 +328,16 @@ def test_a_full_disk_is_reported_and_leaves_no_complete_entry(shell: str, tmpfs:
         Spool(spool).read(left.name)
 
 
+def test_a_spool_out_of_inodes_is_reported_as_such(shell: str, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "few", "64k,nr_inodes=8") as few:
+        spool = make_spool(few / "spool")
+        with pytest.raises(OSError, match="No space"):
+            for i in range(100):
+                (few / f"inode-{i}").touch()
+        assert_failed(run_hook(shell, spool, DRV, OUT), "cannot create a file there")
+        assert entries(spool) == []
+
+
 def test_a_read_only_spool_is_reported_and_not_fatal(shell: str, tmpfs: Path) -> None:
     spool = make_spool(tmpfs / "spool")
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
