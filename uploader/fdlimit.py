@@ -11,9 +11,20 @@ given up.  Best effort: what the system refuses is left as it is.
 
 from __future__ import annotations
 
+import errno
 import resource
 
-__all__ = ["WANTED", "raise_open_files"]
+__all__ = ["EXHAUSTED", "WANTED", "exhausted_hint", "raise_open_files"]
+
+# Errors that say the machine ran out of something, and of what.
+EXHAUSTED = {
+    errno.EMFILE: "this process's open-file limit; raise it (LimitNOFILE= in the unit)",
+    errno.ENFILE: "the system's open-file limit (fs.file-max)",
+    errno.ENOMEM: "memory",
+    errno.ENOBUFS: "buffer space",
+    errno.EAGAIN: None,
+    errno.EINTR: None,
+}
 
 WANTED = 8192
 
@@ -30,3 +41,9 @@ def raise_open_files(wanted: int = WANTED) -> int:
         except (OSError, ValueError):
             pass
     return soft
+
+
+def exhausted_hint(e: OSError) -> str:
+    """`` (out of …); tried again later`` for an error of exhaustion, else ``""``."""
+    what = EXHAUSTED.get(e.errno) if e.errno is not None else None
+    return f" (out of {what}); tried again later" if what else ""

@@ -11,13 +11,13 @@ that are not valid UTF-8, and Nix orders directory entries by raw bytes.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from uploader._exceptions import NarError, UploaderError
+from uploader.fdlimit import EXHAUSTED, exhausted_hint
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "SINGLE_FILE_END", "SINGLE_FILE_HEADS", "dump", "write_nar"]
 
@@ -167,23 +167,12 @@ def _show(path: bytes) -> str:
     return repr(os.fsdecode(path))
 
 
-# What the machine ran out of, not what is wrong with the path: an upload
-# that meets one is tried again later, never given up (quarantined).
-_EXHAUSTED = {
-    errno.EMFILE: "this process's open-file limit; raise it (LimitNOFILE= in the unit)",
-    errno.ENFILE: "the system's open-file limit (fs.file-max)",
-    errno.ENOMEM: "memory",
-    errno.ENOBUFS: "buffer space",
-    errno.EAGAIN: None,
-    errno.EINTR: None,
-}
-
-
 def _os_error(action: str, path: bytes, e: OSError) -> UploaderError:
     text = f"{action} {_show(path)} for the NAR: {e.strerror or e}"
-    if e.errno in _EXHAUSTED:
-        what = _EXHAUSTED[e.errno]
-        return UploaderError(text + (f" (out of {what}); tried again later" if what else ""))
+    if e.errno in EXHAUSTED:
+        # What the machine ran out of, not what is wrong with the path: an
+        # upload that meets one is tried again later, never quarantined.
+        return UploaderError(text + exhausted_hint(e))
     return NarError(text)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from uploader import nar
 from uploader._exceptions import InvalidPathError, StoreError, UploaderError
 from uploader.derivation import parse_outputs
+from uploader.fdlimit import exhausted_hint
 from uploader.nixbase32 import format_hash, parse_hash
 from uploader.storepath import STORE_DIR, parse_store_path
 
@@ -132,7 +133,7 @@ class NixStore:
                 "is the nix-daemon hung? (`systemctl status nix-daemon`)"
             ) from e
         except OSError as e:
-            raise StoreError(f"running {args[0]}: {e}") from e
+            raise StoreError(f"running {args[0]}: {e}{exhausted_hint(e)}") from e
         if proc.returncode != 0:
             msg = proc.stderr.strip().splitlines()
             detail = msg[-1] if msg else f"exit status {proc.returncode}"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -156,3 +157,19 @@ def test_a_nix_that_does_not_answer_is_given_up_on(
     )
     pid = int((tmp_path / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists(), "the hung command was killed and reaped"
+
+
+def test_no_file_to_spare_for_nix_says_what_ran_out(nix_daemon: NixDaemon) -> None:
+    store = NixStore(env=nix_client_env())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new fd takes the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no pipe for Nix
+    try:
+        with pytest.raises(uploader.store.StoreError) as failed:
+            store.invalid_paths(["/nix/store/" + "a" * 32 + "-x"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "Too many open files (out of this process's open-file limit; raise it" in str(
+        failed.value
+    )
