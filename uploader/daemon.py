@@ -110,6 +110,8 @@ class Daemon:
         self._root_refs: collections.Counter[str] = collections.Counter()
         # Roots being made on threads, and what the batch found in the cache.
         self._rooting: list[asyncio.Future[None]] = []
+        # Entries that arrived during a batch, being rooted ahead of it.
+        self._arrivals: set[asyncio.Task[None]] = set()
         self._answered: set[str] = set()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -171,7 +173,33 @@ class Daemon:
         if name not in self._pending:
             self._pending[name] = _Pending(name)
             self._dirty = True
+            if self._in_flight and self.roots is not None:
+                # It waits for the batch in flight, which can take minutes
+                # (a slow cache): its outputs are rooted now, not then.
+                arrival = asyncio.get_running_loop().create_task(self._root_arrival(name))
+                self._arrivals.add(arrival)
+                arrival.add_done_callback(self._arrivals.discard)
         self._wakeup.set()
+
+    async def _root_arrival(self, name: str) -> None:
+        """Root the outputs of an entry that arrived during a batch (read
+        from the entry, or from its .drv: no Nix query), unless the cache
+        is remembered to hold them.  Anything amiss is left to its batch."""
+        try:
+            outputs = await asyncio.to_thread(self._arrival_outputs, name)
+        except (OSError, UploaderError):
+            return
+        if not outputs or name not in self._pending or name in self._entry_roots:
+            return
+        present = self.engine.known_present(outputs)
+        if not present.issuperset(outputs):
+            self._root({name: outputs}, present)
+
+    def _arrival_outputs(self, name: str) -> list[str]:
+        entry = self.spool.read(name)
+        if entry.outputs or entry.drv is None:
+            return list(entry.outputs)
+        return self.store.read_derivation_outputs([entry.drv]).get(entry.drv, [])
 
     def _rescan(self) -> None:
         try:

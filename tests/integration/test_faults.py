@@ -6,7 +6,10 @@ at no moment may a narinfo have been written before its NAR was complete."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,9 @@ from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
 from tests.support.faults import FaultProxy, Rule
 from tests.support.nix import build, multi_output_expr, random_blob_expr, trivial_expr
+from tests.support.services import nix_client_env
 from uploader.narinfo import NarInfo
+from uploader.storepath import hash_part
 
 # The proxy stands in front of SeaweedFS: what is tested is the client's
 # handling of faults, not a second server's.
@@ -214,3 +219,40 @@ def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orpha
     uploader.wait_drained(timeout=120)
     assert assert_bucket_consistent(faults, bucket) == 1
     assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
+
+
+def test_a_build_that_arrives_while_the_cache_stalls_is_rooted_at_once(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str
+) -> None:
+    """A batch held up by a slow cache took minutes in which the builds
+    queued behind it had no GC root: Nix's garbage collector could take
+    them. They are rooted as they arrive."""
+    roots_dir = Path(f"/nix/var/nix/gcroots/ncu-test-{uuid.uuid4().hex[:8]}")
+    roots_dir.mkdir()
+    uploader.extra_args = ["--gc-roots-dir", str(roots_dir)]
+    uploader.store_url = faults.store_url(bucket)
+    faults.add(Rule("stall", "PUT", r"\.narinfo$", seconds=8))
+    try:
+        uploader.start()
+        (first,) = build(trivial_expr("stalled-first"), hook=str(uploader.hook))
+        deadline = time.monotonic() + 30
+        while not faults.rules[0].hits:
+            assert time.monotonic() < deadline, f"the narinfo never stalled:\n{uploader.log()}"
+            time.sleep(0.05)
+        (later,) = build(trivial_expr("stalled-later"), hook=str(uploader.hook))
+        while not (roots_dir / Path(later).name).is_symlink():
+            assert time.monotonic() < deadline, f"{later} was not rooted:\n{uploader.log()}"
+            time.sleep(0.05)
+        collected = subprocess.run(["nix-store", "--delete", later], env=nix_client_env(),
+                                   capture_output=True, text=True)  # fmt: skip
+        assert collected.returncode != 0 and "still alive" in collected.stderr, collected
+        uploader.wait_drained(timeout=120)
+        for path in (first, later):
+            assert faults.get(bucket, f"{hash_part(path)}.narinfo") is not None
+        deadline = time.monotonic() + 10
+        while list(roots_dir.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(roots_dir.iterdir()) == []
+    finally:
+        uploader.kill()
+        shutil.rmtree(roots_dir, ignore_errors=True)

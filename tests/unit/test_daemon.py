@@ -29,7 +29,7 @@ from uploader.engine import Engine, narinfo_key
 from uploader.gcroots import GcRoots
 from uploader.spool import INCOMPLETE_GRACE, Spool
 from uploader.state import KnownCache, read_status
-from uploader.storepath import hash_part
+from uploader.storepath import basename, hash_part
 
 KEY = signing.generate("test-cache-1")
 
@@ -511,6 +511,37 @@ def test_format_1_entries_of_an_older_hook_are_uploaded(tmp_path: Path) -> None:
     s.run_until(step)
     assert s.target.narinfo(before) is not None
     assert s.spool.quarantined() == []
+
+
+def test_a_build_that_arrives_during_a_slow_batch_is_rooted_at_once(tmp_path: Path) -> None:
+    """A garbage collection while a batch is in flight (a slow cache) must
+    not take the outputs of the builds waiting for it: they are rooted as
+    they arrive, from the entry or from the .drv, not when their batch comes."""
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    s.target.delay = 1.0
+    first, second, third = s.store.add("first"), s.store.add("second"), s.store.add("third")
+    drv = "/nix/store/" + "d" * 32 + "-third.drv"
+    s.store.outputs_of[drv] = [third]
+    s.entry("first", f"out {first}")
+    rooted_during: set[str] = set()
+    wrote = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal wrote
+        if not wrote and d._in_flight == {"first.entry"}:
+            s.entry("second", f"out {second}")
+            s.entry("third", f"drv {drv}")  # as Nix 2.8's hook writes it
+            wrote = True
+        if wrote and d._in_flight == {"first.entry"}:
+            rooted_during.update(os.listdir(tmp_path / "roots"))
+        return wrote and not s.spool.pending()
+
+    s.run_until(step, timeout=30)
+    assert {basename(second), basename(third)} <= rooted_during
+    assert os.listdir(tmp_path / "roots") == [], "unrooted once uploaded"
+    assert all(s.target.narinfo(p) is not None for p in (first, second, third))
 
 
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
