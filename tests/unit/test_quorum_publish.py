@@ -305,12 +305,9 @@ def test_an_oversized_attestation_is_refused_without_reading_it_whole(
     assert reasons[huge] == f"attestation is too large (over {MAX_SIZE} bytes)"
 
 
-def test_a_second_publisher_finding_a_path_published_under_it_rejects_nothing(
-    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two publishers at once (a restart overlapping, a second by mistake):
-    the one that finds the staged NARs gone because the other published the
-    path meanwhile counts it as published, not as attestations to reject."""
+def stage_agreeing(bucket: Bucket, tmp_path: Path) -> None:
+    """Builders ci-a-1 and ci-b-1 attest the same real NAR of PATH, each
+    with the NAR staged under its name: ready at a quorum of two."""
     (tmp_path / "out").write_bytes(b"built the same on both\n")
     data = b"".join(nar.dump(str(tmp_path / "out")))
     packed = zstandard.ZstdCompressor().compress(data)
@@ -320,6 +317,15 @@ def test_a_second_publisher_finding_a_path_published_under_it_rejects_nothing(
         staged = StagedNar(url, "zstd", sha(packed), len(packed))
         put(bucket, attestation(builder, nar_hash=sha(data), nar_size=len(data), nar=staged,
                                 references=()))  # fmt: skip
+
+
+def test_a_second_publisher_finding_a_path_published_under_it_rejects_nothing(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two publishers at once (a restart overlapping, a second by mistake):
+    the one that finds the staged NARs gone because the other published the
+    path meanwhile counts it as published, not as attestations to reject."""
+    stage_agreeing(bucket, tmp_path)
     first, second = publisher(bucket), publisher(bucket)
     real_open = bucket.open_object
     overtaken: list[PassResult] = []
@@ -345,15 +351,7 @@ def test_a_staged_nar_that_cannot_be_read_fails_the_pass_not_the_builder(
     """A read of a staged NAR that breaks off (the network, the server) is
     the pass's failure: the attestation is not excluded for the rest of the
     publisher's life, and the next pass publishes the path."""
-    (tmp_path / "out").write_bytes(b"built the same on both\n")
-    data = b"".join(nar.dump(str(tmp_path / "out")))
-    packed = zstandard.ZstdCompressor().compress(data)
-    for builder in ("ci-a-1", "ci-b-1"):
-        url = f"quorum/v1/staging/{builder}/x.nar.zst"
-        bucket.put_bytes(url, packed, "application/x-nix-nar")
-        staged = StagedNar(url, "zstd", sha(packed), len(packed))
-        put(bucket, attestation(builder, nar_hash=sha(data), nar_size=len(data), nar=staged,
-                                references=()))  # fmt: skip
+    stage_agreeing(bucket, tmp_path)
 
     class BreaksOff(io.RawIOBase):
         def readinto(self, buffer: Any) -> int:
