@@ -79,6 +79,7 @@ __all__ = [
     "Recorder",
     "StoreView",
     "StoredNar",
+    "discard_temporary",
     "narinfo_key",
     "worker_threads",
 ]
@@ -964,7 +965,7 @@ class Engine:
                 listing=listing.json() if listing is not None else None,
             )
         except OSError as e:
-            _discard(body)
+            discard_temporary(body)
             # A full or missing temporary directory passes; the daemon retries.
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = self.tmp_dir or tempfile.gettempdir()
@@ -975,7 +976,7 @@ class Engine:
                 ) from e
             raise UploaderError(f"{info.path}: spooling its NAR: {e}") from e
         except BaseException:
-            _discard(body)
+            discard_temporary(body)
             raise
 
     def _put_nar(self, url: str, prepared: _Prepared, overwrite: bool) -> None:
@@ -1117,8 +1118,8 @@ def _heights(above: Mapping[str, Sequence[str]]) -> dict[str, int]:
     return height
 
 
-def _discard(body: IO[bytes]) -> None:
-    """Close (and so delete) a temporary NAR whose buffered bytes may not
+def discard_temporary(body: IO[bytes]) -> None:
+    """Close (and so delete) a temporary file whose buffered bytes may not
     fit: on a full disk, closing raises the error again."""
     with contextlib.suppress(OSError):
         body.close()

@@ -8,7 +8,6 @@ temporary file is what gets published, so what was checked is what is served.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -18,6 +17,7 @@ from typing import IO
 
 from uploader._exceptions import TargetError, UploaderError
 from uploader.compression import METHODS, open_decompressor
+from uploader.engine import discard_temporary
 from uploader.nar import SINGLE_FILE_END, SINGLE_FILE_HEADS
 from uploader.nixbase32 import format_hash, parse_hash
 from uploader.quorum.attestation import Attestation
@@ -225,14 +225,8 @@ def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> Verif
             raise _NotTheBuilders(_copy_failed(url, copy, e)) from e
         return VerifiedNar(copy, file_hash, raw.size)
     except _NotTheBuilders as e:
-        _discard(copy)
+        discard_temporary(copy)
         raise e.error from e.__cause__
     except BaseException:
-        _discard(copy)
+        discard_temporary(copy)
         raise
-
-
-def _discard(copy: IO[bytes]) -> None:
-    """Close (and so delete) a copy whose buffered bytes may not fit."""
-    with contextlib.suppress(OSError):
-        copy.close()
