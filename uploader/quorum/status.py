@@ -13,6 +13,7 @@ import collections
 import json
 from typing import Any
 
+from uploader.progress import plural
 from uploader.quorum.bucket import Bucket
 from uploader.quorum.layout import (
     ATTESTATIONS,
@@ -101,8 +102,7 @@ def quorum_status(bucket: Bucket, quorum: int | None, *, recent: int = 10) -> di
 
 
 def _listed(builders: list[str]) -> str:
-    n = len(builders)
-    return f"{n} attestation{'s' if n != 1 else ''} listed ({', '.join(sorted(builders))})"
+    return f"{plural(len(builders), 'attestation')} listed ({', '.join(sorted(builders))})"
 
 
 def _hash_part(store_path_or_hash: str) -> str:
