@@ -50,7 +50,7 @@ from uploader.metrics import Metrics
 from uploader.progress import plural
 from uploader.spool import Spool
 from uploader.spoolentry import Entry
-from uploader.state import snapshot_settled, spool_snapshot, write_status
+from uploader.state import snapshot_settled, spool_snapshot, touch_status, write_status
 from uploader.store import NixStore, PathInfo
 
 __all__ = ["Daemon"]
@@ -123,6 +123,9 @@ class Daemon:
         self._uploaded_paths = 0
         self._uploaded_bytes = 0
         self._status_failing = False
+        # Reasons of quarantined entries that a full disk kept from being
+        # written beside them: tried again with each status.
+        self._unwritten_reasons: dict[str, str] = {}
         engine.on_uploaded = self._count_upload
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
@@ -716,11 +719,13 @@ class Daemon:
     def _quarantine(self, name: str, reason: str) -> None:
         log.warning("quarantined spool entry %s: %s", name, reason)
         try:
-            self.spool.quarantine(name, reason)
+            unwritten = self.spool.quarantine(name, reason)
         except OSError as e:
             log.error("cannot quarantine %s (%s); it will be retried", name, e)
             self._retry_later([name], reason)
             return
+        if unwritten is not None:
+            self._unwritten_reasons[name] = unwritten  # written once there is room
         self._pending.pop(name, None)
         self._unroot(name)
         self._count_failure("quarantined")
@@ -778,7 +783,19 @@ class Daemon:
                 self._dirty = False
                 written = time.monotonic()
                 await asyncio.to_thread(self._write_status, running=True)
+                if self._unwritten_reasons:
+                    await asyncio.to_thread(self._write_reasons)
             await asyncio.sleep(_STATUS_EVERY)
+
+    def _write_reasons(self) -> None:
+        for name, line in list(self._unwritten_reasons.items()):
+            try:
+                recorded = self.spool.record_reason(name, line)
+            except OSError:
+                return  # still no room; the next status tries again
+            del self._unwritten_reasons[name]
+            if recorded:
+                log.info("%s: its quarantine reason is recorded now", name)
 
     def _uploading(self) -> int:
         """Entries of the running batch still in the spool (an entry acked or
@@ -829,6 +846,9 @@ class Daemon:
                 self._dirty = True
             write_status(self.settings.state_dir, status)
         except OSError as e:
+            # The file's time still says the daemon is alive (see `status`).
+            with contextlib.suppress(OSError):
+                touch_status(self.settings.state_dir)
             # Said once until it works again: a full disk stays full a while.
             if not self._status_failing:
                 log.error(

@@ -211,8 +211,11 @@ class Spool:
         """Remove a finished entry; removing one that is already gone is fine."""
         _unlink(os.path.join(self.path, _check_name(name)))
 
-    def quarantine(self, name: str, reason: str) -> None:
-        """Move the entry itself (never what it links to) to ``quarantine/``, with a reason."""
+    def quarantine(self, name: str, reason: str) -> str | None:
+        """Move the entry itself (never what it links to) to ``quarantine/``,
+        with a reason.  Return None, or the reason's line when it could not
+        be written beside the entry (a full disk): the entry is quarantined
+        all the same, and `record_reason` may write the line later."""
         _check_name(name)
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.quarantine_path, 0o750)
@@ -220,21 +223,33 @@ class Spool:
         try:
             os.rename(os.path.join(self.path, name), os.path.join(self.quarantine_path, name))
         except FileNotFoundError:
-            return
+            return None
         when = datetime.now(UTC).isoformat(timespec="seconds")
         line = " ".join(f"{reason} (quarantined {when})".splitlines())
-        reason_path = os.path.join(self.quarantine_path, name + _REASON_SUFFIX)
+        try:
+            self.record_reason(name, line)
+        except OSError as e:
+            log.warning("%s: the reason could not be recorded beside it: %s", name, e)
+            return line
+        return None
+
+    def record_reason(self, name: str, line: str) -> bool:
+        """Write the reason of the quarantined entry ``name``; False when it
+        is no longer quarantined (requeued, or removed by hand)."""
+        reason_path = os.path.join(self.quarantine_path, _check_name(name) + _REASON_SUFFIX)
+        if not os.path.lexists(os.path.join(self.quarantine_path, name)):
+            return False
         _unlink(reason_path)  # O_EXCL below: never write through a planted link
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             with os.fdopen(os.open(reason_path, flags, 0o640), "w", encoding="utf-8") as f:
                 f.write(line + "\n")
-        except OSError as e:
-            # The entry is quarantined all the same (a full disk): its
-            # reason is in the log, and `status` says none was recorded.
+        except OSError:
+            # Nothing half-written stays: `status` says no reason was recorded.
             with contextlib.suppress(OSError):
                 _unlink(reason_path)
-            log.warning("%s: the reason could not be recorded beside it: %s", name, e)
+            raise
+        return True
 
     def quarantined(self) -> list[tuple[str, str]]:
         """(name, reason) for every quarantined entry, by name."""

@@ -27,11 +27,14 @@ from uploader._exceptions import ConfigError
 from uploader.redact import scrub
 
 __all__ = [
+    "STATE_REOPEN_EVERY",
     "KnownCache",
     "entries_per_status",
     "read_status",
     "snapshot_settled",
     "spool_snapshot",
+    "status_touched_at",
+    "touch_status",
     "write_status",
 ]
 
@@ -46,6 +49,8 @@ _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 _BUSY_TIMEOUT = 0.5
 # A database that keeps failing is reported at most this often.
 _REPORT_EVERY = 300.0
+# One that could not be opened is tried again this often.
+STATE_REOPEN_EVERY = 30.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS known (
     target TEXT NOT NULL, hash TEXT NOT NULL, seen REAL NOT NULL,
@@ -64,35 +69,72 @@ _UPSTREAM_MISS_TTL = 3600.0
 class KnownCache:
     """Which narinfos a target (and upstreams) hold, as last seen; thread-safe."""
 
-    def __init__(self, path: str, target: str, *, ttl: float = 7 * 86400.0) -> None:
+    def __init__(
+        self, path: str, target: str, *, ttl: float = 7 * 86400.0, must_open: bool = True
+    ) -> None:
+        """Open (or create) the database at ``path``; raise ConfigError when it
+        cannot be used, unless ``must_open`` is false: it is then opened
+        again on use, every ``STATE_REOPEN_EVERY`` seconds, and ``problem`` says
+        why it is not yet (a full disk stops nothing, and once there is room
+        the memory works again without a restart)."""
         self.path = path
         self.target = target
         self.ttl = ttl
         self._lock = threading.Lock()
         self._reported = -_REPORT_EVERY
+        self.problem: str | None = None
+        self._db: sqlite3.Connection | _Unopened
         try:
-            _make_private(path)
-            self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT
+            self._db = self._open()
+        except ConfigError as e:
+            if must_open:
+                raise
+            self.problem = str(e)
+            self._db = _Unopened(time.monotonic() + STATE_REOPEN_EVERY)
+
+    def _open(self) -> sqlite3.Connection:
+        db = None
+        try:
+            _make_private(self.path)
+            db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return db
         except (OSError, sqlite3.Error) as e:
+            if db is not None:
+                db.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ConfigError(
-                f"cannot use the state database {path} ({reason}): it and its -wal and "
+                f"cannot use the state database {self.path} ({reason}): it and its -wal and "
                 "-shm files must belong to the user the daemon runs as, on a disk with "
                 "room; deleting them is safe (it is only a memory of what the cache holds)"
             ) from e
+
+    def _reopened(self) -> None:
+        """Open the database that could not be opened, when it is time to try."""
+        if not isinstance(self._db, _Unopened) or time.monotonic() < self._db.retry_at:
+            return
+        try:
+            self._db = self._open()
+        except ConfigError:
+            self._db = _Unopened(time.monotonic() + STATE_REOPEN_EVERY)
+            return
+        self.problem = None
+        log.warning("the state database %s can be used again", self.path)
 
     @contextlib.contextmanager
     def _using(self, what: str) -> Iterator[None]:
         """Hold the lock; a database error is logged (now and then) and
         swallowed: what is not remembered is asked of the cache again."""
         with self._lock:
+            self._reopened()
             try:
                 yield
+            except _NotOpen:
+                pass  # said when it could not be opened
             except sqlite3.Error as e:
                 now = time.monotonic()
                 if now - self._reported >= _REPORT_EVERY:
@@ -162,6 +204,26 @@ class KnownCache:
             self._db.executemany("INSERT OR REPLACE INTO upstream VALUES (?, ?, ?, ?)", rows)
 
 
+class _NotOpen(sqlite3.Error):
+    pass
+
+
+class _Unopened:
+    """Where the connection would be: every query fails until it is opened."""
+
+    def __init__(self, retry_at: float) -> None:
+        self.retry_at = retry_at
+
+    def execute(self, *args: object) -> sqlite3.Cursor:
+        raise _NotOpen("not open")
+
+    def executemany(self, *args: object) -> sqlite3.Cursor:
+        raise _NotOpen("not open")
+
+    def close(self) -> None:
+        pass
+
+
 def _make_private(path: str) -> None:
     """Create the database 0600, and take group and world access from one
     an older version left 0644 (SQLite gives its side files the same mode)."""
@@ -192,6 +254,22 @@ def write_status(state_dir: str, status: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def touch_status(state_dir: str) -> None:
+    """Mark status.json as still being kept, without rewriting it: on a full
+    disk a new status cannot be written, but an existing file's times can
+    be set, so `status` can tell a daemon that cannot write from one that
+    hangs."""
+    os.utime(os.path.join(state_dir, STATUS_FILE))
+
+
+def status_touched_at(state_dir: str) -> float | None:
+    """When status.json was last written or touched."""
+    try:
+        return os.stat(os.path.join(state_dir, STATUS_FILE)).st_mtime
+    except OSError:
+        return None
 
 
 def read_status(state_dir: str) -> dict[str, Any] | None:

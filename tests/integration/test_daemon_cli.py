@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.support.cli import KeyPair, run_cli
 from tests.support.daemon import UploaderRun
@@ -21,7 +23,7 @@ from tests.support.entries import entry_bytes, write_entry
 from tests.support.nix import build, substitute, trivial_expr
 from tests.support.services import SeaweedFS
 from tests.support.tmpfs import small_tmpfs
-from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
+from uploader.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE, main
 from uploader.nixbase32 import ALPHABET
 from uploader.storepath import hash_part
 
@@ -247,3 +249,60 @@ def test_a_full_state_directory_does_not_stop_uploads(
     assert "status written again" in log_text
     for path in paths:
         assert seaweedfs.get(bucket, f"{hash_part(path)}.narinfo") is not None
+
+
+def test_a_daemon_that_cannot_write_its_status_is_running_and_a_hung_one_is_not(
+    uploader: UploaderRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk the status cannot be replaced, but the daemon still
+    touches it: `status` says it runs and how old its figures are. A daemon
+    that hangs touches nothing, and is `not responding`."""
+    monkeypatch.setattr(importlib.import_module("uploader.cli.daemon"), "_STALE_AFTER", 6.0)
+    runner = CliRunner()
+
+    def status(*extra: str) -> str:
+        result = runner.invoke(main, ["status", *extra, *uploader.queue_args()])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    status_file = uploader.state_dir / "status.json"
+    with small_tmpfs(uploader.state_dir, "1m"):
+        uploader.start()
+        assert uploader.process is not None
+        filler = uploader.state_dir / "filler"
+        with open(filler, "wb") as f, pytest.raises(OSError, match="No space"):
+            f.write(b"\0" * (2 << 20))
+        deadline = time.monotonic() + 30
+        while "cannot write status to" not in uploader.log():
+            assert time.monotonic() < deadline, uploader.log()
+            time.sleep(0.1)
+        written = json.loads(status_file.read_text())["updated_at"]
+        while time.time() - written < 7:
+            time.sleep(0.2)
+        after = time.time()
+        while status_file.stat().st_mtime < after:  # touched again since
+            assert time.monotonic() < deadline, uploader.log()
+            time.sleep(0.2)
+        report = json.loads(status("--json"))
+        assert report["daemon"] == "running"
+        assert report["status_behind"] >= 6
+        assert report["updated_at"] == written
+        text = status()
+        assert "daemon:      running, but it has not been able to write its status for" in text
+        assert f"(is {uploader.state_dir} full? see the daemon's log)" in text
+        # Hung: nothing touches the file any more.
+        os.kill(uploader.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(6.5)
+            report = json.loads(status("--json"))
+            assert report["daemon"] == "not responding"
+            assert "status_behind" not in report
+        finally:
+            os.kill(uploader.process.pid, signal.SIGCONT)
+        filler.unlink()
+        deadline = time.monotonic() + 30
+        while "status written again" not in uploader.log():
+            assert time.monotonic() < deadline, uploader.log()
+            time.sleep(0.1)
+        assert json.loads(status("--json"))["daemon"] == "running"
+        assert uploader.stop() == 0

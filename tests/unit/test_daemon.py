@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, write_entry
 from tests.support.fakes import FakeStore, RecordingTarget
 from tests.support.requirements import require_binary
+from tests.support.tmpfs import small_tmpfs
 from uploader import signing
 from uploader._exceptions import CredentialsError, StoreError, TransientTargetError
 from uploader.cli import main
@@ -436,6 +438,35 @@ def test_malformed_entries_are_quarantined_and_good_ones_still_served(
     s.run_until(lambda d: not s.spool.pending())
     assert [n for n, _ in s.spool.quarantined()] == ["bad.entry"]
     assert s.target.narinfo(good) is not None
+
+
+def test_a_quarantine_reason_a_full_spool_kept_out_is_written_once_there_is_room(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    with small_tmpfs(Path(s.spool.path), "16k") as spool:
+        os.mkdir(s.spool.quarantine_path, 0o750)
+        bad = spool / "bad.entry"
+        bad.write_bytes(b"garbage\n")
+        os.utime(bad, (time.time() - 60, time.time() - 60))
+        filler = spool / ".filler"
+        with open(filler, "wb") as f, pytest.raises(OSError, match="No space"):
+            f.write(b"\0" * (1 << 20))
+        seen: list[list[tuple[str, str]]] = []
+
+        def reason_written(daemon: Daemon) -> bool:
+            quarantined = s.spool.quarantined()
+            if quarantined and not seen:
+                seen.append(quarantined)
+                filler.unlink()
+            return bool(seen) and quarantined != seen[0]
+
+        s.run_until(reason_written, timeout=20)
+        assert seen == [[("bad.entry", "(no reason recorded)")]]
+        ((name, reason),) = s.spool.quarantined()
+    assert name == "bad.entry"
+    assert reason.startswith("spool entry 'bad.entry': does not start with"), reason
+    assert re.search(r"\(quarantined [0-9T:+-]+\)$", reason), reason
 
 
 def test_a_half_written_entry_is_left_alone_until_its_end_line_is_written(

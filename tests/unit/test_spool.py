@@ -299,7 +299,7 @@ def test_init_spool_names_an_unknown_group(tmp_path: Path) -> None:
         init_spool(tmp_path / "spool", "no-such-group-xyz")
 
 
-def test_a_full_disk_quarantines_the_entry_without_its_reason(
+def test_a_full_disk_quarantines_the_entry_and_its_reason_is_written_once_there_is_room(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with small_tmpfs(tmp_path / "disk", "8k") as disk:
@@ -310,8 +310,28 @@ def test_a_full_disk_quarantines_the_entry_without_its_reason(
         with open(disk / "filler", "wb") as f, pytest.raises(OSError, match="No space"):
             f.write(b"\0" * (1 << 20))
         with caplog.at_level("WARNING", logger="uploader.spool"):
-            spool.quarantine("a.entry", "why it was quarantined")
+            line = spool.quarantine("a.entry", "why it was quarantined")
         assert spool.pending() == []
         assert spool.quarantined() == [("a.entry", "(no reason recorded)")]
         assert "a.entry: the reason could not be recorded beside it" in caplog.text
         assert not Path(spool.quarantine_path, "a.entry.reason").exists()
+        assert line is not None and line.startswith("why it was quarantined (quarantined ")
+        with pytest.raises(OSError, match="No space"):
+            spool.record_reason("a.entry", line)
+        assert not Path(spool.quarantine_path, "a.entry.reason").exists()
+        (disk / "filler").unlink()
+        assert spool.record_reason("a.entry", line)
+        assert spool.quarantined() == [("a.entry", line)]
+        # An entry requeued meanwhile gets no reason file.
+        assert spool.requeue() == 1
+        assert not spool.record_reason("a.entry", line)
+        assert os.listdir(spool.quarantine_path) == []
+
+
+def test_a_quarantine_with_room_writes_its_reason_at_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    os.mkdir(spool.path)
+    put(spool, "a.entry", b"x")
+    assert spool.quarantine("a.entry", "bad\nentry") is None
+    ((name, reason),) = spool.quarantined()
+    assert name == "a.entry" and reason.startswith("bad entry (quarantined ")

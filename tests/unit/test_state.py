@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tmpfs import small_tmpfs
 from uploader._exceptions import ConfigError
 from uploader.state import KnownCache
 
@@ -99,3 +100,43 @@ def test_a_database_this_user_cannot_open_is_a_clear_error(tmp_path: Path) -> No
     db.mkdir()  # as unusable as another user's file, also to root
     with pytest.raises(ConfigError, match=r"cannot use the state database .*state.sqlite \("):
         KnownCache(str(db), "t")
+
+
+def test_a_database_that_cannot_be_opened_on_a_full_disk_is_opened_once_there_is_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon started on a full disk runs without its memory, and gets it
+    back once there is room, without a restart."""
+    with small_tmpfs(tmp_path / "disk", "64k") as disk:
+        with open(disk / "filler", "wb") as f, pytest.raises(OSError, match="No space"):
+            f.write(b"\0" * (1 << 20))
+        known = KnownCache(str(disk / "state.sqlite"), "t", must_open=False)
+        assert known.problem is not None
+        assert "cannot use the state database" in known.problem
+        assert "(database or disk is full)" in known.problem
+        with caplog.at_level(logging.WARNING, logger="uploader.state"):
+            known.remember(["a" * 32])  # nothing to remember it in: no error either
+            assert known.known(["a" * 32]) == set()
+            (disk / "filler").unlink()
+            # Not tried again before its time...
+            known.remember(["b" * 32])
+            assert known.known(["b" * 32]) == set()
+            assert caplog.text == ""
+            # ...and then used again.
+            monkeypatch.setattr("uploader.state.time.monotonic", lambda: 1e12)
+            known.remember(["c" * 32])
+            assert known.known(["a" * 32, "c" * 32]) == {"c" * 32}
+        assert known.problem is None
+        assert caplog.text.count("can be used again") == 1
+        assert stat.S_IMODE((disk / "state.sqlite").stat().st_mode) == 0o600
+        known.close()
+
+
+def test_a_database_that_need_not_open_answers_nothing_instead_of_failing(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    db.mkdir()
+    known = KnownCache(str(db), "t", must_open=False)
+    assert known.problem is not None and "cannot use the state database" in known.problem
+    known.remember(["a" * 32])
+    assert known.known(["a" * 32]) == set()
+    known.close()

@@ -45,7 +45,13 @@ from uploader.priority import lower_priority
 from uploader.progress import human_bytes, plural
 from uploader.signing import SecretKey
 from uploader.spool import Spool
-from uploader.state import KnownCache, entries_per_status, read_status
+from uploader.state import (
+    STATE_REOPEN_EVERY,
+    KnownCache,
+    entries_per_status,
+    read_status,
+    status_touched_at,
+)
 from uploader.store import NixStore
 from uploader.targets import parse_store_url
 from uploader.upstream import Upstreams
@@ -198,16 +204,18 @@ def _make_daemon(
     memory_of = parse_store_url(settings.to).redacted() + (
         f"#attest={attest.name}" if attest else ""
     )
-    known: KnownCache | None = None
-    try:
-        known = KnownCache(
-            os.path.join(settings.state_dir, "state.sqlite"),
-            memory_of,
-            ttl=settings.known_ttl,
-        )
-    except ConfigError as e:
+    known = KnownCache(
+        os.path.join(settings.state_dir, "state.sqlite"),
+        memory_of,
+        ttl=settings.known_ttl,
+        must_open=False,
+    )
+    if known.problem:
         # Only a memory: a full disk or a stray file must not stop uploads.
-        log.warning("%s; going on without it, asking the cache instead", e)
+        log.warning(
+            "%s; going on without it, asking the cache instead (tried again every %.0fs)",
+            known.problem, STATE_REOPEN_EVERY,
+        )  # fmt: skip
     upstreams = Upstreams(settings.upstream, settings.upstream_keys, memory=known)
     store = NixStore()
     engine = make_engine(
@@ -279,7 +287,7 @@ def status(
 ) -> None:
     """Show the queue: depth, in flight, retrying, quarantined, last errors."""
     settings = _queue_settings(config_file, spool, state_dir)
-    report = read_status(settings.state_dir) or {}
+    report = _read_report(settings.state_dir) or {}
     pending = _spool_pending(settings)
     if pending is not None:
         report["pending"] = len(pending)
@@ -306,12 +314,29 @@ def status(
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
-    _print_status(report)
+    _print_status(report, settings.state_dir)
+
+
+def _read_report(state_dir: str) -> dict[str, Any] | None:
+    """The daemon's status file; with ``status_behind`` (seconds) when the
+    daemon is alive but has not been able to write it for a while (a full
+    disk): it then keeps touching the file it cannot replace."""
+    report = read_status(state_dir)
+    if report is None or "updated_at" not in report:
+        return report
+    touched = status_touched_at(state_dir)
+    now = time.time()
+    behind = now - float(report["updated_at"])
+    if touched is not None and now - touched < _STALE_AFTER and behind >= _STALE_AFTER:
+        report["status_behind"] = behind
+    return report
 
 
 def _daemon_state(report: dict[str, Any]) -> str:
     if "updated_at" not in report:
         return "unknown"
+    if report.get("status_behind") is not None:
+        return "running"  # alive: it touches the status it cannot write
     if not report.get("running"):
         return "stopped"
     age = time.time() - float(report["updated_at"])
@@ -346,13 +371,20 @@ def _more(items: list[Any]) -> None:
         click.echo(f"  … and {len(items) - _SHOWN} more (see --json)")
 
 
-def _print_status(r: dict[str, Any]) -> None:
+def _print_status(r: dict[str, Any], state_dir: str) -> None:
     daemon = r["daemon"]
     if daemon == "unknown":
         click.echo("daemon:      unknown (no status file: never started, or another --state-dir)")
     else:
         ago = time.time() - float(r["updated_at"])
-        click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
+        if r.get("status_behind") is not None:
+            click.echo(
+                f"daemon:      {daemon}, but it has not been able to write its status for "
+                f"{ago:.0f}s: the figures below are from then (is {state_dir} full? "
+                "see the daemon's log)"
+            )
+        else:
+            click.echo(f"daemon:      {daemon} (pid {r.get('pid')}, last update {ago:.0f}s ago)")
         click.echo(f"target:      {r.get('target')}")
     oldest = r.get("oldest_pending_age")
     pending = r.get("pending")
@@ -426,7 +458,7 @@ def wait(
     start = time.time()
     warned = False
     while True:
-        report = read_status(settings.state_dir)
+        report = _read_report(settings.state_dir)
         pending = _spool_pending(settings)
         counted = entries_per_status(report, settings.spool) if report else None
         if pending is not None:
@@ -483,7 +515,7 @@ def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> 
     except OSError as e:
         fail(f"cannot requeue in {settings.spool}: {e.strerror}; run as root or the uploader")
     click.echo(f"requeued {plural(moved, 'quarantined entry', 'quarantined entries')}")
-    report = read_status(settings.state_dir)
+    report = _read_report(settings.state_dir)
     if report and _daemon_state(report) == "running":
         try:
             os.kill(int(report["pid"]), signal.SIGUSR1)
