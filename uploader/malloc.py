@@ -28,7 +28,6 @@ changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = ["limit_arenas"]
@@ -46,12 +45,10 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     threads start.  Returns whether the cap was set."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The symbols already loaded, libc's among them: finding libc by name
+        # would run `ldconfig -p` at every command's start.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
