@@ -267,42 +267,45 @@ def test_a_daemon_that_cannot_write_its_status_is_running_and_a_hung_one_is_not(
 
     status_file = uploader.state_dir / "status.json"
     with small_tmpfs(uploader.state_dir, "1m"):
-        uploader.start()
-        assert uploader.process is not None
-        filler = uploader.state_dir / "filler"
-        with open(filler, "wb") as f, pytest.raises(OSError, match="No space"):
-            f.write(b"\0" * (2 << 20))
-        deadline = time.monotonic() + 30
-        while "cannot write status to" not in uploader.log():
-            assert time.monotonic() < deadline, uploader.log()
-            time.sleep(0.1)
-        written = json.loads(status_file.read_text())["updated_at"]
-        while time.time() - written < 7:
-            time.sleep(0.2)
-        after = time.time()
-        while status_file.stat().st_mtime < after:  # touched again since
-            assert time.monotonic() < deadline, uploader.log()
-            time.sleep(0.2)
-        report = json.loads(status("--json"))
-        assert report["daemon"] == "running"
-        assert report["status_behind"] >= 6
-        assert report["updated_at"] == written
-        text = status()
-        assert "daemon:      running, but it has not been able to write its status for" in text
-        assert f"(is {uploader.state_dir} full? see the daemon's log)" in text
-        # Hung: nothing touches the file any more.
-        os.kill(uploader.process.pid, signal.SIGSTOP)
         try:
-            time.sleep(6.5)
+            uploader.start()
+            assert uploader.process is not None
+            filler = uploader.state_dir / "filler"
+            with open(filler, "wb") as f, pytest.raises(OSError, match="No space"):
+                f.write(b"\0" * (2 << 20))
+            deadline = time.monotonic() + 30
+            while "cannot write status to" not in uploader.log():
+                assert time.monotonic() < deadline, uploader.log()
+                time.sleep(0.1)
+            written = json.loads(status_file.read_text())["updated_at"]
+            while time.time() - written < 7:
+                time.sleep(0.2)
+            after = time.time()
+            while status_file.stat().st_mtime < after:  # touched again since
+                assert time.monotonic() < deadline, uploader.log()
+                time.sleep(0.2)
             report = json.loads(status("--json"))
-            assert report["daemon"] == "not responding"
-            assert "status_behind" not in report
+            assert report["daemon"] == "running"
+            assert report["status_behind"] >= 6
+            assert report["updated_at"] == written
+            text = status()
+            assert "daemon:      running, but it has not been able to write its status for" in text
+            assert f"(is {uploader.state_dir} full? see the daemon's log)" in text
+            # Hung: nothing touches the file any more.
+            os.kill(uploader.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(6.5)
+                report = json.loads(status("--json"))
+                assert report["daemon"] == "not responding"
+                assert "status_behind" not in report
+            finally:
+                os.kill(uploader.process.pid, signal.SIGCONT)
+            filler.unlink()
+            deadline = time.monotonic() + 30
+            while "status written again" not in uploader.log():
+                assert time.monotonic() < deadline, uploader.log()
+                time.sleep(0.1)
+            assert json.loads(status("--json"))["daemon"] == "running"
+            assert uploader.stop() == 0
         finally:
-            os.kill(uploader.process.pid, signal.SIGCONT)
-        filler.unlink()
-        deadline = time.monotonic() + 30
-        while "status written again" not in uploader.log():
-            assert time.monotonic() < deadline, uploader.log()
-            time.sleep(0.1)
-        assert json.loads(status("--json"))["daemon"] == "running"
-        assert uploader.stop() == 0
+            uploader.kill()  # a failed check must not leave the tmpfs busy

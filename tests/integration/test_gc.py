@@ -8,6 +8,9 @@ import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +161,48 @@ def test_a_second_gc_refuses_and_a_crashed_ones_lock_expires(cache: Cache) -> No
     }
     target.put_bytes(crashed, encode(record), "application/json")
     assert cache.gc("--delete")["delete"] is True
+
+
+def _narinfo_keys(cache: Cache) -> set[str]:
+    pages = cache.weed.client().get_paginator("list_objects_v2")
+    return {
+        o["Key"]
+        for page in pages.paginate(Bucket=cache.bucket, Delimiter="/")
+        for o in page.get("Contents", [])
+        if o["Key"].endswith(".narinfo")
+    }
+
+
+def test_a_gc_stopped_by_sigterm_has_said_each_object_it_deleted(cache: Cache) -> None:
+    """What `systemctl stop` (or a unit's timeout) does to a gc: the journal
+    holds one line for each object deleted before it, and a count."""
+    _fill(cache, 300)
+    run_cli("gc", "--to", cache.url, "--delete", *TIGHT)  # the first mark
+    before = _narinfo_keys(cache)
+    argv = [sys.executable, "-m", "uploader", "gc", "--to", cache.url, "--delete", *TIGHT]
+    proc = subprocess.Popen(
+        [*argv, "-j", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    said = [proc.stdout.readline() for _ in range(20)]
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=60)
+    said += rest.splitlines(keepends=True)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    gone = before - _narinfo_keys(cache)
+    assert 20 <= len(gone) < 300
+    assert {line.split()[1].rstrip(":") for line in said} == gone
+    assert all(
+        line.startswith("delete ") and "-filler unreachable, a candidate since" in line
+        for line in said
+    ), said
+    assert f"gc stopped after deleting {len(gone)} narinfos;" in err
+    assert "gc stopped by SIGTERM" in err
+    cache.verify_clean()
+    # The next run finishes the work (once the lock the stopped run
+    # released is gone: it was, so this one runs at once).
+    run_cli("gc", "--to", cache.url, "--delete", *TIGHT)
+    assert _narinfo_keys(cache) == set()
 
 
 def test_a_newer_layout_is_refused(cache: Cache, paths: dict[str, str]) -> None:

@@ -376,13 +376,49 @@ def test_a_gc_stopped_after_any_deletion_leaves_every_closure_whole(
         copy = Cache(cache.dir.parent / f"run{allowed}")
         copy.dir, copy.target = snapshot, open_target(f"file://{snapshot}")
         deleted: dict[str, int] = {}
+        told: dict[str, str] = {}
         with pytest.raises(KeyboardInterrupt):
-            collect(copy.target, TIGHT, delete=True, jobs=1, deleted=deleted)
+            collect(
+                copy.target, TIGHT, delete=True, jobs=1, deleted=deleted,
+                on_deleted=told.__setitem__,
+            )  # fmt: skip
         assert deleted == ({"narinfo": allowed} if allowed else {})
         monkeypatch.setattr(FileTarget, "delete", real_delete)
         left = {p.name[:32] for p in snapshot.glob("*.narinfo")}
         assert len(left & doomed) == len(doomed) - allowed
+        # Told of exactly what went, as it went.
+        assert set(told) == {f"{h}.narinfo" for h in doomed - left}
+        assert all(" unreachable, a candidate since " in why for why in told.values())
         assert copy.clean(), f"stopped after {allowed}: a narinfo lost part of its closure"
+
+
+def test_a_deletion_stopped_from_outside_starts_nothing_more() -> None:
+    """Ctrl-C or SIGTERM in the main thread while deletions are queued:
+    those not begun are not made (and so not left unreported)."""
+    import _thread
+
+    from uploader.lifecycle.gc import _Deleter
+
+    keys = [f"k{i:03}" for i in range(60)]
+    gone: list[str] = []
+
+    class Slow:
+        def delete(self, key: str) -> None:
+            time.sleep(0.01)
+            gone.append(key)
+            if len(gone) == 5:
+                _thread.interrupt_main()
+
+    class Held:
+        def check(self) -> None:
+            pass
+
+    told: list[str] = []
+    deleter = _Deleter(Slow(), Held(), 2, {}, lambda k, w: told.append(k), {})  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        deleter(keys)
+    assert 5 <= len(gone) <= 8, gone
+    assert told == gone
 
 
 def test_referrers_come_before_what_they_reference() -> None:

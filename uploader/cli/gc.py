@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from uploader.cli._common import (
 )
 from uploader.config import check_upstreams
 from uploader.lifecycle import GcResult, Policy, add_pin, collect, list_pins, remove_pin
+from uploader.lifecycle.gc import reasons
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.pins import PinRefused
 from uploader.lifecycle.upstream import served_upstream
@@ -128,6 +130,14 @@ def gc_command(
     policy = Policy(keep_days=keep_days, keep_last=keep_last, grace=grace, nar_delay=nar_delay)
     show = sys.stderr.isatty() and not quiet and not as_json
     deleted: dict[str, int] = {}
+
+    def say_deleted(key: str, why: str) -> None:
+        # Each line as its object goes: a run stopped part way (a timeout,
+        # `systemctl stop`, kill -9) leaves the journal exact.
+        click.echo(f"delete {key}: {why}")
+
+    # `systemctl stop` and a unit's timeout send SIGTERM: stop as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         result = collect(
             target,
@@ -136,8 +146,9 @@ def gc_command(
             jobs=jobs,
             progress=(lambda label: TerminalProgress(label=label)) if show else None,
             deleted=deleted,
+            on_deleted=say_deleted if do_delete and not quiet and not as_json else None,
         )
-    except (UploaderError, KeyboardInterrupt) as e:
+    except (UploaderError, KeyboardInterrupt, _Terminated) as e:
         # Stopped part way: say what went (what stays keeps its closures).
         gone = " and ".join(plural(n, kind) for kind, n in deleted.items() if n)
         if gone:
@@ -145,6 +156,9 @@ def gc_command(
                        "run `gc --delete` again to finish", err=True)  # fmt: skip
         if isinstance(e, KeyboardInterrupt):
             raise
+        if isinstance(e, _Terminated):
+            click.echo("gc stopped by SIGTERM", err=True)
+            sys.exit(128 + signal.SIGTERM)
         fail(str(e))
     if as_json:
         click.echo(json.dumps(_to_json(result, store_url), indent=2))
@@ -157,27 +171,23 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _print(result: GcResult, quiet: bool) -> None:
     bucket, done = result.bucket, result.plan
-    verb = "delete" if result.deleting else "would delete"
-    since = f"a candidate since {_when(result.previous.time)}" if result.previous else ""
     for h in sorted(done.damaged):
         e = bucket.narinfos[h]
         why = "unreadable" if e.url is None else f"its NAR {e.url} is missing"
         click.echo(f"damaged {e.name}: {why}; kept, with its closure (see `verify`)")
-    if not quiet:
-        for h in done.narinfos:
-            click.echo(f"{verb} {h}.narinfo: {bucket.narinfos[h].name} unreachable, {since}")
-        for k in done.listings:
-            click.echo(f"{verb} {k}: the listing of a deleted narinfo")
-        for k in done.logs:
-            click.echo(f"{verb} {k}: the build log of deleted narinfos only")
-        for k in done.nars:
-            click.echo(f"{verb} {k}: no narinfo names it (for longer than --nar-delay)")
-        for r in result.lapsed_roots:
-            click.echo(f"{verb} {r.key}: root {r.name!r} no longer kept")
-        for k in result.pruned_runs:
-            click.echo(f"{verb} {k}: the record of a gc run over 14 days old")
+    if not quiet and not result.deleting:  # with --delete, said as each went
+        for key, why in reasons(result).items():
+            click.echo(f"would delete {key}: {why}")
     objects, nbytes = result.freed()
     waiting = {k: bucket.nars[k][0] for k in done.unreferenced}
     line = (

@@ -28,13 +28,16 @@ from uploader.lifecycle.survey import Bucket, Policy, Seeds, changed_seeds, read
 from uploader.lifecycle.verify import Progress
 from uploader.targets import Target
 
-__all__ = ["GcResult", "collect", "referrers_first"]
+__all__ = ["GcResult", "OnDeleted", "collect", "reasons", "referrers_first"]
 
 log = logging.getLogger(__name__)
 
 # Run records are kept this long (and the newest two always): longer than
 # the daemon remembers a path (7 days), so it always learns of a deletion.
 RUNS_KEPT_FOR = 14 * 86400.0
+
+# Told of each object as it is deleted: its key and why it went.
+OnDeleted = Callable[[str, str], None]
 
 
 @dataclass
@@ -55,6 +58,27 @@ class GcResult:
         return objects + len(self.lapsed_roots) + len(self.pruned_runs), nbytes
 
 
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def reasons(result: GcResult) -> dict[str, str]:
+    """Why each object the run deletes (or would) goes, by key, in the
+    order they go: narinfos, listings, logs, NARs, roots, run records."""
+    bucket, done = result.bucket, result.plan
+    since = f"a candidate since {_when(result.previous.time)}" if result.previous else ""
+    why: dict[str, str] = {}
+    for h in done.narinfos:
+        why[narinfo_key(h)] = f"{bucket.narinfos[h].name} unreachable, {since}"
+    why.update(dict.fromkeys(done.listings, "the listing of a deleted narinfo"))
+    why.update(dict.fromkeys(done.logs, "the build log of deleted narinfos only"))
+    why.update(dict.fromkeys(done.nars, "no narinfo names it (for longer than --nar-delay)"))
+    for r in result.lapsed_roots:
+        why[r.key] = f"root {r.name!r} no longer kept"
+    why.update(dict.fromkeys(result.pruned_runs, "the record of a gc run over 14 days old"))
+    return why
+
+
 def collect(
     target: Target,
     policy: Policy,
@@ -64,17 +88,19 @@ def collect(
     progress: Callable[[str], Progress] | None = None,
     lock: GcLock | None = None,
     deleted: dict[str, int] | None = None,
+    on_deleted: OnDeleted | None = None,
 ) -> GcResult:
     """A gc run; with ``delete``, ``lock`` is taken and held throughout.
-    ``deleted`` counts the objects deleted by kind as they go: what the
-    caller can report of a run stopped part way."""
+    ``deleted`` counts the objects deleted by kind as they go, and
+    ``on_deleted`` is told of each (from the deleting threads, one at a
+    time): what the caller can report of a run stopped part way."""
     check_layout(target, write=delete)
     if delete:
         lock = lock or GcLock(target)
         lock.acquire()
     try:
         counts = {} if deleted is None else deleted
-        return _run(target, policy, delete, jobs, progress, lock, counts)
+        return _run(target, policy, delete, jobs, progress, lock, counts, on_deleted)
     finally:
         if lock is not None and delete:
             lock.release()
@@ -88,6 +114,7 @@ def _run(
     progress: Callable[[str], Progress] | None,
     lock: GcLock | None,
     deleted: dict[str, int],
+    on_deleted: OnDeleted | None,
 ) -> GcResult:
     keys = run_keys(target)
     previous = read_run(target, keys[-1]) if keys else None
@@ -115,8 +142,9 @@ def _run(
     )
     result.record = record
     assert lock is not None
-    _delete = _Deleter(target, lock, jobs, deleted)
     done = result.plan
+    why = reasons(result)
+    _delete = _Deleter(target, lock, jobs, deleted, on_deleted, why)
     # Referrers before what they reference: a run stopped part way leaves a
     # bucket whose every narinfo still has its closure.
     for level in referrers_first(bucket, done.narinfos):
@@ -126,8 +154,9 @@ def _run(
     if done.unreadable:
         return result  # nothing at all is deleted (docs/lifecycle.md)
     result.lapsed_roots = seeds.lapsed
-    _delete([r.key for r in seeds.lapsed])
     result.pruned_runs = _old_runs(keys, now)
+    why.update(reasons(result))
+    _delete([r.key for r in seeds.lapsed])
     _delete(result.pruned_runs)
     return result
 
@@ -193,11 +222,20 @@ def referrers_first(bucket: Bucket, doomed: Iterable[str]) -> list[list[str]]:
 
 class _Deleter:
     """Deletes keys ``jobs`` at a time, each only while the lock is surely
-    ours, and counts what went by kind in ``counts``."""
+    ours, counts what went by kind in ``counts``, and tells ``on_deleted``
+    of each key with its reason from ``why``."""
 
-    def __init__(self, target: Target, lock: GcLock, jobs: int, counts: dict[str, int]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        lock: GcLock,
+        jobs: int,
+        counts: dict[str, int],
+        on_deleted: OnDeleted | None,
+        why: dict[str, str],
+    ) -> None:
         self._target, self._lock, self._jobs = target, lock, jobs
-        self._counts = counts
+        self._counts, self._on_deleted, self._why = counts, on_deleted, why
         self._counting = threading.Lock()
 
     def __call__(self, keys: list[str], what: str = "other object") -> None:
@@ -206,7 +244,14 @@ class _Deleter:
             self._target.delete(key)
             with self._counting:
                 self._counts[what] = self._counts.get(what, 0) + 1
+                if self._on_deleted is not None:
+                    self._on_deleted(key, self._why.get(key, ""))
             log.debug("deleted %s", key)
 
-        with ThreadPoolExecutor(max_workers=self._jobs, thread_name_prefix="delete") as pool:
+        pool = ThreadPoolExecutor(max_workers=self._jobs, thread_name_prefix="delete")
+        try:
             list(pool.map(one, keys))
+        finally:
+            # Stopped (an error, Ctrl-C, SIGTERM): what has not begun is not
+            # deleted; what is under way finishes and is reported.
+            pool.shutdown(wait=True, cancel_futures=True)
