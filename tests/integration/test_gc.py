@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from tests.support.daemon import UploaderRun
 from tests.support.entries import entry_bytes, write_entry
 from tests.support.nix import build, nix_path_info, substitute, trivial_expr
 from tests.support.services import NixDaemon, S3Server
-from uploader.lifecycle.gclock import GcLock
+from uploader.lifecycle import Policy, collect
+from uploader.lifecycle.gclock import GcLock, LockHeld
 from uploader.lifecycle.layout import LAYOUT, LOCKS, encode, timed_key
+from uploader.lifecycle.marks import read_run
 from uploader.narinfo import NarInfo
 from uploader.nixbase32 import encode as nix32
 from uploader.nixbase32 import format_hash
@@ -151,16 +154,50 @@ def test_a_second_gc_refuses_and_a_crashed_ones_lock_expires(cache: Cache) -> No
         assert cache.gc()["delete"] is False  # a dry run takes no lock
     finally:
         first.release()
-    # A gc that died: its lock, last refreshed long ago, has expired.
+    # A gc that died: its lock, last refreshed (by the server's clock) longer
+    # ago than its expiry, has expired. (What the record says of the time is
+    # not taken: the writer's clock may be off.)
     crashed = timed_key(LOCKS, time.time() - 600)
     record = {
         "host": "elsewhere",
         "pid": 1,
         "started": time.time() - 600,
-        "expires": time.time() - 480,
+        "expires": time.time() + 3600,
+        "expiry": 1.0,
     }
     target.put_bytes(crashed, encode(record), "application/json")
+    time.sleep(2.5)  # LastModified has whole seconds on some servers
     assert cache.gc("--delete")["delete"] is True
+
+
+def test_a_gc_whose_clock_is_ahead_still_sees_the_running_gc_and_marks_by_the_server(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock's expiry and gc's mark are judged by the server's clock: a
+    host whose clock is 150 s ahead (S3 accepts 15 minutes) neither runs
+    beside a running gc nor marks narinfos with a time the server has not
+    reached."""
+    target = open_target(cache.url)
+    first = GcLock(target)
+    first.acquire()
+    real = time.time
+    try:
+        monkeypatch.setattr(time, "time", lambda: real() + 150)
+        with pytest.raises(LockHeld, match="another gc is running"):
+            collect(target, Policy(), delete=True, jobs=2)
+    finally:
+        monkeypatch.setattr(time, "time", real)
+        first.release()
+    monkeypatch.setattr(time, "time", lambda: real() + 600)
+    with caplog.at_level("WARNING", logger="uploader.lifecycle.gclock"):
+        result = collect(target, Policy(), delete=True, jobs=2)
+    monkeypatch.setattr(time, "time", real)
+    # (LastModified has whole seconds: the server's clock is taken as no later.)
+    assert re.search(r"this machine's clock is 60[0-3] s ahead of the S3 server's", caplog.text)
+    assert result.record is not None
+    record = read_run(target, result.record)
+    assert record is not None
+    assert real() - 30 < record.time <= real() + 1
 
 
 def _narinfo_keys(cache: Cache) -> set[str]:
@@ -303,6 +340,10 @@ def test_the_daemon_forgets_what_gc_deleted_and_uploads_it_again(
 
     gc = ["gc", "--to", uploader.store_url, "--delete", "--grace", "0", "--keep-days", "0",
           "--keep-last", "0", "--nar-delay", "0"]  # fmt: skip
+    # gc's "now" is the server's, taken as no later than it is (LastModified
+    # has whole seconds): a root written within the second is still young
+    # with --keep-days 0.
+    time.sleep(2)
     for _ in range(2):  # the first marks, the second deletes
         run_cli(*gc)
     assert s3.get(bucket, narinfo) is None, "gc should have deleted the unrooted path"

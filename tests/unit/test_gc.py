@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -461,3 +462,23 @@ def test_a_stopped_gc_says_what_it_deleted(cache: Cache, monkeypatch: pytest.Mon
     assert "gc stopped after deleting 1 narinfo; what stays has its closures" in result.output
     monkeypatch.setattr(FileTarget, "delete", real_delete)
     assert cache.clean()
+
+
+def test_an_uploader_whose_clock_is_ahead_still_waits_for_the_running_gc(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uploader judges a gc's lock by the server's clock (read from its
+    own root), so 150 s ahead it does not take a live lock for expired."""
+    first = GcLock(cache.target)
+    first.acquire()
+    guard = Protection(cache.target, "x")
+    guard.begin([cache.store.add("p")])
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 150)
+    waiter = threading.Thread(target=guard._wait_for_running_gc)
+    waiter.start()
+    waiter.join(1.5)
+    assert waiter.is_alive(), "did not wait for the gc holding the lock"
+    first.release()
+    waiter.join(10)
+    assert not waiter.is_alive()

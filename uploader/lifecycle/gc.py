@@ -119,7 +119,10 @@ def _run(
     keys = run_keys(target)
     previous = read_run(target, keys[-1]) if keys else None
     bucket = survey(target, jobs, progress("narinfos") if progress else None)
-    now = time.time()
+    # With --delete, times are the server's (the lock knows its clock): they
+    # are compared with LastModified, and written as the mark.
+    clock = lock.now if lock is not None and delete else time.time
+    now = clock()
     seeds = read_seeds(target, policy, now)
     live = live_set(bucket, seeds.paths, policy, now)
     if not delete:
@@ -130,7 +133,7 @@ def _run(
         return result
     # The new mark, before anything is deleted: uploaders from now on see
     # these candidates and wait for this run before relying on one.
-    now = time.time()
+    now = clock()
     marked = unreferenced_nars(bucket, set(), previous, now)
     candidates = set(bucket.narinfos) - live
     record = timed_key(RUNS, now)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 
-from uploader.lifecycle.gclock import LockInfo, held_locks, wait_for
+from uploader.lifecycle.gclock import LockInfo, ServerClock, held_locks, server_clock, wait_for
 from uploader.lifecycle.layout import check_layout
 from uploader.lifecycle.listing import narinfo_key
 from uploader.lifecycle.marks import Marks
@@ -50,6 +51,10 @@ class Protection:
         self.root: RootWriter | None = None
         self._layout_checked = False
         self._locks: list[LockInfo] | None = None
+        # The server's clock, read from the root's LastModified when a lock
+        # must be judged (gclock.ServerClock); when the root was written.
+        self._clock: ServerClock | None = None
+        self._root_written: tuple[str, float] | None = None  # key, monotonic time
         self._lock = threading.Lock()
         self._ignore = os.environ.get(_UNSAFE) == "1"
 
@@ -70,6 +75,7 @@ class Protection:
         self.prepare()
         self.root = RootWriter(self.target, self.name)
         self.root.start(paths)
+        self._wrote_root()
         self._refresh()
 
     def extend(self, paths: Iterable[str]) -> None:
@@ -77,6 +83,7 @@ class Protection:
         that it is read after the root covers them."""
         assert self.root is not None
         if self.root.extend(paths):
+            self._wrote_root()
             self._refresh()
 
     def reread_mark(self) -> None:
@@ -88,7 +95,14 @@ class Protection:
     def complete(self) -> None:
         if self.root is not None:
             self.root.complete()
+            self._wrote_root()
             self.root = None
+
+    def _wrote_root(self) -> None:
+        """The root was (re)written: its LastModified is this write's."""
+        assert self.root is not None
+        with self._lock:
+            self._clock, self._root_written = None, (self.root.key, time.monotonic())
 
     def _refresh(self) -> None:
         deleted = self.marks.refresh()
@@ -97,14 +111,25 @@ class Protection:
         with self._lock:
             self._locks = None  # listed again, after this mark, when needed
 
+    def _server_clock(self) -> ServerClock | None:
+        """The server's clock, from this uploader's last root write (under
+        ``_lock``): locks are judged by it, so that a clock ahead of the
+        server's does not take a running gc's lock for expired.  None before
+        any root (or one gc deleted): the locks' own word and this machine's
+        clock then."""
+        if self._clock is None and self._root_written is not None:
+            self._clock = server_clock(self.target, *self._root_written)
+        return self._clock
+
     def _wait_for_running_gc(self) -> None:
         """Wait for the gcs that held the lock after the mark was read (a gc
         that starts later sees this uploader's root)."""
         with self._lock:
+            clock = self._server_clock()
             if self._locks is None:
-                self._locks = held_locks(self.target)
+                self._locks = held_locks(self.target, clock)
             locks = self._locks
-        wait_for(self.target, locks)
+        wait_for(self.target, locks, clock)
 
     def gone(self, paths: Iterable[str]) -> set[str]:
         """Of ``paths``, which the cache seemed to have, those gc took:
@@ -137,7 +162,9 @@ class Protection:
         """After writing such a NAR: once the gcs running now have finished,
         make sure it is still there (else write it again, and look again)."""
         while True:
-            wait_for(self.target, held_locks(self.target))
+            with self._lock:
+                clock = self._server_clock()
+            wait_for(self.target, held_locks(self.target, clock), clock)
             if self.target.exists(key):
                 return
             write()
