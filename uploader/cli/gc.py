@@ -78,7 +78,8 @@ _TO = click.option(
 
 
 @main.command("gc", epilog="Exit status: 0 done, 1 failed (or damaged narinfos found), "
-              "2 usage error.  See docs/lifecycle.md.")  # fmt: skip
+              "2 usage error, 143 stopped by SIGTERM.  Safe beside nix-cache-uploader's "
+              "own uploads only: see docs/lifecycle.md.")  # fmt: skip
 @_TO
 @click.option(
     "--keep-days", type=Span("days"), default=30, show_default=True,
