@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -460,6 +461,8 @@ def test_a_stopped_gc_says_what_it_deleted(cache: Cache, monkeypatch: pytest.Mon
     )  # fmt: skip
     assert result.exit_code != 0
     assert "gc stopped after deleting 1 narinfo; what stays has its closures" in result.output
+    assert "warning: --nar-delay 0s is shorter than an upload may take" in result.output
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # as the command found it
     monkeypatch.setattr(FileTarget, "delete", real_delete)
     assert cache.clean()
 

@@ -127,6 +127,14 @@ def gc_command(
     Without --delete, prints what this run would delete, and writes nothing.
     """
     setup_logging(-1 if quiet else verbose)
+    if do_delete and nar_delay < _SHORT_NAR_DELAY:
+        # The protocol assumes no upload outlasts it (docs/lifecycle.md).
+        click.echo(
+            f"warning: --nar-delay {nar_delay:g}s is shorter than an upload may take: a NAR "
+            "still being written when this run looks can be deleted under the narinfo that "
+            "names it; keep it above any upload's duration (the default is 31d)",
+            err=True,
+        )
     target = _open(store_url, jobs)
     policy = Policy(keep_days=keep_days, keep_last=keep_last, grace=grace, nar_delay=nar_delay)
     show = sys.stderr.isatty() and not quiet and not as_json
@@ -138,7 +146,7 @@ def gc_command(
         click.echo(f"delete {key}: {why}")
 
     # `systemctl stop` and a unit's timeout send SIGTERM: stop as Ctrl-C does.
-    signal.signal(signal.SIGTERM, _terminated)
+    before = signal.signal(signal.SIGTERM, _terminated)
     try:
         result = collect(
             target,
@@ -161,11 +169,17 @@ def gc_command(
             click.echo("gc stopped by SIGTERM", err=True)
             sys.exit(128 + signal.SIGTERM)
         fail(str(e))
+    finally:
+        signal.signal(signal.SIGTERM, before)
     if as_json:
         click.echo(json.dumps(_to_json(result, store_url), indent=2))
     else:
         _print(result, quiet)
     sys.exit(EXIT_FAILURE if result.plan.damaged else EXIT_OK)
+
+
+# A --nar-delay shorter than this is warned about with --delete.
+_SHORT_NAR_DELAY = 3600.0
 
 
 def _when(t: float) -> str:
