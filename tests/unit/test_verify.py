@@ -241,3 +241,36 @@ def test_a_reference_an_upstream_serves_is_not_damage(
     assert verify(cache.target, trusted).clean
     other = VerifyOptions(**{**options.__dict__, "upstream_keys": (OTHER.public_key(),)})
     assert kinds(verify(cache.target, other)) == {"missing-reference": cache.base}
+
+
+def test_deep_progress_counts_the_nar_objects_bytes_even_without_file_size(
+    cache: Cache,
+) -> None:
+    """A narinfo another tool wrote may omit FileSize: the progress total is
+    what will be downloaded, the objects' listed sizes."""
+    path = cache.dir / f"{hash_part(cache.lib)}.narinfo"
+    path.write_text("".join(
+        line for line in path.read_text().splitlines(keepends=True)
+        if not line.startswith(("FileSize:", "FileHash:", "Sig:"))
+    ))  # fmt: skip
+    steps: list[tuple[int, int]] = []
+
+    class Recorder:
+        def start(self, total: int, total_bytes: int = 0) -> None:
+            steps.append((total, total_bytes))
+
+        def step(self, n: int = 1, nbytes: int = 0) -> None:
+            steps.append((n, nbytes))
+
+        def finish(self) -> None:
+            pass
+
+    report = verify(
+        cache.target,
+        VerifyOptions(keys=(), deep=True),
+        progress=lambda label: Recorder() if label == "NARs" else None,  # type: ignore[arg-type,return-value]
+    )
+    sizes = {p: cache.nar_file(p).stat().st_size for p in (cache.base, cache.lib, cache.app)}
+    assert steps[0] == (3, sum(sizes.values()))
+    assert sorted(n for _, n in steps[1:]) == sorted(sizes.values())
+    assert report.nar_bytes == sum(sizes.values())

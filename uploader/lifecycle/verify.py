@@ -110,7 +110,7 @@ def verify(
     named = {r.url for r in records.values()}
     report.orphans = {k: n for k, n in nars.items() if k not in named}
     if options.deep:
-        _deep(target, records, options, report, progress("NARs") if progress else None)
+        _deep(target, records, nars, options, report, progress("NARs") if progress else None)
     return report
 
 
@@ -203,12 +203,15 @@ def _check_references(
 def _deep(
     target: Target,
     records: dict[str, PathRecord],
+    nars: dict[str, int],
     options: VerifyOptions,
     report: Report,
     progress: Progress | None,
 ) -> None:
     """Download each NAR once (narinfos naming the same NAR with the same
-    claims share the check) and report every narinfo it fails."""
+    claims share the check) and report every narinfo it fails.  Progress
+    counts the bytes of each object as listed (a narinfo may omit
+    FileSize)."""
     damaged = {p.key for p in report.problems if p.kind in ("missing-nar", "wrong-nar-size")}
     claims: dict[tuple[object, ...], list[str]] = defaultdict(list)
     for hash_part, r in sorted(records.items()):
@@ -217,12 +220,12 @@ def _deep(
             claims[claim].append(hash_part)
     checked = [(records[hash_parts[0]], hash_parts) for hash_parts in claims.values()]
     if progress:
-        progress.start(len(checked), sum(r.file_size or 0 for r, _ in checked))
+        progress.start(len(checked), sum(nars.get(r.url, 0) for r, _ in checked))
     with ThreadPoolExecutor(max_workers=options.deep_jobs, thread_name_prefix="deep") as pool:
         outcomes = pool.map(lambda item: check_nar(target, item[0]), checked)
         for (record, hash_parts), outcome in zip(checked, outcomes, strict=True):
             if progress:
-                progress.step(1, record.file_size or 0)
+                progress.step(1, nars.get(record.url, 0))
             if outcome is None:
                 continue
             for hash_part in hash_parts:
