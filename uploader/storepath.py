@@ -70,8 +70,14 @@ def parse_store_path(s: str, store_dir: str = STORE_DIR) -> str:
         raise bad(f"name is {len(name)} characters, the limit is {MAX_NAME_LENGTH}")
     if not _NAME_RE.fullmatch(name):
         raise bad("name may only contain A-Z a-z 0-9 and +-._?=")
-    if name.startswith("."):
-        raise bad("name must not start with '.'")
+    # As Nix since 2.4 (and officially since NixOS/nix#912): a leading '.'
+    # is allowed, but not the names '.' and '..', nor a first dash-separated
+    # component that is one of them.
+    first = name.split("-", 1)[0]
+    if name in (".", ".."):
+        raise bad(f"name must not be '{name}'")
+    if first in (".", ".."):
+        raise bad(f"the name's first dash-separated part must not be '{first}'")
     return s
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.cli import KeyPair
 from tests.support.daemon import UploaderRun
-from tests.support.nix import build, substitute
+from tests.support.nix import build, dotted_expr, nix_path_info, substitute
 from tests.support.services import S3Server, SeaweedFS, nix_client_env
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
@@ -264,3 +264,18 @@ def test_queued_outputs_are_gc_rooted_until_uploaded(
     finally:
         uploader.kill()
         shutil.rmtree(roots_dir, ignore_errors=True)
+
+
+def test_names_that_start_with_a_period_are_uploaded_like_any_other(
+    uploader: UploaderRun, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    uploader.start()
+    (top,) = build(dotted_expr(uuid.uuid4().hex[:8]), hook=str(uploader.hook))
+    closure = nix_path_info([top], recursive=True)
+    assert any(p.split("-", 1)[1].startswith(".hidden-") for p in closure)
+    uploader.wait_drained(timeout=120)
+    assert not (uploader.spool / "quarantine").exists() or not any(
+        (uploader.spool / "quarantine").iterdir()
+    )
+    assert_substitutes(s3, bucket, sorted(closure), keys, tmp_path / "fresh")
+    assert uploader.stop() == 0

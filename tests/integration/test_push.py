@@ -16,6 +16,7 @@ import pytest
 from tests.support.cli import KeyPair, make_keys, run_cli
 from tests.support.nix import (
     build,
+    dotted_expr,
     instantiate,
     multi_output_expr,
     nix_path_info,
@@ -271,3 +272,18 @@ def test_a_full_temporary_directory_says_where_and_what_to_do(
         assert list(small.iterdir()) == [], "no temporary file left behind"
     run_cli(*push)
     assert (tmp_path / "cache" / f"{hash_part(path)}.narinfo").exists()
+
+
+def test_a_closure_with_names_that_start_with_a_period_is_pushed(
+    s3: S3Server, bucket: str, keys: KeyPair, nix_daemon: NixDaemon, tmp_path: Path
+) -> None:
+    """Valid since Nix 2.4 (NixOS/nix#912): pushed and substituted like any other."""
+    (top,) = build(dotted_expr(uuid.uuid4().hex[:8]))
+    closure = sorted(nix_path_info([top], recursive=True))
+    result = run_cli("push", "--to", s3.store_url(bucket),
+                     "--secret-key-file", keys.secret_file, top)  # fmt: skip
+    assert "uploaded 2 paths" in result.stderr
+    dest = str(tmp_path / "fresh")
+    copied = substitute(s3.http_url(bucket), closure, keys.public, dest=dest)
+    assert copied.returncode == 0, copied.stderr
+    assert all(Path(dest + p).read_bytes() == Path(p).read_bytes() for p in closure)

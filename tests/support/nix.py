@@ -14,6 +14,7 @@ from tests.support.services import nix_client_env
 
 __all__ = [
     "build",
+    "dotted_expr",
     "instantiate",
     "multi_output_expr",
     "nix_path_info",
@@ -133,3 +134,19 @@ in derivation {{
     echo lib > $lib/lib/data
   ''];
 }}"""
+
+
+def dotted_expr(salt: str) -> str:
+    """A derivation whose name starts with '.' (valid since Nix 2.4), and
+    one that refers to it."""
+    drv = (
+        'derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";'
+        ' PATH = "/usr/bin:/bin"; args = ["-c" "{script}"]; }}'
+    )
+    hidden = drv.format(name=f".hidden-{salt}", script=f"echo {salt} > $out")
+    return (
+        "let hidden = "
+        + hidden
+        + "; in "
+        + drv.format(name=f"uses-hidden-{salt}", script="echo ${hidden} > $out")
+    )

@@ -28,6 +28,11 @@ GOOD = f"/nix/store/{HASH}-hello-2.12.1"
         f"/nix/store/{HASH}-A+Z_0-9.?=x",
         f"/nix/store/{HASH}-" + "x" * 211,
         f"/nix/store/{HASH}-x..",
+        # A leading '.' is valid since Nix 2.4 (NixOS/nix#912).
+        f"/nix/store/{HASH}-.hidden",
+        f"/nix/store/{HASH}-..dots-1.0",
+        f"/nix/store/{HASH}-...",
+        f"/nix/store/{HASH}-.x-.-y",
     ],
 )
 def test_valid_store_paths_are_returned_unchanged(path: str) -> None:
@@ -56,9 +61,10 @@ def test_valid_store_paths_are_returned_unchanged(path: str) -> None:
         (f"/nix/store/{HASH}-foo\0", "NUL"),
         (f"/nix/store/{HASH}-foo$bar", "may only contain"),
         (f"/nix/store/{HASH}-caf\u00e9", "may only contain"),
-        (f"/nix/store/{HASH}-.hidden", "start with '.'"),
-        (f"/nix/store/{HASH}-.", "start with '.'"),
-        (f"/nix/store/{HASH}-..", "start with '.'"),
+        (f"/nix/store/{HASH}-.", "name must not be '.'"),
+        (f"/nix/store/{HASH}-..", "name must not be '..'"),
+        (f"/nix/store/{HASH}-.-foo", "first dash-separated part must not be '.'"),
+        (f"/nix/store/{HASH}-..-foo", "first dash-separated part must not be '..'"),
         (f"/tmp/store/{HASH}-foo", "not under"),
         (f"/nix/storex/{HASH}-foo", "not under"),
         (f"nix/store/{HASH}-foo", "not under"),
