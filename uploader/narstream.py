@@ -136,10 +136,16 @@ def _check(info: PathInfo, nar_sha: bytes, nar_size: int) -> None:
     """Raise VerificationError unless the NAR read is the one registered."""
     nar_hash = format_hash(nar_sha)
     if nar_hash != info.nar_hash or nar_size != info.nar_size:
+        # Reading stops once past the registered size: then neither the hash
+        # nor the size read is the whole NAR's.
+        found = (
+            f"more than {info.nar_size} bytes"
+            if nar_size > info.nar_size
+            else f"{nar_hash}, {nar_size} bytes"
+        )
         raise VerificationError(
             f"{info.path} differs from what the Nix database registered "
-            f"(database: {info.nar_hash}, {info.nar_size} bytes; on disk: "
-            f"{nar_hash}, {nar_size}{'+' if nar_size > info.nar_size else ''} bytes); "
+            f"(database: {info.nar_hash}, {info.nar_size} bytes; on disk: {found}); "
             f"refusing to sign it. Check it with `nix-store --verify-path {info.path}` "
             f"and repair with `nix-store --repair-path {info.path}`",
             store_path=info.path,

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
 from uploader._exceptions import TransientTargetError, VerificationError
@@ -402,3 +404,22 @@ def test_a_push_that_fails_before_its_plan_leaves_no_head_start_behind(tmp_path:
     assert store.read < 16 * PART_SIZE, "the NAR was read on after the push failed"
     assert not [k for _, k in target.events if k.startswith("nar/")]
     assert engine._head is None
+
+
+def test_a_nar_larger_than_registered_is_said_so_without_a_hash_of_part_of_it() -> None:
+    """Reading stops once past the registered size: the hash of what was
+    read is no hash of the NAR, so the message gives none."""
+    from uploader.narstream import compress_checked
+    from uploader.store import PathInfo
+
+    path = "/nix/store/" + "a" * 32 + "-grown"
+    info = PathInfo(path, "sha256:" + "0" * 52, 100, ())
+    with pytest.raises(VerificationError) as raised:
+        compress_checked(
+            info, iter([b"x" * 64, b"y" * 64, b"z" * 64]), lambda b: None, "zstd", None
+        )
+    message = str(raised.value)
+    assert f"(database: sha256:{'0' * 52}, 100 bytes; on disk: more than 100 bytes)" in message
+    short = PathInfo(path, "sha256:" + "0" * 52, 200, ())
+    with pytest.raises(VerificationError, match=r"on disk: sha256:[0-9a-z]{52}, 128 bytes\)"):
+        compress_checked(short, iter([b"x" * 64, b"y" * 64]), lambda b: None, "zstd", None)
