@@ -12,11 +12,16 @@ from typing import TextIO
 
 from uploader.store import PathInfo
 
-__all__ = ["PATH_EVENTS", "TerminalProgress", "human_bytes", "plural"]
+__all__ = ["PATH_EVENTS", "TerminalProgress", "human_bytes", "plural", "utc_time"]
 
 # The logger of one line per store path (uploaded, attested, published):
 # shown with -v; services log their other events without it.
 PATH_EVENTS = "uploader.paths"
+
+
+def utc_time(t: float) -> str:
+    """``2024-05-01 03:00:12 UTC``: a Unix time as messages show it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:

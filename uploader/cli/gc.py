@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import time
 from typing import Any
 
 import click
@@ -31,7 +30,7 @@ from uploader.lifecycle.gc import reasons
 from uploader.lifecycle.layout import check_name
 from uploader.lifecycle.pins import PinRefused
 from uploader.lifecycle.upstream import served_upstream
-from uploader.progress import TerminalProgress, human_bytes, plural
+from uploader.progress import TerminalProgress, human_bytes, plural, utc_time
 from uploader.signing import PublicKey
 from uploader.storepath import STORE_DIR, to_store_path
 from uploader.targets import Target, open_target
@@ -180,10 +179,6 @@ def gc_command(
 
 # A --nar-delay shorter than this is warned about with --delete.
 _SHORT_NAR_DELAY = 3600.0
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 class _Terminated(Exception):
@@ -355,7 +350,7 @@ def pin_list(store_url: str, as_json: bool) -> None:
         click.echo("no pins", err=True)  # stdout stays empty, for scripts
     for p in pins:
         click.echo(
-            f"{p.name}\t{_when(p.created)}\t" + " ".join(f"{STORE_DIR}/{b}" for b in p.paths)
+            f"{p.name}\t{utc_time(p.created)}\t" + " ".join(f"{STORE_DIR}/{b}" for b in p.paths)
         )
 
 

@@ -26,6 +26,7 @@ from uploader.lifecycle.plan import Plan, closure, live_set, plan, unreferenced_
 from uploader.lifecycle.roots import RootRef
 from uploader.lifecycle.survey import Bucket, Policy, Seeds, changed_seeds, read_seeds, survey
 from uploader.lifecycle.verify import Progress
+from uploader.progress import utc_time
 from uploader.targets import Target
 
 __all__ = ["GcResult", "OnDeleted", "collect", "reasons", "referrers_first"]
@@ -58,15 +59,11 @@ class GcResult:
         return objects + len(self.lapsed_roots) + len(self.pruned_runs), nbytes
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-
-
 def reasons(result: GcResult) -> dict[str, str]:
     """Why each object the run deletes (or would) goes, by key, in the
     order they go: narinfos, listings, logs, NARs, roots, run records."""
     bucket, done = result.bucket, result.plan
-    since = f"a candidate since {_when(result.previous.time)}" if result.previous else ""
+    since = f"a candidate since {utc_time(result.previous.time)}" if result.previous else ""
     why: dict[str, str] = {}
     for h in done.narinfos:
         why[narinfo_key(h)] = f"{bucket.narinfos[h].name} unreachable, {since}"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from uploader._exceptions import UploaderError
 from uploader.lifecycle.layout import JSON_TYPE, LOCKS, decode, encode, listing, timed_key
+from uploader.progress import utc_time
 from uploader.targets import Target
 
 __all__ = [
@@ -99,7 +100,7 @@ class LockInfo:
         return self.refreshed + self.expiry > clock.now()
 
     def describe(self) -> str:
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        since = utc_time(self.started)
         return f"{self.host} pid {self.pid}, since {since} ({self.key})"
 
 
