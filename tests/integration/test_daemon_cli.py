@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -309,3 +310,30 @@ def test_a_daemon_that_cannot_write_its_status_is_running_and_a_hung_one_is_not(
             assert uploader.stop() == 0
         finally:
             uploader.kill()  # a failed check must not leave the tmpfs busy
+
+
+def test_an_outage_lists_the_oldest_retrying_entries_and_counts_them_all(
+    uploader: UploaderRun, seaweedfs: SeaweedFS, bucket: str
+) -> None:
+    # S3 unreachable (nothing listens on the port): every entry retries.
+    # The status file lists the 100 oldest and counts them all; 5,000
+    # listed made it 1.2 MB, rewritten every few seconds.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    uploader.store_url = f"s3://{bucket}?endpoint=http://127.0.0.1:{closed}&region=us-east-1"
+    (out,) = build(trivial_expr("outage"))
+    names = [f"{i:04d}.entry" for i in range(150)]
+    for name in names:
+        _drop_entry(uploader.spool, name, out)
+    uploader.start()
+    deadline = time.monotonic() + 60
+    while (report := _status(uploader)).get("retrying_count") != 150:
+        assert time.monotonic() < deadline, f"entries did not all fail: {report}"
+        time.sleep(0.2)
+    assert [r["entry"] for r in report["retrying"]] == names[:100]
+    assert all("127.0.0.1" in r["error"] for r in report["retrying"]), report["retrying"][0]
+    assert (uploader.state_dir / "status.json").stat().st_size < 64 * 1024
+    human = run_cli("status", *uploader.queue_args()).stdout
+    assert "retrying:    150\n" in human
+    assert "  … and 140 more (--json lists the oldest 100)" in human

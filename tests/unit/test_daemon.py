@@ -5,6 +5,7 @@ what SIGTERM leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from tests.support.entries import entry_bytes, rename_entry, v1_entry_bytes, wri
 from tests.support.fakes import FakeStore, RecordingTarget
 from tests.support.requirements import require_binary
 from tests.support.tmpfs import small_tmpfs
+from uploader import daemon as daemon_module
 from uploader import signing
 from uploader._exceptions import CredentialsError, StoreError, TransientTargetError
 from uploader.cli import main
@@ -618,3 +620,29 @@ def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
         assert rooted == ([out] if known is None else [])
         assert d._entry_roots == {} and not d._root_refs
         assert os.listdir(tmp_path / "roots") == []
+
+
+def test_status_lists_the_oldest_retrying_entries_and_counts_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # During an outage every entry retries: the status file lists a few,
+    # the oldest, and counts every one (5,000 listed made it 1.2 MB).
+    monkeypatch.setattr(daemon_module, "RETRYING_LISTED", 3)
+    s = Setup(tmp_path, retry_min=30, retry_max=60)
+    names = []
+    for i in range(14):
+        out = s.store.add(f"p{i}")
+        s.target.fail.add(narinfo_key(out))
+        names.append(s.entry(f"e{i:02d}", f"out {out}"))
+    s.run_until(lambda d: sum(p.attempts >= 1 for p in d._pending.values()) == 14)
+    status = read_status(s.settings.state_dir)
+    assert status is not None
+    assert [r["entry"] for r in status["retrying"]] == names[:3]
+    assert status["retrying_count"] == 14
+    shown = CliRunner().invoke(main, ["status", "--state-dir", s.settings.state_dir])
+    assert shown.exit_code == 0, shown.output
+    assert "retrying:    14\n" in shown.output
+    assert shown.output.count(": attempt 1, retried when the daemon runs:") == 3
+    assert "  … and 11 more (--json lists the oldest 3)" in shown.output
+    as_json = CliRunner().invoke(main, ["status", "--json", "--state-dir", s.settings.state_dir])
+    assert json.loads(as_json.output)["retrying_count"] == 14

@@ -311,6 +311,8 @@ def status(
     report.setdefault("pending", None)
     for key, empty in (("in_flight", 0), ("retrying", []), ("last_errors", [])):
         report.setdefault(key, empty)
+    # An older daemon listed every retrying entry, without a count.
+    report.setdefault("retrying_count", len(report["retrying"]))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -366,9 +368,15 @@ _STALE_AFTER = 15.0
 _SHOWN = 10
 
 
-def _more(items: list[Any]) -> None:
-    if len(items) > _SHOWN:
-        click.echo(f"  … and {len(items) - _SHOWN} more (see --json)")
+def _more(items: list[Any], total: int | None = None) -> None:
+    """The line after the first entries of a section, when there are more:
+    ``total`` of them, of which --json lists ``items``."""
+    total = len(items) if total is None else total
+    shown = min(len(items), _SHOWN)
+    if total <= shown:
+        return
+    listed = "see --json" if len(items) >= total else f"--json lists the oldest {len(items)}"
+    click.echo(f"  … and {total - shown} more ({listed})")
 
 
 def _print_status(r: dict[str, Any], state_dir: str) -> None:
@@ -397,7 +405,8 @@ def _print_status(r: dict[str, Any], state_dir: str) -> None:
         click.echo(f"problem:     {r['cache_problem']}")
         click.echo("             (entries wait; the daemon asks the cache again with backoff)")
     retrying = r.get("retrying") or []
-    click.echo(f"retrying:    {len(retrying)}")
+    retrying_count = r.get("retrying_count", len(retrying))
+    click.echo(f"retrying:    {retrying_count}")
     for item in retrying[:_SHOWN]:
         # A countdown only while a daemon is there to keep it.
         when = (
@@ -406,7 +415,7 @@ def _print_status(r: dict[str, Any], state_dir: str) -> None:
             else "retried when the daemon runs"
         )
         click.echo(f"  {item['entry']}: attempt {item['attempts']}, {when}: {item['error']}")
-    _more(retrying)
+    _more(retrying, retrying_count)
     quarantined = r.get("quarantined")
     if quarantined is None:
         click.echo("quarantined: (spool not readable by this user)")
