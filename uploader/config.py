@@ -61,7 +61,8 @@ class Settings:
     metrics: str | None = None
     low_priority: bool = True
     upload_logs: bool = False
-    write_nar_listing: bool = False
+    # None: as the store URL's write-nar-listing (else no).
+    write_nar_listing: bool | None = None
 
     def require(self, *names: str) -> None:
         for name in names:

@@ -135,6 +135,11 @@ def test_push_writes_the_listing_before_the_narinfo(
         assert json.loads(listing.read_bytes()) == expected
         narinfo = Path(tmp_path, how, f"{hash_part(path)}.narinfo")
         assert listing.stat().st_mtime_ns <= narinfo.stat().st_mtime_ns
-    run_cli("push", "--to", f"file://{tmp_path}/none", "--secret-key-file", keys.secret_file,
-            path)  # fmt: skip
-    assert not Path(tmp_path, "none", f"{hash_part(path)}.ls").exists()
+    # Not asked for, or turned off against the URL's parameter: the flag wins.
+    for how, url in (
+        ("none", [f"file://{tmp_path}/none"]),
+        ("off", [f"file://{tmp_path}/off?write-nar-listing=true", "--no-write-nar-listing"]),
+    ):
+        run_cli("push", "--to", *url, "--secret-key-file", keys.secret_file, path)
+        assert Path(tmp_path, how, f"{hash_part(path)}.narinfo").exists()
+        assert not Path(tmp_path, how, f"{hash_part(path)}.ls").exists()

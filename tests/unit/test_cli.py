@@ -16,6 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from uploader.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from uploader.cli._common import make_engine
+from uploader.signing import generate
 
 KEY = (
     "test-1:vMCqoKal2x7X6MtoWVCQXuI6TNQDazPxGAbkTl6o"
@@ -463,6 +465,46 @@ def test_check_config_checks_the_compression_level_without_a_to(tmp_path: Path) 
     one_error_line(cli("check-config", "--config", config), "out of range for zstd")
     config = write_config(tmp_path / "e.toml", 'compression = "xz"\ncompression-level = 9\n')
     assert cli("check-config", "--config", config).exit_code == EXIT_OK
+
+
+def test_check_config_checks_the_urls_level_against_the_method_in_use(tmp_path: Path) -> None:
+    # What `run` reads: the file's method with the URL's level.
+    url = "s3://cache?region=eu-west-1&compression=zstd&compression-level=19"
+    config = write_config(tmp_path / "c.toml", f'to = "{url}"\ncompression = "xz"\n')
+    expected = (
+        "compression level 19 is out of range for xz (0..9): the level is the store URL's "
+        "compression-level=19; change it there, or set a compression level for xz"
+    )
+    one_error_line(cli("check-config", "--config", config), expected)
+    config = write_config(
+        tmp_path / "d.toml", f'to = "{url}"\ncompression = "xz"\ncompression-level = 9\n'
+    )
+    assert cli("check-config", "--config", config).exit_code == EXIT_OK
+
+
+def test_a_level_for_no_compression_is_said_to_be_ignored(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        'to = "s3://cache?region=eu-west-1"\ncompression = "none"\ncompression-level = 5\n',
+    )
+    result = cli("check-config", "--config", config)
+    assert result.exit_code == EXIT_OK, result.output
+    assert "warning: compression is none: compression-level 5 is ignored" in result.output
+
+
+def test_a_setting_turns_off_the_urls_nar_listing(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/cache?write-nar-listing=true"
+    for setting, expected in ((None, True), (False, False), (True, True)):
+        engine = make_engine(url, generate("t-1"), compression=None, compression_level=None,
+                             jobs=1, write_nar_listing=setting)  # fmt: skip
+        try:
+            assert engine.write_nar_listing is expected, setting
+        finally:
+            engine.close()
+    engine = make_engine(f"file://{tmp_path}/cache", generate("t-1"), compression=None,
+                         compression_level=None, jobs=1)  # fmt: skip
+    assert engine.write_nar_listing is False
+    engine.close()
 
 
 def test_pin_add_without_a_name_says_so(tmp_path: Path) -> None:

@@ -32,8 +32,10 @@ from uploader.signing import SecretKey
 from uploader.spool import DEFAULT_SPOOL
 from uploader.state import KnownCache
 from uploader.store import NixStore
-from uploader.targets import open_target, parse_store_url
+from uploader.targets import StoreUrl, open_target, parse_store_url
 from uploader.upstream import Upstreams
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXIT_FAILURE",
@@ -255,7 +257,7 @@ def make_engine(
     known: KnownCache | None = None,
     upstreams: Upstreams | None = None,
     store: NixStore | None = None,
-    write_nar_listing: bool = False,
+    write_nar_listing: bool | None = None,
     attest: SecretKey | None = None,
     root: str | None = None,
 ) -> Engine:
@@ -264,11 +266,10 @@ def make_engine(
     of signing narinfos.  With ``root``, its uploads record roots of that
     name for gc, and follow gc's mark (docs/lifecycle.md)."""
     url = parse_store_url(store_url)
-    level = compression_level
-    if level is None and "compression-level" in url.params:
-        level = int(url.params["compression-level"])
-    method = compression or url.compression or "zstd"
-    check_level(method, level)  # before anything touches the cache
+    # Before anything touches the cache.
+    method, level, unused = compression_for(url, compression, compression_level)
+    if unused is not None:
+        log.warning("%s", unused)
     target = open_target(url, max_connections=worker_threads(jobs))
     is_upstream = upstreams.served if upstreams else None
     recorder = None
@@ -289,9 +290,36 @@ def make_engine(
         known=known,
         is_upstream=is_upstream,
         recorder=recorder,
-        write_nar_listing=write_nar_listing or url.write_nar_listing,
+        write_nar_listing=url.write_nar_listing if write_nar_listing is None else write_nar_listing,
         guard=guard,
     )
+
+
+def compression_for(
+    url: StoreUrl, method: str | None, level: int | None
+) -> tuple[str, int | None, str | None]:
+    """The compression method and level a command uses: the flag or setting,
+    else the store URL's parameter, else zstd at its default level; and a
+    warning when the level means nothing for the method.  A level the method
+    cannot use is refused, saying where it came from."""
+    from_url = level is None and "compression-level" in url.params
+    if from_url:
+        level = int(url.params["compression-level"])
+    method = method or url.compression or "zstd"
+    try:
+        check_level(method, level)
+    except ConfigError as e:
+        if not from_url:
+            raise
+        raise ConfigError(
+            f"{e}: the level is the store URL's compression-level={level}; change it there, "
+            f"or set a compression level for {method}"
+        ) from None
+    unused = None
+    if method == "none" and level is not None:
+        where = "the store URL's compression-level" if from_url else "compression-level"
+        unused = f"compression is none: {where} {level} is ignored"
+    return method, level, unused
 
 
 def secret_key_file(flag: str | None, store_url: str, *, config_file: bool = False) -> str:

@@ -20,6 +20,7 @@ from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_TIMEOUT,
     Span,
+    compression_for,
     fail,
     main,
     make_engine,
@@ -101,7 +102,8 @@ log = logging.getLogger("nix-cache-uploader")
 )  # fmt: skip
 @click.option(
     "--write-nar-listing/--no-write-nar-listing", "write_nar_listing", default=None,
-    help="A <hash>.ls listing beside each narinfo, as Nix's write-nar-listing [default: no].",
+    help="A <hash>.ls listing beside each narinfo, as Nix's write-nar-listing "
+    "[default: the store URL's write-nar-listing, else no].",
 )  # fmt: skip
 @click.option(
     "--upload-logs/--no-upload-logs", "upload_logs", default=None,
@@ -568,14 +570,18 @@ def _settings_warnings(settings: Settings) -> list[str]:
     warnings = []
     if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
         warnings.append(unprotected)
-    url_compression = None
     if settings.to is None:
         warnings.append("`to` is not set: `run` then needs --to")
+        # Against the setting or the default: --to may name another method,
+        # but a level no method takes is wrong either way.
+        check_level(settings.compression or "zstd", settings.compression_level)
     else:
-        url_compression = parse_store_url(settings.to).compression
-    # Without a `to`, against the setting or the default: --to may name
-    # another method, but a level no method takes is wrong either way.
-    check_level(settings.compression or url_compression or "zstd", settings.compression_level)
+        # As `run` reads them: the setting, else the URL's parameter.
+        _, _, unused = compression_for(
+            parse_store_url(settings.to), settings.compression, settings.compression_level
+        )
+        if unused is not None:
+            warnings.append(unused)
     if settings.metrics:
         parse_listen_address(settings.metrics)
     profile = parse_store_url(settings.to).params.get("profile") if settings.to else None

@@ -69,8 +69,9 @@ log = logging.getLogger(__name__)
     help="Paths processed at once.",
 )  # fmt: skip
 @click.option(
-    "--write-nar-listing", is_flag=True,
-    help="A <hash>.ls listing beside each narinfo (as the URL's write-nar-listing=true).",
+    "--write-nar-listing/--no-write-nar-listing", default=None,
+    help="A <hash>.ls listing beside each narinfo, as Nix's write-nar-listing "
+    "[default: the store URL's write-nar-listing, else no].",
 )  # fmt: skip
 @click.option(
     "--root", "root_name", default=None, metavar="NAME",
@@ -96,7 +97,7 @@ def push(
     compression: str | None,
     compression_level: int | None,
     jobs: int,
-    write_nar_listing: bool,
+    write_nar_listing: bool | None,
     root_name: str | None,
     upstream_urls: tuple[str, ...],
     upstream_keys: tuple[str, ...],
