@@ -238,8 +238,13 @@ class Daemon:
 
         watch = self.spool.watch(on_entry)
         self._rescan()
-        if self.roots is not None:
-            self.roots.keep_only(self._rooted_outputs())
+        if self.roots is not None and (dropped := self.roots.keep_only(self._rooted_outputs())):
+            log.warning(
+                "removed %s in %s that no entry in %s names (left by a crash, by entries "
+                "removed by hand, or by a spool moved without its entries: move those here, "
+                "they are uploaded from here only)",
+                plural(dropped, "GC root"), self.roots.directory, self.spool.path,
+            )  # fmt: skip
         log.info(
             "nix-cache-uploader %s serving %s → %s (%s waiting)",
             __version__,

@@ -67,6 +67,9 @@ class GcRoots:
                 found.add(os.readlink(os.path.join(self.directory, name)))
         return found
 
-    def keep_only(self, paths: Iterable[str]) -> None:
-        """Drop roots left by a crash for entries that are gone."""
-        self.remove(self.current() - set(paths))
+    def keep_only(self, paths: Iterable[str]) -> int:
+        """Drop the roots of paths no entry names (left by a crash, or by
+        entries removed from the spool); how many."""
+        unneeded = self.current() - set(paths)
+        self.remove(unneeded)
+        return len(unneeded)

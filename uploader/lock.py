@@ -1,8 +1,9 @@
-"""One daemon per spool and per state directory.
+"""One daemon per spool, per state directory and per GC-root directory.
 
 Two `run` processes on one spool would both upload the same entries and
-overwrite each other's status.  Each takes an exclusive ``flock`` on the
-spool and state directories themselves (no lock file to leave behind or to
+overwrite each other's status; two on one GC-root directory would each drop
+the roots of the other's queued builds at start.  Each takes an exclusive
+``flock`` on the spool, state and GC-root directories themselves (no lock file to leave behind or to
 mistake for an entry); the kernel drops it when the process ends, however it
 ends.  The holder of a lock is found in ``/proc/locks`` so that the refusal
 can name it.
@@ -37,7 +38,8 @@ class DirectoryLock:
             who = f"pid {holder}" if holder else "another process"
             raise ConfigError(
                 f"another nix-cache-uploader run ({who}) already uses the {what} {path}; "
-                "stop it first, or give this one its own --spool and --state-dir"
+                "stop it first, or give this one its own --spool, --state-dir and "
+                "--gc-roots-dir"
             ) from None
         self._fd: int | None = fd
 

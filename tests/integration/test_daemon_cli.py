@@ -193,6 +193,20 @@ def test_a_second_daemon_on_the_same_spool_refuses_naming_the_first(
     assert third.returncode == EXIT_FAILURE
     assert "already uses the state directory" in third.stderr
 
+    # Its own spool and state directory, but the first one's GC roots: refused
+    # before it could drop the roots of the first one's queued builds.
+    (out,) = build(trivial_expr("shared-roots"))
+    root = uploader.gc_roots / "queued-elsewhere"
+    root.symlink_to(out)
+    argv = other.argv()
+    argv[argv.index("--gc-roots-dir") + 1] = str(uploader.gc_roots)
+    fourth = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=other.cwd)
+    assert fourth.returncode == EXIT_FAILURE
+    assert f"already uses the gc-roots-dir {uploader.gc_roots}" in fourth.stderr
+    assert "its own --spool, --state-dir and --gc-roots-dir" in fourth.stderr
+    assert root.is_symlink()
+    root.unlink()
+
     # Once the first stops, the lock is gone with it.
     assert uploader.stop() == 0
     uploader.process = None

@@ -646,3 +646,26 @@ def test_status_lists_the_oldest_retrying_entries_and_counts_them_all(
     assert "  … and 11 more (--json lists the oldest 3)" in shown.output
     as_json = CliRunner().invoke(main, ["status", "--json", "--state-dir", s.settings.state_dir])
     assert json.loads(as_json.output)["retrying_count"] == 14
+
+
+def test_roots_no_entry_names_are_dropped_at_start_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A spool moved without its entries: their roots go, and the log says so.
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    queued, left = s.store.add("queued"), s.store.add("left-behind")
+    os.symlink(queued, tmp_path / "roots" / basename(queued))
+    os.symlink(left, tmp_path / "roots" / basename(left))
+    s.target.fail.add(narinfo_key(queued))  # stays queued, and rooted
+    s.entry("queued", f"out {queued}")
+    caplog.set_level("WARNING")
+    s.run_until(lambda d: any(p.attempts for p in d._pending.values()))
+    assert os.listdir(tmp_path / "roots") == [basename(queued)]
+    said = [r.getMessage() for r in caplog.records if "GC root" in r.getMessage()]
+    assert said == [
+        f"removed 1 GC root in {tmp_path / 'roots'} that no entry in {s.spool.path} names "
+        "(left by a crash, by entries removed by hand, or by a spool moved without its "
+        "entries: move those here, they are uploaded from here only)"
+    ]

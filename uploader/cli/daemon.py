@@ -200,6 +200,7 @@ def _make_daemon(
     locks = [
         DirectoryLock(spool.path, "spool"),
         DirectoryLock(settings.state_dir, "state directory"),
+        DirectoryLock(settings.gc_roots_dir, "gc-roots-dir"),
     ]
     assert settings.to is not None
     # In attest mode the memory is of this builder's attestations, not of narinfos.
