@@ -85,7 +85,8 @@ def test_bad_store_urls_are_one_line_in_every_command(
     # …where run and check-config, which read the config file too, say 1.
     one_error_line(cli("run", "--config", write_config(tmp_path / "c.toml", ""), "--to", url,
                        "--secret-key-file", key, "--spool", str(spool),
-                       "--state-dir", str(tmp_path / "state")), said)  # fmt: skip
+                       "--state-dir", str(tmp_path / "state"),
+                       "--gc-roots-dir", str(tmp_path / "roots")), said)  # fmt: skip
     config = write_config(tmp_path / "c.toml", f'to = "{url}"\n')
     one_error_line(cli("check-config", "--config", config), said, config)
 
