@@ -212,3 +212,32 @@ def test_repair_says_what_it_could_not_repair(
     assert report["repair"]["not_repaired"] == [
         {"subject": missing, "reason": "not valid in the local Nix store"}
     ]
+
+
+def test_a_rotated_key_signs_the_old_narinfos_again(
+    pushed: Bucket, closure: dict[str, str], tmp_path: Path
+) -> None:
+    # docs/operations.md, "Rotating the signing key": the old narinfos are
+    # found signed by the old key, signed again by repair, and a store that
+    # trusts only the new key substitutes the closure.
+    new = make_keys(tmp_path, "rotated-2")
+    code, report = pushed.verify(public_key=new.public)
+    assert code == 1
+    assert report["counts"]["bad-signature"] == 3, report  # type: ignore[index]
+    old_name = pushed.keys.public.split(":")[0]
+    listed = run_cli("verify", "--to", pushed.url, "--public-key", new.public, check=False)
+    assert f"(signed by {old_name})" in listed.stdout, listed.stdout
+
+    repaired = run_cli(
+        "verify", "--to", pushed.url, "--public-key", new.public, "--repair",
+        "--secret-key-file", new.secret_file, check=False,
+    )  # fmt: skip
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    code, after = pushed.verify(public_key=new.public)
+    assert code == 0, after
+    assert all(pushed.narinfo(p).sigs[0].startswith("rotated-2:") for p in closure.values())
+    copied = substitute(
+        pushed.weed.http_url(pushed.name), [closure["out"]], new.public,
+        dest=str(tmp_path / "fresh"),
+    )  # fmt: skip
+    assert copied.returncode == 0, copied.stderr
