@@ -367,7 +367,8 @@ def _gone(pid: object) -> bool:
 _STALE_AFTER = 15.0
 
 
-# Entries listed per section by `status`; --json lists them all.
+# Entries listed per section by `status`; --json lists all it has (the
+# daemon writes the 100 oldest retrying ones).
 _SHOWN = 10
 
 
