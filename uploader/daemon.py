@@ -25,7 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from uploader._exceptions import (
 from uploader.buildlogs import LOG_TYPE, log_key, read_build_log
 from uploader.config import Settings
 from uploader.engine import DependencyFailed, Engine, PushResult
+from uploader.fdlimit import ran_out
 from uploader.gcroots import GcRoots
 from uploader.metrics import Metrics
 from uploader.progress import plural
@@ -140,6 +141,18 @@ class Daemon:
         self._cache_checked = False
         self._cache_attempts = 0
         self._cache_retry_at = 0.0
+        # After a batch failed as a whole (the cache refused or did not
+        # answer, the local Nix failed), no batch starts before this: the
+        # entries that arrive meanwhile wait to be tried with the failed
+        # ones, as one batch and one log line, instead of each trying (and
+        # failing, and saying so) on its own.
+        self._held_until = 0.0
+        self._batch_failures = 0  # in a row
+        # Halved by each such failure for want of a resource, back to
+        # batch-size on a success: a batch may fail for its size (too few
+        # open files for the Nix queries of a thousand entries), and then
+        # succeeds in parts.
+        self._batch_limit: int | None = None
 
     # -- control -------------------------------------------------------
 
@@ -165,6 +178,7 @@ class Daemon:
         self._rescan()  # entries `retry` moved back from quarantine
         for p in self._pending.values():
             p.next_try = 0.0
+        self._held_until, self._batch_limit = 0.0, None
         log.info("retrying every waiting entry now")
         self._wakeup.set()
 
@@ -314,12 +328,14 @@ class Daemon:
                 await work
 
     def _due(self, now: float) -> list[str]:
+        if now < self._held_until:
+            return []
         due = [p for p in self._pending.values() if p.next_try <= now]
         due.sort(key=lambda p: (p.attempts, p.name))
-        return [p.name for p in due[: self.settings.batch_size]]
+        return [p.name for p in due[: self._batch_limit or self.settings.batch_size]]
 
     async def _sleep_until_due(self, now: float) -> None:
-        waits = [p.next_try - now for p in self._pending.values()]
+        waits = [self._next_try(p) - now for p in self._pending.values()]
         if self._cache_problem is not None:
             waits.append(self._cache_retry_at - now)
         await self._sleep(min([_RESCAN_EVERY, *waits]))
@@ -364,7 +380,27 @@ class Daemon:
         # what monitoring alerts on while every upload fails.
         self._count_failure(_kind(error))
         retry_after = error.retry_after if isinstance(error, TransientTargetError) else None
-        self._retry_later(names, str(error), retry_after=retry_after or 0.0)
+        self._hold(names, str(error), retry_after=retry_after or 0.0, smaller=ran_out(error))
+
+    def _hold(
+        self, names: list[str], error: str, *, retry_after: float = 0.0, smaller: bool = False
+    ) -> None:
+        """The batch failed as a whole: every entry, those that arrive
+        meanwhile too, waits for its retry (with backoff on failures in a
+        row); with ``smaller`` (the machine ran out), the next batch is at
+        most half as large."""
+        self._batch_failures += 1
+        if smaller:
+            self._batch_limit = max(1, len(names) // 2)
+        delay = min(
+            self.settings.retry_max, self.settings.retry_min * 2 ** (self._batch_failures - 1)
+        )
+        delay = max(delay * random.uniform(0.5, 1.0), retry_after)
+        self._held_until = time.monotonic() + delay
+        self._retry_later(names, error, delay=delay)
+
+    def _next_try(self, p: _Pending) -> float:
+        return max(p.next_try, self._held_until)
 
     def _cache_up(self) -> None:
         if self._cache_problem is not None:
@@ -444,7 +480,7 @@ class Daemon:
         try:
             outputs = await asyncio.to_thread(self._resolve_outputs, entries)
         except StoreError as e:
-            self._retry_later([e.name for e in entries], f"asking the local Nix: {e}")
+            self._hold([n.name for n in entries], f"asking the local Nix: {e}", smaller=ran_out(e))
             return
         ready = {name: outs for name, outs in outputs.items() if outs}
         if not ready:
@@ -477,7 +513,7 @@ class Daemon:
             except StoreError as e:
                 # Includes a path collected since the validity check: the
                 # next attempt quarantines its entry.
-                self._retry_later(list(ready), f"asking the local Nix: {e}")
+                self._hold(list(ready), f"asking the local Nix: {e}", smaller=ran_out(e))
                 return
             queried = time.monotonic()
             try:
@@ -500,6 +536,7 @@ class Daemon:
             except UploaderError as e:
                 log.warning("completing this batch's root in the cache: %s", e)
         result.present = sorted(present.union(result.present))
+        self._batch_failures, self._batch_limit = 0, None  # the cache and Nix answered
         self._settle(ready, infos, result)
         if self.settings.upload_logs and result.uploaded:
             await asyncio.to_thread(self._upload_logs, entries, ready, set(result.uploaded))
@@ -616,6 +653,9 @@ class Daemon:
         self, ready: dict[str, list[str]], infos: dict[str, PathInfo], result: PushResult
     ) -> None:
         """Acknowledge, quarantine or reschedule each entry after a push."""
+        # Entries to retry, each with its own error; one line for them all.
+        retries: dict[str, str] = {}
+        retry_after = 0.0
         for path, error in result.failed.items():
             self._count_failure(_kind(error))
             if not isinstance(error, DependencyFailed):
@@ -628,11 +668,10 @@ class Daemon:
                 except OSError as e:
                     # Uploaded, but it stays to be read again: retried with
                     # backoff (the cache has it by now), not an internal error.
-                    self._retry_later(
-                        [name],
+                    retries[name] = (
                         f"uploaded, but the entry cannot be removed from the spool "
                         f"({e.strerror or e}): the spool must be writable by this user "
-                        f"(see `lsattr -d {self.spool.path}` and its owner and mode)",
+                        f"(see `lsattr -d {self.spool.path}` and its owner and mode)"
                     )
                     continue
                 self._pending.pop(name, None)
@@ -653,15 +692,13 @@ class Daemon:
             if permanent:
                 self._quarantine(name, str(permanent[0]))
             else:
-                retry_after = max(
-                    (
-                        e.retry_after or 0.0
-                        for e in root_causes
-                        if isinstance(e, TransientTargetError)
-                    ),
-                    default=0.0,
-                )
-                self._retry_later([name], str(root_causes[0]), retry_after=retry_after)
+                retries[name] = str(root_causes[0])
+                for cause in root_causes:
+                    if isinstance(cause, TransientTargetError) and cause.retry_after:
+                        retry_after = max(retry_after, cause.retry_after)
+        if retries:
+            first = next(iter(retries.values()))
+            self._retry_later(list(retries), first, retry_after=retry_after, errors=retries)
 
     # -- bookkeeping ---------------------------------------------------
 
@@ -742,7 +779,18 @@ class Daemon:
         self._note_error(name, reason)
         self._dirty = True
 
-    def _retry_later(self, names: Iterable[str], error: str, *, retry_after: float = 0.0) -> None:
+    def _retry_later(
+        self,
+        names: Iterable[str],
+        error: str,
+        *,
+        retry_after: float = 0.0,
+        delay: float | None = None,
+        errors: Mapping[str, str] | None = None,
+    ) -> None:
+        """Each entry again after its own backoff (at least ``retry_after``),
+        or after ``delay`` for all of them; ``error`` is why, or ``errors``
+        each one's."""
         now = time.monotonic()
         delays = []
         # One jitter for the entries that failed together: they stay one
@@ -751,20 +799,28 @@ class Daemon:
         for name in names:
             p = self._pending.setdefault(name, _Pending(name))
             p.attempts += 1
-            delay = min(self.settings.retry_max, self.settings.retry_min * 2 ** (p.attempts - 1))
-            delay = max(delay * jitter, retry_after)
-            p.next_try = now + delay
-            p.last_error = error
-            delays.append(delay)
-            log.debug("%s: attempt %d failed, retrying in %.0fs", name, p.attempts, delay)
+            if delay is None:
+                wait = min(self.settings.retry_max, self.settings.retry_min * 2 ** (p.attempts - 1))
+                wait = max(wait * jitter, retry_after)
+            else:
+                wait = delay
+            p.next_try = now + wait
+            p.last_error = error if errors is None else errors[name]
+            delays.append(wait)
+            log.debug("%s: attempt %d failed, retrying in %.0fs", name, p.attempts, wait)
         # One warning per failure, however many entries it holds back.
         if len(delays) == 1:
             log.warning(
-                "%s: attempt %d failed, retrying in %.0fs: %s", name, p.attempts, delay, error
-            )
+                "%s: attempt %d failed, retrying in %.0fs: %s",
+                name, p.attempts, wait, p.last_error,
+            )  # fmt: skip
         elif delays:
             low, high = f"{min(delays):.0f}s", f"{max(delays):.0f}s"
             when = low if low == high else f"{low} to {high}"
+            others = len(set(errors.values()) - {error}) if errors else 0
+            if others:
+                more = plural(others, "other error")
+                error = f"{error} (and {more}: `nix-cache-uploader status` lists them)"
             log.warning("%d entries failed, retrying in %s: %s", len(delays), when, error)
         self._note_error(None, error)
         self._dirty = True
@@ -832,7 +888,7 @@ class Daemon:
                 {
                     "entry": p.name,
                     "attempts": p.attempts,
-                    "next_try_in": max(0.0, p.next_try - now),
+                    "next_try_in": max(0.0, self._next_try(p) - now),
                     "error": p.last_error,
                 }
                 for p in heapq.nsmallest(RETRYING_LISTED, retrying, key=lambda p: p.name)

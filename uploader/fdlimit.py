@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import resource
 
-__all__ = ["EXHAUSTED", "WANTED", "exhausted_hint", "raise_open_files"]
+__all__ = ["EXHAUSTED", "WANTED", "exhausted_hint", "raise_open_files", "ran_out"]
 
 # Errors that say the machine ran out of something, and of what.
 EXHAUSTED = {
@@ -47,3 +47,14 @@ def exhausted_hint(e: OSError) -> str:
     """`` (out of …); tried again later`` for an error of exhaustion, else ``""``."""
     what = EXHAUSTED.get(e.errno) if e.errno is not None else None
     return f" (out of {what}); tried again later" if what else ""
+
+
+def ran_out(error: BaseException) -> bool:
+    """Whether ``error`` came of the machine running out (its cause, or the
+    cause's cause, an error of exhaustion)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in EXHAUSTED:
+            return True
+        seen = seen.__cause__
+    return False

@@ -256,3 +256,28 @@ def test_a_build_that_arrives_while_the_cache_stalls_is_rooted_at_once(
     finally:
         uploader.kill()
         shutil.rmtree(roots_dir, ignore_errors=True)
+
+
+def test_a_bucket_refusing_writes_costs_a_line_per_attempt_not_per_build(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    # Every write refused (403 AccessDenied, as for a policy without
+    # s3:PutObject) while builds keep arriving: they wait with the failed
+    # ones and are tried with them, so the log and the requests grow with
+    # the attempts, not with the builds.
+    denied = Rule("denied", "PUT", "", count=10**9)
+    faults.add(denied)
+    uploader.store_url = faults.store_url(bucket)
+    uploader.start()
+    outputs = []
+    for wave in range(6):
+        outputs += build(dag_expr(4), hook=str(uploader.hook))
+        time.sleep(0.5)
+    failed = [line for line in uploader.log().splitlines() if "failed, retrying in" in line]
+    assert 1 <= len(failed) <= 6, failed  # 3 here; 21 when each build tried on its own
+    assert all("AccessDenied" in line and "s3:PutObject" in line for line in failed), failed
+    assert denied.hits <= 2 * len(failed), "one refused write per attempt (and its retry)"
+    denied.count = 0  # writes allowed again
+    run_cli("retry", *uploader.queue_args())
+    uploader.wait_drained(timeout=120)
+    assert_substitutes(faults, bucket, outputs, keys, tmp_path / "fresh")

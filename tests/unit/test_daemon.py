@@ -5,6 +5,7 @@ what SIGTERM leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from tests.support.requirements import require_binary
 from tests.support.tmpfs import small_tmpfs
 from uploader import daemon as daemon_module
 from uploader import signing
-from uploader._exceptions import CredentialsError, StoreError, TransientTargetError
+from uploader._exceptions import CredentialsError, StoreError, TargetError, TransientTargetError
 from uploader.cli import main
 from uploader.config import Settings
 from uploader.daemon import Daemon
@@ -669,3 +670,78 @@ def test_roots_no_entry_names_are_dropped_at_start_and_counted(
         "(left by a crash, by entries removed by hand, or by a spool moved without its "
         "entries: move those here, they are uploaded from here only)"
     ]
+
+
+def test_entries_that_arrive_while_the_cache_refuses_wait_with_the_failed_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bucket refusing writes fails every batch as a whole, at once. Builds
+    # that keep arriving must not each be tried (and fail, and log) on their
+    # own: they wait with the failed entries and are retried as one batch,
+    # so the log grows with the attempts, not with the entries.
+    s = Setup(tmp_path, retry_min=0.3, retry_max=0.3)
+    s.target.refuse = TargetError("uploading roots/x.json: AccessDenied (writes refused)")
+    outs = [s.store.add(f"p{i}") for i in range(30)]
+    s.entry("e00", f"out {outs[0]}")
+    written, last = 1, time.monotonic()
+    caplog.set_level("WARNING", logger="uploader.daemon")
+
+    def arriving(d: Daemon) -> bool:
+        nonlocal written, last
+        if written < len(outs) and time.monotonic() - last >= 0.05:
+            s.entry(f"e{written:02d}", f"out {outs[written]}")
+            written, last = written + 1, time.monotonic()
+        return len(d._pending) == len(outs) and all(p.attempts for p in d._pending.values())
+
+    d = s.run_until(arriving)
+    failed = [r.getMessage() for r in caplog.records if "failed, retrying" in r.getMessage()]
+    attempts = d._pending["e00.entry"].attempts
+    assert 3 <= len(failed) <= attempts + 1, (attempts, failed)
+    assert all("AccessDenied (writes refused)" in line for line in failed)
+    status = d.status(running=True)
+    assert status["retrying_count"] == 30
+    assert len({round(r["next_try_in"], 1) for r in status["retrying"]}) == 1, "one batch"
+    s.target.refuse = None
+    s.run_until(lambda d: not s.spool.pending())
+    assert all(s.target.narinfo(p) is not None for p in outs)
+
+
+def test_entries_of_a_batch_failing_each_for_its_own_reason_take_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path, retry_min=30, retry_max=60)
+    outs = [s.store.add(f"own{i}") for i in range(3)]
+    for i, out in enumerate(outs):
+        s.target.fail.add(narinfo_key(out))
+        s.entry(f"own{i}", f"out {out}")
+    caplog.set_level("WARNING", logger="uploader.daemon")
+    d = s.run_until(lambda d: sum(p.attempts for p in d._pending.values()) == 3)
+    failed = [r.getMessage() for r in caplog.records if "failed, retrying" in r.getMessage()]
+    assert len(failed) == 1, failed
+    assert failed[0].startswith("3 entries failed, retrying in ")
+    assert f"uploading {narinfo_key(outs[0])}" in failed[0]
+    assert failed[0].endswith("(and 2 other errors: `nix-cache-uploader status` lists them)")
+    errors = {r["entry"]: r["error"] for r in d.status(running=True)["retrying"]}
+    for i, out in enumerate(outs):
+        assert narinfo_key(out) in errors[f"own{i}.entry"]
+
+
+def test_a_batch_that_fails_for_want_of_files_is_retried_in_halves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A batch may fail for its size (the open files its requests need): each
+    # such failure in a row halves the next one, a success restores it.
+    s = Setup(tmp_path, retry_min=0.05, retry_max=0.05)
+    s.target.refuse = TargetError("listing: Too many open files")
+    s.target.refuse.__cause__ = OSError(errno.EMFILE, "Too many open files")
+    outs = [s.store.add(f"half{i}") for i in range(8)]
+    for i, out in enumerate(outs):
+        s.entry(f"half{i}", f"out {out}")
+    caplog.set_level("WARNING", logger="uploader.daemon")
+    d = s.run_until(lambda d: any(p.attempts >= 4 for p in d._pending.values()))
+    failed = [r.getMessage().split(",")[0] for r in caplog.records if "failed" in r.getMessage()]
+    assert failed[:3] == ["8 entries failed", "4 entries failed", "2 entries failed"], failed
+    assert re.fullmatch(r"half\d\.entry: attempt \d failed", failed[3]), failed
+    assert d._batch_limit == 1
+    s.target.refuse = None
+    d = s.run_until(lambda d: not s.spool.pending())
