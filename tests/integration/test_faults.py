@@ -270,7 +270,7 @@ def test_a_bucket_refusing_writes_costs_a_line_per_attempt_not_per_build(
     uploader.store_url = faults.store_url(bucket)
     uploader.start()
     outputs = []
-    for wave in range(6):
+    for _ in range(6):  # waves of builds
         outputs += build(dag_expr(4), hook=str(uploader.hook))
         time.sleep(0.5)
     failed = [line for line in uploader.log().splitlines() if "failed, retrying in" in line]
