@@ -572,21 +572,20 @@ def _settings_warnings(settings: Settings) -> list[str]:
     warnings = []
     if (unprotected := gc_roots_warning(settings.gc_roots_dir)) is not None:
         warnings.append(unprotected)
-    if settings.to is None:
+    url = parse_store_url(settings.to) if settings.to is not None else None
+    if url is None:
         warnings.append("`to` is not set: `run` then needs --to")
         # Against the setting or the default: --to may name another method,
         # but a level no method takes is wrong either way.
         check_level(settings.compression or "zstd", settings.compression_level)
     else:
         # As `run` reads them: the setting, else the URL's parameter.
-        _, _, unused = compression_for(
-            parse_store_url(settings.to), settings.compression, settings.compression_level
-        )
+        _, _, unused = compression_for(url, settings.compression, settings.compression_level)
         if unused is not None:
             warnings.append(unused)
     if settings.metrics:
         parse_listen_address(settings.metrics)
-    profile = parse_store_url(settings.to).params.get("profile") if settings.to else None
+    profile = url.params.get("profile") if url is not None else None
     if profile:
         # Imported here: boto3 and aiohttp take 0.15 s to import, which
         # every command would pay for this one check.
