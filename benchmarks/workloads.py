@@ -22,6 +22,7 @@ __all__ = [
     "compile_dag_expr",
     "cpu_builds_expr",
     "dag_expr",
+    "many_paths",
     "nar_sizes",
     "small_paths",
 ]
@@ -192,6 +193,21 @@ def big_path(bench: Bench) -> Built:
     if not bench.quick and built.nar_bytes < 1 << 30:
         raise RuntimeError(f"big path is only {built.nar_bytes} bytes; expected ≥ 1 GiB")
     return built
+
+
+def many_paths(bench: Bench) -> Built:
+    """200 independent paths (40 with --quick) of 150 to 400 KiB of real
+    libraries: many NARs compressed at once."""
+    count = 40 if bench.quick else 200
+    parts = tuple(
+        Part(
+            f"many-{i}",
+            f"find {_LIB} -maxdepth 1 -type f -name '*.so*' | sort | awk 'NR % {count} == {i}' "
+            f"| xargs cat | head -c {150_000 + 1250 * i * 200 // count} > $out/data/blob",
+        )
+        for i in range(count)
+    )
+    return _build(bench, "many", _parts_expr(parts, bench.salt))
 
 
 def small_tree_expr(count: int, salt: str) -> str:

@@ -28,7 +28,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from uploader._exceptions import UploaderError, VerificationError
-from uploader.compression import compress_bytes, extension, open_compressor
+from uploader.compression import (
+    compress_bytes,
+    encoders,
+    extension,
+    open_compressor,
+)
 from uploader.nixbase32 import format_hash
 from uploader.store import PathInfo
 from uploader.targets import Upload
@@ -100,27 +105,30 @@ def compress_checked(
     bytes); raise VerificationError unless they are the NAR the Nix database
     registered for ``info.path``."""
     sink = _Sink(write)
-    compressor = open_compressor(
-        method, sink,  # type: ignore[arg-type]
-        level=level, size_hint=info.nar_size, threads=os.cpu_count() or 1,
-    )  # fmt: skip
+    threads = os.cpu_count() or 1
     nar_sha = hashlib.sha256()
     nar_size = 0
-    try:
-        for chunk in chunks:
-            nar_sha.update(chunk)
-            nar_size += len(chunk)
-            if nar_size > info.nar_size:
-                break  # already not what was registered: no need to read on
-            compressor.write(chunk)
-        compressor.close()
-    finally:
-        # zstd's writer is a C object that the cycle collector cannot see
-        # into.  It holds the sink, which leads back to this frame through a
-        # failed part's exception and its traceback: unless dropped here, a
-        # failed upload kept its zstd context, two threads and some 50 MiB
-        # for good.
-        del compressor
+    # An xz encoder (or zstd's at a high level) waits for room (compression.py).
+    with encoders.turn(method, level, size_hint=info.nar_size, threads=threads):
+        compressor = open_compressor(
+            method, sink,  # type: ignore[arg-type]
+            level=level, size_hint=info.nar_size, threads=threads,
+        )  # fmt: skip
+        try:
+            for chunk in chunks:
+                nar_sha.update(chunk)
+                nar_size += len(chunk)
+                if nar_size > info.nar_size:
+                    break  # already not what was registered: no need to read on
+                compressor.write(chunk)
+            compressor.close()
+        finally:
+            # zstd's writer is a C object that the cycle collector cannot
+            # see into.  It holds the sink, which leads back to this frame
+            # through a failed part's exception and its traceback: unless
+            # dropped here, a failed upload kept its zstd context, two
+            # threads and some 50 MiB for good.
+            del compressor
     _check(info, nar_sha.digest(), nar_size)
     return Compressed(sink.sha.digest(), sink.size)
 
@@ -361,8 +369,12 @@ class NarStreamer:
         # zstd compresses one large NAR on every core: one at a time.  The
         # next starts as soon as the previous one's last part is on its way
         # (so at most one buffer per part in flight, plus the one being
-        # filled, is in memory), while its parts are still being sent.
-        self._compressing = threading.Lock()
+        # filled, is in memory), while its parts are still being sent.  xz
+        # compresses on one core: one NAR per core, as its memory allows
+        # (compression.py), each filling a buffer of its own.
+        self._compressing = threading.BoundedSemaphore(
+            (os.cpu_count() or 1) if method == "xz" else 1
+        )
         # Set when the engine is closed with uploads still running (a
         # daemon stopped past its drain timeout): they abort, not complete,
         # since no narinfo will name them.

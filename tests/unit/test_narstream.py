@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -449,3 +450,74 @@ def test_a_nar_larger_than_registered_is_said_so_without_a_hash_of_part_of_it() 
     short = PathInfo(path, "sha256:" + "0" * 52, 200, ())
     with pytest.raises(VerificationError, match=r"on disk: sha256:[0-9a-z]{52}, 128 bytes\)"):
         compress_checked(short, iter([b"x" * 64, b"y" * 64]), lambda b: None, "zstd", None)
+
+
+class _CountedXz:
+    """How many xz encoders were open at once, at most; each, once open,
+    waits a moment for the others to open theirs, were they not held back."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from uploader import compression, narstream
+
+        monkeypatch.setattr(
+            narstream, "encoders", compression._EncoderGate(compression.ENCODER_BUDGET, 2)
+        )
+        self.live = self.most = 0
+        lock = threading.Lock()
+        opened, closed = compression._Xz.__init__, compression._Xz.close
+        counter = self
+
+        def counted_open(self: compression._Xz, *args: Any) -> None:
+            opened(self, *args)
+            with lock:
+                counter.live += 1
+                counter.most = max(counter.most, counter.live)
+            time.sleep(0.05)
+
+        def counted_close(self: compression._Xz) -> None:
+            closed(self)
+            with lock:
+                counter.live -= 1
+
+        monkeypatch.setattr(compression._Xz, "__init__", counted_open)
+        monkeypatch.setattr(compression._Xz, "close", counted_close)
+
+
+def _pushed_as_xz(store: FakeStore, target: RecordingTarget, paths: list[str]) -> None:
+    for path in paths:
+        assert_signed_as_registered(store, target, path)
+        info = target.narinfo(path)
+        assert info is not None and info.compression == "xz"
+        assert decompress(info.url, target.objects[info.url]) == store.nar(path)
+
+
+def test_xz_encoders_take_turns_however_many_nars_are_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An xz encoder takes 94 MiB.  Medium NARs (up to ``jobs`` at once) and
+    small ones (as many as the round trips ask for) each opened one at once:
+    300 paths of 150 KiB took a push to 437 MiB."""
+    counted = _CountedXz(monkeypatch)
+    store = FakeStore(tmp_path)
+    text = b"".join(b"line %d of a library\n" % i for i in range(20000))  # 420 KiB
+    paths = [store.add(f"medium-{i}", contents=text + b"%d" % i) for i in range(8)]
+    paths += [store.add(f"small-{i}", contents=text[:150_000] + b"%d" % i) for i in range(8)]
+    target = RecordingTarget()
+    assert push(store, target, paths, compression="xz", jobs=4).ok
+    assert counted.most == 2
+    _pushed_as_xz(store, target, paths)
+
+
+@pytest.mark.parametrize("size", [6 * MiB, STREAM_ABOVE + MiB], ids=["in-one-piece", "streamed"])
+def test_large_nars_compress_with_xz_one_per_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """xz compresses on one core: large NARs took turns as zstd's do (which
+    uses every core for one), and a push with xz used half the machine."""
+    counted = _CountedXz(monkeypatch)
+    store = FakeStore(tmp_path)
+    paths = [store.add(f"large-{i}", contents=bytes(size - i)) for i in range(3)]
+    target = RecordingTarget()
+    assert push(store, target, paths, compression="xz", jobs=4).ok
+    assert counted.most == 2
+    _pushed_as_xz(store, target, paths)
