@@ -731,7 +731,7 @@ class Engine:
                 return streamed
         if info.nar_size <= _SMALL_NAR:
             return await self._upload_small_nar(info, overwrite)
-        if info.nar_size > THREADED_ABOVE and self.compression == "zstd":
+        if info.nar_size > THREADED_ABOVE and self.compression != "xz":
             # zstd compresses a large NAR on every core: one at a time, while
             # the NARs compressed before it upload.  xz uses one core an
             # encoder, and takes turns by its memory (compression.py).
