@@ -660,6 +660,7 @@ class Daemon:
             self._count_failure(_kind(error))
             if not isinstance(error, DependencyFailed):
                 self._note_error(path, error)
+        served_upstream = set(result.skipped_upstream)
         for name, outputs in ready.items():
             failed = _failures_in_closure(outputs, infos, result.failed) if result.failed else []
             if not failed:
@@ -676,7 +677,12 @@ class Daemon:
                     continue
                 self._pending.pop(name, None)
                 self._unroot(name)
+                upstream = len(served_upstream.intersection(outputs))
                 where = "in the cache"
+                if upstream == len(outputs):
+                    where = "served upstream"
+                elif upstream:
+                    where = f"in the cache ({upstream} served upstream)"
                 if self.engine.recorder is not None:
                     where = _attested(outputs, result)
                 log.info("%s: %s %s", name, plural(len(outputs), "output"), where)

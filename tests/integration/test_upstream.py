@@ -5,6 +5,7 @@ The upstream is a second bucket on the same S3 server, filled with `push`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -85,6 +86,15 @@ def test_paths_an_upstream_cache_serves_are_not_uploaded_again(
     assert basename(dep) in top_info.references
     assert _narinfo(s3, bucket, dep) is None, "the upstream's path was uploaded again"
     assert _narinfo(s3, upstream_bucket, dep) is not None
+    # The dependency's own entry: acknowledged as served upstream, not as in
+    # the cache.
+    drv = subprocess.run(["nix-store", "--query", "--deriver", dep], env=nix_client_env(),
+                         check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    subprocess.run([str(uploader.hook)], env={**os.environ, "DRV_PATH": drv, "OUT_PATHS": dep},
+                   check=True)  # fmt: skip
+    uploader.wait_drained(timeout=120)
+    assert "1 output served upstream" in uploader.log(), uploader.log()
+    assert _narinfo(s3, bucket, dep) is None
 
     # A machine with both caches gets the referrer from us, the dependency upstream.
     fresh = tmp_path / "fresh"

@@ -1,0 +1,202 @@
+"""Upstream caches that misbehave: nothing counts as served unless the
+upstream serves its narinfo, and one that cannot be asked costs one
+warning and one wait, not one per path."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.fakes import FakeStore
+from uploader.narinfo import NarInfo
+from uploader.store import PathInfo
+from uploader.storepath import hash_part
+from uploader.upstream import Upstreams
+
+Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@contextlib.contextmanager
+def http_upstream(answer: Handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``answer``."""
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer(self)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def raw_upstream(on_connect: Callable[[socket.socket], None]) -> Iterator[tuple[str, list[int]]]:
+    """A TCP server on 127.0.0.1 that hands each connection to ``on_connect``;
+    its URL and the count of connections, as a one-item list."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    connections = [0]
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections[0] += 1
+            held.append(conn)
+            on_connect(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def _infos(tmp_path: Path, count: int) -> list[PathInfo]:
+    store = FakeStore(tmp_path)
+    paths = [store.add(f"p{i}") for i in range(count)]
+    return list(store.path_infos(paths).values())
+
+
+def _narinfo_for(path: str) -> bytes:
+    return (
+        NarInfo(
+            store_path=path,
+            url=f"nar/{hash_part(path)}.nar",
+            compression="none",
+            file_hash=None,
+            file_size=None,
+            nar_hash="sha256:" + "0" * 52,
+            nar_size=1,
+        )
+        .render()
+        .encode()
+    )
+
+
+def test_an_upstream_serving_the_narinfo_serves_the_path(tmp_path: Path) -> None:
+    infos = _infos(tmp_path, 3)
+    by_hash = {hash_part(i.path): i.path for i in infos[:2]}
+
+    def answer(request: http.server.BaseHTTPRequestHandler) -> None:
+        path = by_hash.get(request.path.strip("/").removesuffix(".narinfo"))
+        if path is None:
+            request.send_error(404)
+            return
+        body = _narinfo_for(path)
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    with http_upstream(answer) as url:
+        upstreams = Upstreams([url])
+        try:
+            assert upstreams.served(infos) == {infos[0].path, infos[1].path}
+        finally:
+            upstreams.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>welcome</html>", None],
+    ids=["a web page", "another path's narinfo"],
+)
+def test_an_upstream_answering_200_to_anything_serves_nothing(
+    tmp_path: Path, body: bytes | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped URL, a captive portal or a CDN's error page answers 200:
+    counted as served, the paths were never uploaded, and their entries were
+    acknowledged."""
+    infos = _infos(tmp_path, 20)
+    other = _narinfo_for("/nix/store/" + "1" * 32 + "-other")
+
+    def answer(request: http.server.BaseHTTPRequestHandler) -> None:
+        data = body if body is not None else other
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    with http_upstream(answer) as url, caplog.at_level(logging.WARNING):
+        upstreams = Upstreams([url])
+        try:
+            assert upstreams.served(infos) == set()
+        finally:
+            upstreams.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "not a narinfo" in warnings[0] or "narinfo with" in warnings[0]
+    assert "uploading 20 paths ourselves" in warnings[0]
+
+
+def test_an_upstream_that_does_not_speak_http_serves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SSH port: http.client's BadStatusLine escaped, `push` ended with a
+    traceback and the daemon retried every batch as an internal error."""
+    infos = _infos(tmp_path, 5)
+
+    def banner(conn: socket.socket) -> None:
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        conn.shutdown(socket.SHUT_WR)
+
+    with raw_upstream(banner) as (url, _), caplog.at_level(logging.WARNING):
+        upstreams = Upstreams([url])
+        try:
+            assert upstreams.served(infos) == set()
+        finally:
+            upstreams.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "BadStatusLine" in warnings[0]
+
+
+def test_an_upstream_that_does_not_answer_is_waited_for_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every path waited out its own timeout, 16 at a time, with a warning
+    each, on every batch: 64 paths took 40 s, twice."""
+    infos = _infos(tmp_path, 64)
+    with raw_upstream(lambda conn: None) as (url, connections), caplog.at_level(logging.WARNING):
+        upstreams = Upstreams([url], timeout=0.5)
+        try:
+            assert upstreams.served(infos) == set()
+            first = connections[0]
+            # At most the requests already under way when the first timed out.
+            assert 1 <= first <= 16
+            # Left alone for a while: not asked again.
+            assert upstreams.served(infos) == set()
+            assert connections[0] == first
+        finally:
+            upstreams.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "uploading 64 paths ourselves, and not asking it again for" in warnings[0]
