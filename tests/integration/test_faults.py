@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -217,6 +219,45 @@ def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orpha
 
     uploader.start()
     uploader.wait_drained(timeout=120)
+    assert assert_bucket_consistent(faults, bucket) == 1
+    assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
+
+
+def test_push_stopped_by_sigterm_aborts_its_upload_as_ctrl_c_does(
+    faults: FaultProxy, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """A CI job's timeout, `timeout(1)` and systemd stop `push` with
+    SIGTERM: it died on the spot and left an incomplete multipart upload,
+    invisible and billed until a lifecycle rule removes it."""
+    (path,) = build(random_blob_expr("terminated", 40_000_000))
+    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
+    url = faults.store_url(bucket, compression="none")
+    push = subprocess.Popen(
+        [sys.executable, "-m", "uploader", "push", "--to", url,
+         "--secret-key-file", keys.secret_file, path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not faults.rules[0].hits:
+            assert push.poll() is None and time.monotonic() < deadline, "the part never stalled"
+            time.sleep(0.05)
+        push.send_signal(signal.SIGTERM)
+        _, stderr = push.communicate(timeout=60)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.wait()
+    assert push.returncode == 128 + signal.SIGTERM, stderr
+    assert "push stopped by SIGTERM; its uploads under way were aborted" in stderr
+    assert "Traceback" not in stderr
+    time.sleep(4)  # the stalled part ends; nothing may complete after it
+    client = faults.client()
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", []) == []
+    assert faults.get(bucket, f"{hash_part(path)}.narinfo") is None
+
+    run_cli("push", "--to", url, "--secret-key-file", keys.secret_file, path)
     assert assert_bucket_consistent(faults, bucket) == 1
     assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
 

@@ -6,13 +6,15 @@ exits with one of the named codes below.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
 import re
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -40,13 +42,16 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
+    "Terminated",
     "fail",
     "main",
     "make_engine",
     "queue_options",
     "refuse_cache_key",
+    "run_stoppable",
     "secret_key_file",
     "setup_logging",
     "verbosity",
@@ -56,8 +61,44 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class Terminated(Exception):
+    """The command was stopped by SIGTERM (`systemctl stop`, a CI job's
+    timeout, `timeout(1)`)."""
+
+
+def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, stopped by SIGTERM as by Ctrl-C: ``main`` is
+    cancelled, so that the engine, closed after, aborts the uploads under
+    way instead of leaving them incomplete in the bucket; then Terminated
+    is raised."""
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopped: list[bool] = []
+
+        def stop() -> None:
+            stopped.append(True)
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if stopped:
+                raise Terminated from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(guarded())
 
 
 def setup_logging(verbose: int, *, service: bool = False) -> None:

@@ -15,8 +15,10 @@ from uploader._exceptions import UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     Span,
+    Terminated,
     duration_seconds,
     fail,
     main,
@@ -156,7 +158,7 @@ def gc_command(
             deleted=deleted,
             on_deleted=say_deleted if do_delete and not quiet and not as_json else None,
         )
-    except (UploaderError, KeyboardInterrupt, _Terminated) as e:
+    except (UploaderError, KeyboardInterrupt, Terminated) as e:
         # Stopped part way: say what went (what stays keeps its closures).
         gone = " and ".join(plural(n, kind) for kind, n in deleted.items() if n)
         if gone:
@@ -164,9 +166,9 @@ def gc_command(
                        "run `gc --delete` again to finish", err=True)  # fmt: skip
         if isinstance(e, KeyboardInterrupt):
             raise
-        if isinstance(e, _Terminated):
+        if isinstance(e, Terminated):
             click.echo("gc stopped by SIGTERM", err=True)
-            sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_TERMINATED)
         fail(str(e))
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -181,12 +183,8 @@ def gc_command(
 _SHORT_NAR_DELAY = 3600.0
 
 
-class _Terminated(Exception):
-    pass
-
-
 def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+    raise Terminated
 
 
 def _print(result: GcResult, quiet: bool) -> None:

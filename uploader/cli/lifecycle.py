@@ -11,10 +11,13 @@ from uploader._exceptions import ConfigError, UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
+    Terminated,
     fail,
     main,
     make_engine,
+    run_stoppable,
     setup_logging,
     upstream_checks,
     verbosity,
@@ -139,9 +142,13 @@ def _repair(report: Report, store_url: str, key: SecretKey) -> RepairResult:
         store_url, key, compression=None, compression_level=None, jobs=4, store=store
     )
     try:
-        return repair(report, engine, store)
+        return repair(report, engine, store, run_stoppable)
+    except Terminated:
+        click.echo("verify --repair stopped by SIGTERM; its uploads under way were aborted: "
+                   "run it again to finish", err=True)  # fmt: skip
+        sys.exit(EXIT_TERMINATED)
     finally:
-        engine.close()
+        engine.close()  # aborts the uploads a stop left under way
 
 
 def _print(report: Report, repaired: RepairResult | None, quiet: bool) -> None:

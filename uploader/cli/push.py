@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import sys
@@ -13,11 +12,14 @@ from uploader import redact
 from uploader._exceptions import ConfigError, KeyFileError, UploaderError
 from uploader.cli._common import (
     EXIT_FAILURE,
+    EXIT_TERMINATED,
     EXIT_USAGE,
+    Terminated,
     fail,
     main,
     make_engine,
     refuse_cache_key,
+    run_stoppable,
     setup_logging,
     verbosity,
 )
@@ -161,13 +163,21 @@ def push(
     )  # fmt: skip
     progress = TerminalProgress() if sys.stderr.isatty() and not quiet else None
     try:
-        result = asyncio.run(engine.push(roots, progress))
+        result = run_stoppable(engine.push(roots, progress))
     except UploaderError as e:
         fail(str(e))
+    except Terminated:
+        result = None
     finally:
         if progress:
             progress.finish()
-        engine.close()
+        engine.close()  # aborts the uploads a stop left under way
+    if result is None:
+        click.echo(
+            "push stopped by SIGTERM; its uploads under way were aborted: run it again to finish",
+            err=True,
+        )
+        sys.exit(EXIT_TERMINATED)
     _report(result, method, quiet, engine)
     if not result.ok:
         sys.exit(EXIT_FAILURE)

@@ -11,11 +11,11 @@ missing ones are simply absent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from uploader.engine import Engine
+from uploader.engine import Engine, PushResult
 from uploader.lifecycle.report import Report
 
 __all__ = ["RepairResult", "repair"]
@@ -45,7 +45,14 @@ class RepairResult:
         }
 
 
-def repair(report: Report, engine: Engine, store: LocalStore) -> RepairResult:
+def repair(
+    report: Report,
+    engine: Engine,
+    store: LocalStore,
+    run: Callable[[Coroutine[Any, Any, PushResult]], PushResult] = asyncio.run,
+) -> RepairResult:
+    """Upload again the paths ``report`` found damaged or missing, that the
+    local store has; ``run`` runs the push (the CLI's stops on SIGTERM)."""
     result = RepairResult()
     damaged: set[str] = set()
     missing: set[str] = set()
@@ -68,7 +75,7 @@ def repair(report: Report, engine: Engine, store: LocalStore) -> RepairResult:
     valid = [p for p in wanted if p not in invalid]
     if not valid:
         return result
-    pushed = asyncio.run(engine.push(valid, force=[p for p in valid if p in damaged]))
+    pushed = run(engine.push(valid, force=[p for p in valid if p in damaged]))
     for path, error in sorted(pushed.failed.items()):
         if path in wanted:
             result.not_repaired[path] = str(error)
