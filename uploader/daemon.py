@@ -478,10 +478,12 @@ class Daemon:
     async def _upload_batch(self, entries: list[Entry]) -> None:
         started = time.monotonic()
         try:
-            outputs = await asyncio.to_thread(self._resolve_outputs, entries)
+            outputs, unusable = await asyncio.to_thread(self._resolve_outputs, entries)
         except StoreError as e:
             self._hold([n.name for n in entries], f"asking the local Nix: {e}", smaller=ran_out(e))
             return
+        for name, reason in unusable:
+            self._quarantine(name, reason)
         ready = {name: outs for name, outs in outputs.items() if outs}
         if not ready:
             return
@@ -606,10 +608,14 @@ class Daemon:
                 continue
             log.info("uploaded the build log of %s", entry.drv)
 
-    def _resolve_outputs(self, entries: list[Entry]) -> dict[str, list[str]]:
-        """Each entry's outputs that are valid in the store.  Entries that have
-        none are quarantined; outputs that vanished are dropped with a warning.
-        One validity check covers the derivations and all their outputs."""
+    def _resolve_outputs(
+        self, entries: list[Entry]
+    ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+        """Each entry's outputs that are valid in the store, and the entries
+        that have none, with why (quarantined by the caller, on the loop:
+        this runs in a thread, and the daemon's state is the loop's).
+        Outputs that vanished are dropped with a warning.  One validity
+        check covers the derivations and all their outputs."""
         drvs = sorted({e.drv for e in entries if not e.outputs and e.drv})
         from_drv = self.store.read_derivation_outputs(drvs)
         unread = [d for d in drvs if d not in from_drv]
@@ -622,15 +628,16 @@ class Daemon:
             from_drv.update(asked)
             invalid |= self.store.invalid_paths(p for outs in asked.values() for p in outs)
         named: dict[str, list[str]] = {}
+        unusable: list[tuple[str, str]] = []
         for e in entries:
             if e.outputs:
                 named[e.name] = list(e.outputs)
             elif e.drv is None or e.drv in invalid:
-                self._quarantine(
+                unusable.append((
                     e.name,
                     f"derivation {e.drv} is not valid in the store and the entry names no "
                     "outputs (garbage-collected before upload?)",
-                )
+                ))  # fmt: skip
             else:
                 named[e.name] = from_drv.get(e.drv, [])
         result: dict[str, list[str]] = {}
@@ -638,16 +645,16 @@ class Daemon:
             valid = [p for p in outs if p not in invalid]
             gone = [p for p in outs if p in invalid]
             if not valid:
-                self._quarantine(
+                unusable.append((
                     name,
                     f"{', '.join(gone) or 'no output'} not valid in the local Nix store: "
                     "never built here, or garbage-collected before it could be uploaded",
-                )
+                ))  # fmt: skip
                 continue
             for p in gone:
                 log.warning("%s: dropping %s: it is no longer valid in the store", name, p)
             result[name] = valid
-        return result
+        return result, unusable
 
     def _settle(
         self, ready: dict[str, list[str]], infos: dict[str, PathInfo], result: PushResult
@@ -854,9 +861,14 @@ class Daemon:
             if self._dirty or time.monotonic() - written >= _HEARTBEAT_EVERY:
                 self._dirty = False
                 written = time.monotonic()
-                await asyncio.to_thread(self._write_status, running=True)
-                if self._unwritten_reasons:
-                    await asyncio.to_thread(self._write_reasons)
+                try:
+                    await asyncio.to_thread(self._write_status, running=True)
+                    if self._unwritten_reasons:
+                        await asyncio.to_thread(self._write_reasons)
+                except Exception:
+                    # A failed tick must not end the heartbeat: `status`
+                    # would call a working daemon "not responding".
+                    log.exception("internal error writing the status; trying again")
             await asyncio.sleep(_STATUS_EVERY)
 
     def _write_reasons(self) -> None:
@@ -878,7 +890,9 @@ class Daemon:
         now_wall = time.time()
         now = time.monotonic()
         oldest = self._oldest_age()
-        retrying = [p for p in self._pending.values() if p.attempts]
+        # Written from a thread while the loop changes the queue: iterated
+        # over a copy (taken at once, under the GIL), never the dict itself.
+        retrying = [p for p in list(self._pending.values()) if p.attempts]
         return {
             "version": __version__,
             "pid": os.getpid(),

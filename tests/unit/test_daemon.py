@@ -745,3 +745,53 @@ def test_a_batch_that_fails_for_want_of_files_is_retried_in_halves(
     assert d._batch_limit == 1
     s.target.refuse = None
     d = s.run_until(lambda d: not s.spool.pending())
+
+
+def test_entries_are_quarantined_on_the_loop_not_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs are resolved in a thread; it quarantined entries there,
+    changing the queue under the loop (and under the status thread, which
+    then died of `dictionary changed size during iteration`)."""
+    s = Setup(tmp_path)
+    kept = s.store.add("kept")
+    for i in range(5):
+        s.entry(f"gone{i}", "out /nix/store/" + f"{i}" * 32 + "-collected")
+    s.entry("kept", f"out {kept}")
+    threads: list[str] = []
+    quarantine = Daemon._quarantine
+
+    def recorded(self: Daemon, name: str, reason: str) -> None:
+        threads.append(threading.current_thread().name)
+        quarantine(self, name, reason)
+
+    monkeypatch.setattr(Daemon, "_quarantine", recorded)
+    s.run_until(lambda d: not s.spool.pending())
+    assert len(s.spool.quarantined()) == 5
+    assert threads == [threading.main_thread().name] * 5
+    assert s.target.narinfo(kept) is not None
+
+
+def test_a_failed_status_tick_does_not_end_the_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The status task died with its first unexpected error: status.json was
+    never written again (`status`: "not responding"), and the error ended
+    `run` with a traceback instead of a clean stop."""
+    s = Setup(tmp_path)
+    calls: list[str] = []
+    status = Daemon.status
+
+    def failing_once(self: Daemon, *, running: bool) -> dict[str, object]:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread() and len(calls) <= 2:
+            raise RuntimeError("dictionary changed size during iteration")
+        return status(self, running=running)
+
+    monkeypatch.setattr(Daemon, "status", failing_once)
+    out = s.store.add("after")
+    s.run_until(lambda d: len(calls) >= 2)
+    s.entry("after", f"out {out}")
+    s.run_until(lambda d: not s.spool.pending() and len(calls) >= 5)
+    assert read_status(s.settings.state_dir)["running"] is False
+    assert "internal error writing the status; trying again" in caplog.text
