@@ -88,7 +88,8 @@ def _xz_dict(preset: int, size_hint: int) -> int:
     full = _XZ_DICT[preset]
     if size_hint <= 0:
         return full
-    return min(full, max(_XZ_DICT_MIN, 1 << (size_hint - 1).bit_length()))
+    # The file's header rounds it up to 2^n or 3 * 2^(n-1).
+    return min(full, max(_XZ_DICT_MIN, size_hint))
 
 
 class _Xz:
