@@ -483,6 +483,27 @@ def test_check_config_checks_the_urls_level_against_the_method_in_use(tmp_path: 
     assert cli("check-config", "--config", config).exit_code == EXIT_OK
 
 
+def test_the_urls_level_is_checked_against_the_method_a_flag_or_setting_chooses(
+    tmp_path: Path,
+) -> None:
+    """The URL's compression=xz replaced by zstd: its level 19 is zstd's,
+    not refused as out of range for xz, a method not in use."""
+    url = "s3://cache?region=eu-west-1&compression=xz&compression-level=19"
+    config = write_config(tmp_path / "c.toml", f'to = "{url}"\ncompression = "zstd"\n')
+    assert cli("check-config", "--config", config).exit_code == EXIT_OK
+    engine = make_engine(url, generate("t-1"), compression="zstd", compression_level=None, jobs=1)
+    try:
+        assert (engine.compression, engine.compression_level) == ("zstd", 19)
+    finally:
+        engine.close()
+    # Without anything else, the URL's own method.
+    for level, says in (("12", "out of range for xz (0..9)"), ("23", "out of range for zstd")):
+        method = "xz" if level == "12" else "zstd"
+        bad = f"s3://cache?region=eu-west-1&compression={method}&compression-level={level}"
+        config = write_config(tmp_path / f"{level}.toml", f'to = "{bad}"\n')
+        one_error_line(cli("check-config", "--config", config), says)
+
+
 def test_a_level_for_no_compression_is_said_to_be_ignored(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "c.toml",

@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from uploader._exceptions import ConfigError
-from uploader.compression import check_level
+from uploader.compression import check_method
 
 __all__ = ["StoreUrl", "parse_store_url"]
 
@@ -168,16 +168,17 @@ def parse_store_url(url: str) -> StoreUrl:
     if "scheme" in params and params["scheme"] not in ("http", "https"):
         raise ConfigError(f"store URL {url!r}: scheme must be http or https")
     _check_values(url, result)
-    level: int | None = None
     if "compression-level" in params:
         # int() is what reads the level later; isdigit() would let "--3" or "³" by.
         try:
-            level = int(params["compression-level"])
+            int(params["compression-level"])
         except ValueError:
             raise ConfigError(f"store URL {url!r}: compression-level must be an integer") from None
+    # The level's range is checked against the method in use, which a flag
+    # or the config file may set instead of the URL (cli's compression_for).
     if result.compression is not None:
         try:
-            check_level(result.compression, level)
+            check_method(result.compression)
         except ConfigError as e:
             raise ConfigError(f"store URL {url!r}: {e}") from None
     return result
