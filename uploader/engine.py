@@ -338,6 +338,12 @@ class Engine:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._streamer.close()
 
+    def abort_uploads(self, timeout: float) -> int:
+        """For a stop that cannot wait for the uploads under way (close()
+        would): abort the multipart uploads being streamed, waiting at most
+        ``timeout`` seconds; how many there were."""
+        return self._streamer.abort_under_way(timeout)
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 

@@ -18,11 +18,13 @@ reports and `gc` removes).  See docs/operations.md, "NAR object names".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -394,6 +396,9 @@ class NarStreamer:
         # daemon stopped past its drain timeout): they abort, not complete,
         # since no narinfo will name them.
         self._stopping = threading.Event()
+        # The uploads being streamed, for a stop that cannot wait for them.
+        self._under_way: set[Upload] = set()
+        self._under_way_lock = threading.Lock()
 
     def stop(self) -> None:
         """Abort the uploads under way instead of completing them."""
@@ -402,6 +407,28 @@ class NarStreamer:
     def close(self) -> None:
         self.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort_under_way(self, timeout: float) -> int:
+        """Abort the uploads being streamed, at once and waiting at most
+        ``timeout`` seconds for the cache to answer; how many there were.
+        For a stop that cannot wait for their threads (a request may hang
+        there for its whole timeout): left, they would stay in the bucket
+        as incomplete uploads until a lifecycle rule removed them."""
+        self.stop()
+        with self._under_way_lock:
+            uploads = list(self._under_way)
+
+        def abort(upload: Upload) -> None:
+            with contextlib.suppress(UploaderError):
+                upload.abort()
+
+        threads = [threading.Thread(target=abort, args=(u,), daemon=True) for u in uploads]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return len(uploads)
 
     def _unless_stopped(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
@@ -415,6 +442,8 @@ class NarStreamer:
         part_size = max(PART_SIZE, -(-info.nar_size // _MAX_PARTS))
         parts = _Parts(self, upload, part_size)
         self.buffers.use()
+        with self._under_way_lock:
+            self._under_way.add(upload)
         try:
             with self._compressing:
                 compressed = compress_checked(
@@ -441,4 +470,6 @@ class NarStreamer:
                 raise UploaderError(f"{info.path}: reading its NAR: {e}") from e
             raise
         finally:
+            with self._under_way_lock:
+                self._under_way.discard(upload)
             self.buffers.done()

@@ -223,6 +223,38 @@ def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orpha
     assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
 
 
+def test_a_forced_stop_aborts_the_uploads_under_way(
+    faults: FaultProxy, uploader: UploaderRun, bucket: str, keys: KeyPair, tmp_path: Path
+) -> None:
+    """A second stop request does not wait for the requests under way; it
+    left their multipart uploads in the bucket, invisible and billed until
+    a lifecycle rule removes them."""
+    uploader.store_url = faults.store_url(bucket, compression="none")
+    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
+    uploader.start()
+    (path,) = build(random_blob_expr("forced", 40_000_000), hook=str(uploader.hook))
+    deadline = time.monotonic() + 60
+    while not faults.rules[0].hits:
+        assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"
+        time.sleep(0.05)
+    assert uploader.process is not None
+    uploader.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    uploader.process.send_signal(signal.SIGTERM)
+    assert uploader.process.wait(timeout=30) == 1
+    assert "aborted 1 multipart upload under way" in uploader.log(), uploader.log()
+    time.sleep(4)  # the stalled part ends; nothing may complete after it
+    client = faults.client()
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", []) == []
+    assert len(list(uploader.spool.glob("*.entry"))) == 1
+
+    uploader.start()
+    uploader.wait_drained(timeout=120)
+    assert assert_bucket_consistent(faults, bucket) == 1
+    assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
+
+
 def test_push_stopped_by_sigterm_aborts_its_upload_as_ctrl_c_does(
     faults: FaultProxy, bucket: str, keys: KeyPair, tmp_path: Path
 ) -> None:

@@ -58,6 +58,9 @@ from uploader.targets import parse_store_url
 from uploader.upstream import Upstreams
 
 log = logging.getLogger("nix-cache-uploader")
+# How long a forced stop waits for the cache to take the aborts of the
+# multipart uploads under way.
+_ABORT_WAIT = 5.0
 
 
 @main.command()
@@ -166,6 +169,11 @@ def run(config_file: str | None, verbose: int, quiet: bool, **flags: Any) -> Non
     if daemon.forced:
         # A request may hang in a worker thread for its whole timeout; a
         # forced stop does not wait for it (the entries are still queued).
+        # The multipart uploads begun are aborted, unless the cache does
+        # not answer within a few seconds.
+        aborted = daemon.engine.abort_uploads(timeout=_ABORT_WAIT)
+        if aborted:
+            log.info("aborted %s under way", plural(aborted, "multipart upload"))
         logging.shutdown()
         os._exit(EXIT_FAILURE)
     daemon.engine.close()
