@@ -33,7 +33,7 @@ from uploader.lifecycle import (
     verify,
 )
 from uploader.lifecycle.gclock import GcLock, held_locks
-from uploader.lifecycle.layout import LAYOUT, ROOTS, RUNS, key_time, time_key, timed_key
+from uploader.lifecycle.layout import LAYOUT, LOCKS, ROOTS, RUNS, key_time, time_key, timed_key
 from uploader.lifecycle.marks import Marks
 from uploader.lifecycle.roots import list_roots, read_root
 from uploader.lifecycle.upstream import served_upstream as served
@@ -257,6 +257,65 @@ def test_a_gc_that_cannot_refresh_its_lock_stops_before_deleting(cache: Cache) -
     with pytest.raises(Exception, match="could not be refreshed"):
         lock.check()
     lock.release()
+
+
+class _Wrapped:
+    """A target passing everything on to ``inner`` but what a test overrides."""
+
+    def __init__(self, inner: FileTarget) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_gc_that_fails_while_taking_its_lock_leaves_no_lock(cache: Cache) -> None:
+    """A listing that failed once the lock was written (a 503 past the
+    retries) left the lock: the next gc was refused for two minutes, by a
+    gc that never ran."""
+
+    class FailingList(_Wrapped):
+        failed = False
+
+        def list_objects(self, prefix: str, start_after: str) -> object:
+            if prefix == LOCKS and not self.failed:
+                self.failed = True
+                raise TargetError("listing lifecycle/v1/locks/: 503 SlowDown")
+            return self.inner.list_objects(prefix, start_after)
+
+    with pytest.raises(TargetError, match="SlowDown"):
+        GcLock(FailingList(cache.target)).acquire()  # type: ignore[arg-type]
+    assert held_locks(cache.target) == []
+    cache.gc()  # not refused
+
+
+def test_a_lock_refresh_answered_late_counts_from_when_it_was_sent(cache: Cache) -> None:
+    """Others judge a lock by when the server stored it; this gc judged it
+    by when the answer came.  A refresh answered late let it go on deleting
+    after the others could take the lock: two gcs deleting at once."""
+
+    class LateAnswers(_Wrapped):
+        delay = 0.0
+
+        def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+            self.inner.put_bytes(key, data, content_type)
+            time.sleep(self.delay)
+
+    late = LateAnswers(cache.target)
+    lock = GcLock(late, expiry=2.0, refresh=3600)  # type: ignore[arg-type]
+    lock.acquire()
+    try:
+        late.delay = 1.0
+        lock._write()  # stored at once, answered a second later
+        answered = time.monotonic()
+        # The others may take the lock over one second after the answer
+        # (stored + 2 s); before that, this gc must have stopped deleting.
+        time.sleep(max(0.0, answered + 0.8 - time.monotonic()))
+        with pytest.raises(UploaderError, match="could not be refreshed"):
+            lock.check()
+    finally:
+        late.delay = 0.0
+        lock.release()
 
 
 def test_an_unreadable_narinfo_stops_every_deletion_lapsed_roots_included(cache: Cache) -> None:

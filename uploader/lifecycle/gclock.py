@@ -20,6 +20,7 @@ than the server's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -150,6 +151,7 @@ class GcLock:
         self.started = time.time()
         self.key = timed_key(LOCKS, self.started)
         self._refreshed = 0.0
+        self._answered = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # The server's clock, once the lock is written: the time gc marks
@@ -163,7 +165,21 @@ class GcLock:
     def acquire(self) -> None:
         """Take the lock, or raise LockHeld naming the gc that has it."""
         self._write()
-        self.clock = server_clock(self.target, self.key, self._refreshed)
+        try:
+            self._check_alone()
+        except BaseException:
+            # Not running after all (another gc, or the bucket failed us):
+            # a lock left behind would refuse the next gc for two minutes.
+            with contextlib.suppress(UploaderError):
+                self.target.delete(self.key)
+            raise
+        self._thread = threading.Thread(target=self._refresh_loop, name="gc-lock", daemon=True)
+        self._thread.start()
+
+    def _check_alone(self) -> None:
+        """Learn the server's clock from the lock just written, and raise
+        LockHeld if another gc holds a lock."""
+        self.clock = server_clock(self.target, self.key, self._answered)
         if self.clock is None:
             log.warning(
                 "the gc lock %s is not listed yet; judging other locks by this machine's clock",
@@ -179,14 +195,11 @@ class GcLock:
                 )  # fmt: skip
         others = [lock for lock in held_locks(self.target, self.clock) if lock.key != self.key]
         if others:
-            self.target.delete(self.key)
             raise LockHeld(
                 f"another gc is running on this bucket: {others[0].describe()}; "
                 f"try again when it has finished (a crashed one's lock expires "
                 f"{self.expiry:.0f} s after its last refresh)"
             )
-        self._thread = threading.Thread(target=self._refresh_loop, name="gc-lock", daemon=True)
-        self._thread.start()
 
     def _write(self) -> None:
         record = {
@@ -196,8 +209,16 @@ class GcLock:
             "expires": time.time() + self.expiry,
             "expiry": self.expiry,
         }
+        # Fresh from when the request left, not when it was answered: the
+        # server stores it (its LastModified, by which every other gc judges
+        # the lock) in between, and an answer late by d seconds would let
+        # this gc delete d seconds past the moment the others may start.
+        sent = time.monotonic()
         self.target.put_bytes(self.key, encode(record), JSON_TYPE)
-        self._refreshed = time.monotonic()
+        self._refreshed = sent
+        # After the answer: the server's clock, taken from LastModified plus
+        # the time since this moment, then never runs ahead of the server.
+        self._answered = time.monotonic()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.refresh_every):

@@ -146,6 +146,9 @@ class _HashingReader:
             raise _NotTheBuilders(_copy_failed(self.url, self.copy, e)) from e
         return data
 
+    def readable(self) -> bool:
+        return True
+
 
 def _copy_failed(url: str, copy: IO[bytes], e: OSError) -> UploaderError:
     where = os.path.dirname(getattr(copy, "name", "")) or tempfile.gettempdir()
@@ -155,9 +158,6 @@ def _copy_failed(url: str, copy: IO[bytes], e: OSError) -> UploaderError:
             "or point --tmp-dir (or TMPDIR) at a larger disk"
         )
     return UploaderError(f"copying {url} to {where} to check it: {e}")
-
-    def readable(self) -> bool:
-        return True
 
 
 def fetch_verified(bucket: Bucket, a: Attestation, tmp_dir: str | None) -> VerifiedNar:
