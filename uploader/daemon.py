@@ -135,8 +135,9 @@ class Daemon:
         engine.on_uploaded = self._count_upload
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
-        # Set while the cache cannot be used at all (no credentials, rejected
-        # ones, unreachable): entries wait, and it is asked again with backoff.
+        # Set while the cache cannot be used at all (no credentials, or
+        # rejected ones): entries wait, and it is asked again with backoff.
+        # An unreachable cache is not this: its batches fail and retry.
         self._cache_problem: str | None = None
         self._cache_checked = False
         self._cache_attempts = 0
@@ -844,11 +845,17 @@ class Daemon:
             self.metrics.failures.labels(kind).inc()
 
     def _oldest_age(self) -> float | None:
-        mtimes = []
+        queued_at = self._queued_at()
+        return time.time() - min(queued_at.values()) if queued_at else None
+
+    def _queued_at(self) -> dict[str, float]:
+        """When each waiting entry was written (its file's time), as far as
+        the spool still has it."""
+        mtimes = {}
         for name in list(self._pending):
             with contextlib.suppress(OSError):
-                mtimes.append(os.lstat(os.path.join(self.spool.path, name)).st_mtime)
-        return time.time() - min(mtimes) if mtimes else None
+                mtimes[name] = os.lstat(os.path.join(self.spool.path, name)).st_mtime
+        return mtimes
 
     def _note_error(self, subject: str | None, error: object) -> None:
         self._last_errors.append({"time": time.time(), "subject": subject, "error": str(error)})
@@ -889,7 +896,8 @@ class Daemon:
     def status(self, *, running: bool) -> dict[str, Any]:
         now_wall = time.time()
         now = time.monotonic()
-        oldest = self._oldest_age()
+        queued_at = self._queued_at()
+        oldest = now_wall - min(queued_at.values()) if queued_at else None
         # Written from a thread while the loop changes the queue: iterated
         # over a copy (taken at once, under the GIL), never the dict itself.
         retrying = [p for p in list(self._pending.values()) if p.attempts]
@@ -911,7 +919,12 @@ class Daemon:
                     "next_try_in": max(0.0, self._next_try(p) - now),
                     "error": p.last_error,
                 }
-                for p in heapq.nsmallest(RETRYING_LISTED, retrying, key=lambda p: p.name)
+                # The oldest first: the builds held back longest.
+                for p in heapq.nsmallest(
+                    RETRYING_LISTED,
+                    retrying,
+                    key=lambda p: (queued_at.get(p.name, now_wall), p.name),
+                )
             ],
             "retrying_count": len(retrying),
             # Attest mode: paths are staged and attested, not in the cache yet.

@@ -9,7 +9,7 @@ Bound to 127.0.0.1 unless an address says otherwise.  Series:
 - ``nix_cache_uploader_bytes_uploaded_total``      compressed NAR bytes uploaded
 - ``nix_cache_uploader_nar_bytes_uploaded_total``  uncompressed NAR bytes uploaded
 - ``nix_cache_uploader_failures_total{kind}``      failures by error kind
-- ``nix_cache_uploader_cache_usable``              0 while the cache cannot be used
+- ``nix_cache_uploader_cache_usable``              0 while credentials are missing or rejected
 - ``nix_cache_uploader_upload_seconds``            per-path upload latency (histogram)
 """
 
@@ -53,7 +53,8 @@ class Metrics:
         )
         self.cache_usable = Gauge(
             _PREFIX + "cache_usable",
-            "1 while the cache answers; 0 while it cannot be used (credentials, network)",
+            "0 while the cache cannot be used at all (no credentials, or rejected ones), else 1; "
+            "an unreachable cache shows in failures_total and oldest_entry_age_seconds",
             registry=r,
         )
         self.paths_uploaded = Counter(

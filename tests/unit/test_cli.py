@@ -569,3 +569,28 @@ def test_status_names_the_subject_of_an_error_once(tmp_path: Path, spool: Path) 
     assert f"{path}: no space left" in shown and f"{path}: {path}" not in shown
     assert f" {path} differs from" in shown
     assert "e.entry: not UTF-8" in shown
+
+
+def test_retry_says_when_no_daemon_will_retry_now(tmp_path: Path) -> None:
+    """Stopped, killed or hung: `retry` printed only the requeue count, as if
+    the daemon had been asked."""
+    from uploader.state import write_status
+
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    spool.mkdir()
+    state.mkdir()
+    args = ("retry", "--spool", str(spool), "--state-dir", str(state))
+    never = cli(*args)
+    assert never.exit_code == EXIT_OK, never.output
+    assert "the daemon is not running; entries wait for its next start" in never.output
+    # A process that is gone: nothing here may signal this test's own.
+    child = subprocess.Popen(["true"])
+    child.wait()
+    write_status(str(state), {"running": False, "pid": child.pid, "updated_at": time.time()})
+    assert "the daemon is not running" in cli(*args).output
+    hung = {"running": True, "pid": child.pid, "updated_at": time.time() - 3600}
+    write_status(str(state), hung)
+    an_hour_ago = time.time() - 3600
+    for status_file in state.iterdir():
+        os.utime(status_file, (an_hour_ago, an_hour_ago))
+    assert "the daemon is not responding" in cli(*args).output

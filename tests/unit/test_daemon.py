@@ -635,10 +635,14 @@ def test_status_lists_the_oldest_retrying_entries_and_counts_them_all(
         out = s.store.add(f"p{i}")
         s.target.fail.add(narinfo_key(out))
         names.append(s.entry(f"e{i:02d}", f"out {out}"))
+        # Written in the opposite order of their names (names begin with
+        # the store hash: they say nothing of age).
+        written = time.time() - 1000 + 10 * (14 - i)
+        os.utime(Path(s.spool.path, names[-1]), (written, written))
     s.run_until(lambda d: sum(p.attempts >= 1 for p in d._pending.values()) == 14)
     status = read_status(s.settings.state_dir)
     assert status is not None
-    assert [r["entry"] for r in status["retrying"]] == names[:3]
+    assert [r["entry"] for r in status["retrying"]] == names[::-1][:3]
     assert status["retrying_count"] == 14
     shown = CliRunner().invoke(main, ["status", "--state-dir", s.settings.state_dir])
     assert shown.exit_code == 0, shown.output

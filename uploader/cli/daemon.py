@@ -537,14 +537,24 @@ def retry(config_file: str | None, spool: str | None, state_dir: str | None) -> 
         fail(f"cannot requeue in {settings.spool}: {e.strerror}; run as root or the uploader")
     click.echo(f"requeued {plural(moved, 'quarantined entry', 'quarantined entries')}")
     report = _read_report(settings.state_dir)
-    if report and _daemon_state(report) == "running":
+    state = _daemon_state(report) if report else "unknown"
+    if report is not None and state == "running":
         try:
             os.kill(int(report["pid"]), signal.SIGUSR1)
             click.echo(f"asked the daemon (pid {report['pid']}) to retry waiting entries now")
+            return
         except ProcessLookupError:
-            click.echo("the daemon is not running; entries wait for its next start")
+            state = "stopped"
         except PermissionError:
             click.echo("not allowed to signal the daemon; waiting entries keep their backoff")
+            return
+    if state == "not responding":
+        click.echo(
+            "the daemon is not responding (see `nix-cache-uploader status`); entries wait "
+            "until it runs again"
+        )
+    else:
+        click.echo("the daemon is not running; entries wait for its next start")
 
 
 @main.command("check-config")
