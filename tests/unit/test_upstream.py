@@ -101,6 +101,19 @@ def _narinfo_for(path: str) -> bytes:
     )
 
 
+def _serves_nothing(url: str, infos: list[PathInfo], caplog: pytest.LogCaptureFixture) -> str:
+    """Ask ``url`` about ``infos``: none is served, and one warning says why."""
+    with caplog.at_level(logging.WARNING):
+        upstreams = Upstreams([url])
+        try:
+            assert upstreams.served(infos) == set()
+        finally:
+            upstreams.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    return warnings[0]
+
+
 def test_an_upstream_serving_the_narinfo_serves_the_path(tmp_path: Path) -> None:
     infos = _infos(tmp_path, 3)
     by_hash = {hash_part(i.path): i.path for i in infos[:2]}
@@ -145,16 +158,10 @@ def test_an_upstream_answering_200_to_anything_serves_nothing(
         request.end_headers()
         request.wfile.write(data)
 
-    with http_upstream(answer) as url, caplog.at_level(logging.WARNING):
-        upstreams = Upstreams([url])
-        try:
-            assert upstreams.served(infos) == set()
-        finally:
-            upstreams.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
-    assert "not a narinfo" in warnings[0] or "narinfo with" in warnings[0]
-    assert "uploading 20 paths ourselves" in warnings[0]
+    with http_upstream(answer) as url:
+        warning = _serves_nothing(url, infos, caplog)
+    assert "not a narinfo" in warning or "narinfo with" in warning
+    assert "uploading 20 paths ourselves" in warning
 
 
 def test_an_upstream_that_does_not_speak_http_serves_nothing(
@@ -168,15 +175,8 @@ def test_an_upstream_that_does_not_speak_http_serves_nothing(
         conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
         conn.shutdown(socket.SHUT_WR)
 
-    with raw_upstream(banner) as (url, _), caplog.at_level(logging.WARNING):
-        upstreams = Upstreams([url])
-        try:
-            assert upstreams.served(infos) == set()
-        finally:
-            upstreams.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
-    assert "BadStatusLine" in warnings[0]
+    with raw_upstream(banner) as (url, _):
+        assert "BadStatusLine" in _serves_nothing(url, infos, caplog)
 
 
 def test_an_upstream_that_does_not_answer_is_waited_for_once(
