@@ -47,6 +47,8 @@ _SIGNING_PARAM = re.compile(
     r"|\b(?:credential|signature|awsaccesskeyid)=[^\s,&'\"]+",
     re.IGNORECASE,
 )
+# A password in a URL (https://user:password@host/): the user stays readable.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s/:@'\"<>]*:)[^\s/@'\"<>]+@", re.IGNORECASE)
 # Shorter values are not secrets worth the false positives (test keys, "x").
 _MIN_SECRET = 8
 
@@ -104,6 +106,7 @@ def scrub(text: str) -> str:
     """``text`` without signed query strings, signing parameters or known credentials."""
     text = _SIGNED_QUERY.sub("?" + REDACTED, text)
     text = _SIGNING_PARAM.sub(REDACTED, text)
+    text = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
     known = _known
     return known.sub(REDACTED, text) if known is not None else text
 

@@ -82,3 +82,21 @@ def test_status_file_is_scrubbed(tmp_path: object) -> None:
         text = f.read()
     assert "x-amz-" not in text.lower()
     assert json.loads(text)["last_errors"][0]["error"].startswith("uploading: http://")
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("upstream https://alice:s3cr3t-T0ken@cache.example.org unreachable", "https://alice:"),
+        ("'http://ci:p%40ss@10.0.0.1:8080/x.narinfo'", "http://ci:"),
+    ],
+)
+def test_a_password_in_a_url_is_removed(text: str, kept: str) -> None:
+    cleaned = scrub(text)
+    assert "s3cr3t" not in cleaned and "p%40ss" not in cleaned, cleaned
+    assert kept in cleaned and REDACTED in cleaned
+
+
+def test_urls_without_a_password_stay_as_they_are() -> None:
+    for text in ("http://127.0.0.1:8333/cache", "s3://bucket?endpoint=http://h:1", "git@host:x"):
+        assert scrub(text) == text
