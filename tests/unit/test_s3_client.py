@@ -7,13 +7,13 @@ from __future__ import annotations
 import contextlib
 import http.server
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.rawserver import tcp_server
 from uploader._exceptions import ConfigError, TargetError
 from uploader.targets.s3 import S3Target
 from uploader.targets.url import parse_store_url
@@ -29,27 +29,8 @@ def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 @contextlib.contextmanager
 def silent_server() -> Iterator[int]:
     """Accepts connections and reads requests, never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                conn, _ = listener.accept()
-                held.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
+    with tcp_server() as (port, _):
+        yield port
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakes import FakeStore
+from tests.support.rawserver import tcp_server
 from uploader.narinfo import NarInfo
 from uploader.store import PathInfo
 from uploader.storepath import hash_part
@@ -49,34 +50,8 @@ def http_upstream(answer: Handler) -> Iterator[str]:
 def raw_upstream(on_connect: Callable[[socket.socket], None]) -> Iterator[tuple[str, list[int]]]:
     """A TCP server on 127.0.0.1 that hands each connection to ``on_connect``;
     its URL and the count of connections, as a one-item list."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    connections = [0]
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            connections[0] += 1
-            held.append(conn)
-            on_connect(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
+    with tcp_server(on_connect) as (port, connections):
+        yield f"http://127.0.0.1:{port}", connections
 
 
 def _infos(tmp_path: Path, count: int) -> list[PathInfo]:
