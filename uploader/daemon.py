@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import heapq
@@ -72,6 +73,10 @@ _HEARTBEAT_EVERY = 5.0
 # all): during an outage every entry retries, and 5,000 of them made a 1.2 MB
 # file rewritten every few seconds.
 RETRYING_LISTED = 100
+# Entries that arrive during a batch are rooted together this long after the
+# first of them, unless a batch has taken them meanwhile (it roots its own):
+# a symlink each costs up to a millisecond on a busy disk.
+_ARRIVAL_WINDOW = 0.25
 
 
 @dataclass
@@ -114,11 +119,16 @@ class Daemon:
         # GC roots held for entries: name -> outputs, and a count per output.
         self._entry_roots: dict[str, list[str]] = {}
         self._root_refs: collections.Counter[str] = collections.Counter()
-        # Roots being made on threads, and what the batch found in the cache.
+        # Roots being made for the batch, and what the batch found in the cache.
         self._rooting: list[asyncio.Future[None]] = []
-        # Entries that arrived during a batch, being rooted ahead of it.
-        self._arrivals: set[asyncio.Task[None]] = set()
         self._answered: set[str] = set()
+        # Symlinks are made and removed on one thread, in the order asked
+        # (a root removed and then needed again ends up there), never on the
+        # event loop.
+        self._roots_thread = concurrent.futures.ThreadPoolExecutor(1, "gc-roots")
+        # Entries that arrived during a batch, to be rooted ahead of theirs.
+        self._arrived: set[str] = set()
+        self._arrival_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._forced = False
@@ -199,30 +209,55 @@ class Daemon:
             if self._in_flight and self.roots is not None:
                 # It waits for the batch in flight, which can take minutes
                 # (a slow cache): its outputs are rooted now, not then.
-                arrival = asyncio.get_running_loop().create_task(self._root_arrival(name))
-                self._arrivals.add(arrival)
-                arrival.add_done_callback(self._arrivals.discard)
+                self._arrived.add(name)
+                if self._arrival_task is None:
+                    loop = asyncio.get_running_loop()
+                    self._arrival_task = loop.create_task(self._root_arrivals())
         self._wakeup.set()
 
-    async def _root_arrival(self, name: str) -> None:
-        """Root the outputs of an entry that arrived during a batch (read
-        from the entry, or from its .drv: no Nix query), unless the cache
-        is remembered to hold them.  Anything amiss is left to its batch."""
+    async def _root_arrivals(self) -> None:
+        """Root the outputs of the entries that arrived during a batch and
+        still wait for one (read from the entry, or from its .drv: no Nix
+        query), unless the cache is remembered to hold them.  Those arriving
+        together are rooted together; anything amiss is left to their batch."""
         try:
-            outputs = await asyncio.to_thread(self._arrival_outputs, name)
-        except (OSError, UploaderError):
-            return
-        if not outputs or name not in self._pending or name in self._entry_roots:
-            return
-        present = self.engine.known_present(outputs)
-        if not present.issuperset(outputs):
-            self._root({name: outputs}, present)
+            while self._arrived:
+                await asyncio.sleep(_ARRIVAL_WINDOW)
+                names = sorted(n for n in self._arrived if self._waiting(n))
+                self._arrived.clear()
+                if not names:
+                    continue
+                read = await asyncio.to_thread(self._arrival_outputs, names)
+                outputs = {n: outs for n, outs in read.items() if outs and self._waiting(n)}
+                present = self.engine.known_present(
+                    sorted({p for outs in outputs.values() for p in outs})
+                )
+                missing = {n: outs for n, outs in outputs.items() if not present.issuperset(outs)}
+                if (rooting := self._root(missing, present)) is not None:
+                    await self._settled_roots([rooting])
+        finally:
+            self._arrival_task = None
 
-    def _arrival_outputs(self, name: str) -> list[str]:
-        entry = self.spool.read(name)
-        if entry.outputs or entry.drv is None:
-            return list(entry.outputs)
-        return self.store.read_derivation_outputs([entry.drv]).get(entry.drv, [])
+    def _waiting(self, name: str) -> bool:
+        """Whether an entry waits for a batch, not rooted yet."""
+        return (
+            name in self._pending and name not in self._in_flight and name not in self._entry_roots
+        )
+
+    def _arrival_outputs(self, names: list[str]) -> dict[str, list[str]]:
+        """(On a thread.) The outputs each entry names, or its .drv lists."""
+        found: dict[str, list[str]] = {}
+        for name in names:
+            try:
+                entry = self.spool.read(name)
+                if entry.outputs or entry.drv is None:
+                    found[name] = list(entry.outputs)
+                else:
+                    drv = entry.drv
+                    found[name] = self.store.read_derivation_outputs([drv]).get(drv, [])
+            except (OSError, UploaderError):
+                continue
+        return found
 
     def _rescan(self) -> None:
         try:
@@ -253,7 +288,7 @@ class Daemon:
 
         watch = self.spool.watch(on_entry)
         self._rescan()
-        if self.roots is not None and (dropped := self.roots.keep_only(self._rooted_outputs())):
+        if self.roots is not None and (dropped := await self._keep_roots_only()):
             log.warning(
                 "removed %s in %s that no entry in %s names (left by a crash, by entries "
                 "removed by hand, or by a spool moved without its entries: move those here, "
@@ -275,6 +310,13 @@ class Daemon:
             status.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await status
+            if self._arrival_task is not None:
+                self._arrival_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._arrival_task
+            # The roots of entries done are removed before the daemon ends.
+            await asyncio.wrap_future(self._roots_thread.submit(lambda: None))
+            self._roots_thread.shutdown()
             self._write_status(running=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -584,8 +626,12 @@ class Daemon:
         return present
 
     async def _rooted(self) -> None:
-        """Wait for the GC roots being made on threads."""
+        """Wait for the batch's GC roots being made."""
         rooting, self._rooting = self._rooting, []
+        await self._settled_roots(rooting)
+
+    @staticmethod
+    async def _settled_roots(rooting: list[asyncio.Future[None]]) -> None:
         for outcome in await asyncio.gather(*rooting, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 log.warning("making GC roots: %r", outcome)
@@ -738,26 +784,30 @@ class Daemon:
             for n, outs in ready.items()
             if n not in self._entry_roots and not present.issuperset(outs)
         }
-        if missing:
-            self._root(missing, present)
+        if missing and (rooting := self._root(missing, present)) is not None:
+            self._rooting.append(rooting)
 
-    def _root(self, outputs: dict[str, list[str]], present: set[str]) -> None:
+    def _root(
+        self, outputs: dict[str, list[str]], present: set[str]
+    ) -> asyncio.Future[None] | None:
         """Make the outputs of these entries that the cache lacks GC roots
-        until the entries are done."""
+        until the entries are done; the symlinks being made, if any."""
         if self.roots is None:
-            return
+            return None
+        new: set[str] = set()
         for name, outs in outputs.items():
             if name not in self._entry_roots:
                 needed = [p for p in outs if p not in present]
                 self._entry_roots[name] = needed
+                new.update(p for p in needed if not self._root_refs[p])
                 self._root_refs.update(needed)
-        paths = sorted({p for outs in outputs.values() for p in outs if p not in present})
-        if paths:
-            # A symlink each: a second for thousands on a busy disk.  Not on
-            # the event loop; paths the cache is found to hold meanwhile are
-            # skipped (nothing else may happen to the batch before it is done).
-            add = functools.partial(self.roots.add, paths, skip=self._answered.__contains__)
-            self._rooting.append(asyncio.get_running_loop().run_in_executor(None, add))
+        if not new:
+            return None
+        # A symlink each: a second for thousands on a busy disk.  Paths the
+        # cache is found to hold meanwhile are skipped (nothing else may
+        # happen to the batch before it is done).
+        add = functools.partial(self.roots.add, sorted(new), skip=self._answered.__contains__)
+        return asyncio.wrap_future(self._roots_thread.submit(add))
 
     def _unroot(self, name: str) -> None:
         """Drop the roots of a finished entry that no other entry needs."""
@@ -767,7 +817,13 @@ class Daemon:
         for p in unused:
             del self._root_refs[p]
         if self.roots is not None and unused:
-            self.roots.remove(unused)
+            self._roots_thread.submit(self.roots.remove, unused)
+
+    async def _keep_roots_only(self) -> int:
+        """Drop the roots no waiting entry names; how many."""
+        assert self.roots is not None
+        needed = self._rooted_outputs()
+        return await asyncio.wrap_future(self._roots_thread.submit(self.roots.keep_only, needed))
 
     def _rooted_outputs(self) -> set[str]:
         """Outputs named by entries waiting at start-up (read from the spool)."""

@@ -578,6 +578,56 @@ def test_a_build_that_arrives_during_a_slow_batch_is_rooted_at_once(tmp_path: Pa
     assert all(s.target.narinfo(p) is not None for p in (first, second, third))
 
 
+def test_builds_arriving_together_are_rooted_together_and_never_on_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Thousands of entries dropped at once while a batch is in flight (a
+    re-enqueue, a CI restarted) are rooted in one call, not one thread hop
+    and one call each, and no symlink is made or removed on the event loop:
+    one costs up to a millisecond on a busy disk.  (Per entry, 2000 entries
+    took the daemon 2.3 s of CPU instead of 1.0.)"""
+    s = Setup(tmp_path)
+    calls: list[tuple[str, int, bool]] = []  # what, how many paths, on the loop's thread
+
+    class RecordingRoots(GcRoots):
+        def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
+            paths = list(paths)
+            calls.append(("add", len(paths), threading.current_thread() is loop_thread))
+            super().add(paths, skip)
+
+        def remove(self, paths: Iterable[str]) -> None:
+            paths = list(paths)
+            calls.append(("remove", len(paths), threading.current_thread() is loop_thread))
+            super().remove(paths)
+
+    loop_thread = threading.current_thread()  # asyncio.run runs the loop here
+    (tmp_path / "roots").mkdir()
+    s.roots = RecordingRoots(str(tmp_path / "roots"))
+    s.target.delay = 2.0
+    first = s.store.add("first")
+    later = [s.store.add(f"later-{i}") for i in range(60)]
+    s.entry("first", f"out {first}")
+    rooted_during: set[str] = set()
+    wrote = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal wrote
+        if not wrote and d._in_flight == {"first.entry"}:
+            for i, path in enumerate(later):
+                s.entry(f"later-{i}", f"out {path}")
+            wrote = True
+        if wrote and d._in_flight == {"first.entry"}:
+            rooted_during.update(os.listdir(tmp_path / "roots"))
+        return wrote and not s.spool.pending()
+
+    s.run_until(step, timeout=30)
+    assert {basename(p) for p in later} <= rooted_during, "rooted while they waited"
+    adds = [c for c in calls if c[0] == "add"]
+    assert sum(n for _, n, _ in adds) == 61 and len(adds) <= 3, adds
+    assert [c for c in calls if c[2]] == [], "nothing made or removed on the event loop"
+    assert os.listdir(tmp_path / "roots") == [], "unrooted once uploaded"
+
+
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     tmp_path: Path,
 ) -> None:
