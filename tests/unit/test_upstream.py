@@ -16,9 +16,10 @@ import pytest
 
 from tests.support.fakes import FakeStore
 from tests.support.rawserver import tcp_server
+from uploader.lifecycle.upstream import served_upstream
 from uploader.narinfo import NarInfo
 from uploader.store import PathInfo
-from uploader.storepath import hash_part
+from uploader.storepath import basename, hash_part
 from uploader.upstream import Upstreams
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
@@ -175,3 +176,64 @@ def test_an_upstream_that_does_not_answer_is_waited_for_once(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings
     assert "uploading 64 paths ourselves, and not asking it again for" in warnings[0]
+
+
+# The same upstreams as `verify --upstream` and `pin add --upstream` ask them.
+
+
+def _names(infos: list[PathInfo]) -> list[str]:
+    return [basename(i.path) for i in infos]
+
+
+def test_verify_and_pin_count_an_upstream_only_for_the_narinfo_of_the_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without --upstream-key any 200 counted: `pin add` accepted a closure
+    that was nowhere, and `verify` hid the missing references."""
+    infos = _infos(tmp_path, 6)
+    served = {hash_part(i.path): _narinfo_for(i.path) for i in infos[:2]}
+    other = _narinfo_for("/nix/store/" + "1" * 32 + "-other")
+    page = b"<html>welcome</html>"
+
+    def answer(request: http.server.BaseHTTPRequestHandler) -> None:
+        wanted = request.path.strip("/").removesuffix(".narinfo")
+        data = served.get(wanted, other if wanted == hash_part(infos[2].path) else page)
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    refused: dict[str, str] = {}
+    with http_upstream(answer) as url:
+        got = served_upstream([url], (), _names(infos), jobs=4, refused=refused)
+    assert got == set(_names(infos[:2]))
+    assert sorted(refused) == sorted(_names(infos[2:]))
+    assert all("not with a narinfo of this path" in why for why in refused.values())
+
+
+def test_verify_and_pin_survive_an_upstream_that_does_not_speak_http(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """http.client's BadStatusLine ended `verify` and `pin add` with a traceback."""
+    infos = _infos(tmp_path, 5)
+
+    def banner(conn: socket.socket) -> None:
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        conn.shutdown(socket.SHUT_WR)
+
+    with raw_upstream(banner) as (url, _), caplog.at_level(logging.WARNING):
+        assert served_upstream([url], (), _names(infos), jobs=4) == set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "BadStatusLine" in warnings[0], warnings
+
+
+def test_verify_and_pin_wait_for_an_upstream_that_does_not_answer_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each path waited its own 30 s, 16 at a time, each with a warning."""
+    infos = _infos(tmp_path, 64)
+    with raw_upstream(lambda conn: None) as (url, connections), caplog.at_level(logging.WARNING):
+        assert served_upstream([url], (), _names(infos), jobs=16, timeout=0.5) == set()
+        assert 1 <= connections[0] <= 16
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not asking it again" in warnings[0], warnings

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import logging
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -52,28 +54,47 @@ def served_upstream(
     names: list[str],
     jobs: int,
     refused: dict[str, str] | None = None,
+    timeout: float = 30,
 ) -> set[str]:
-    """Those of the store path basenames an upstream cache serves, with a
-    signature by one of ``keys`` when keys are given.  ``refused`` receives
-    the names an upstream has but does not count, each with why."""
+    """Those of the store path basenames an upstream cache serves: its
+    narinfo for that path, signed by one of ``keys`` when keys are given.
+    ``refused`` receives the names an upstream answers for but does not
+    count, each with why.  An upstream that cannot be asked is said once
+    and not asked again in this call."""
     urls = [u.rstrip("/") for u in urls]
     if not urls or not names:
         return set()
+    down: set[str] = set()
+    lock = threading.Lock()
+
+    def get(url: str, name: str) -> bytes | None:
+        if url in down:
+            return None
+        try:
+            return _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo", timeout)
+        except _Unreachable as e:
+            with lock:
+                if url not in down:
+                    down.add(url)
+                    log.warning("upstream %s cannot be asked (%s); not asking it again", url, e)
+            return None
 
     def served(name: str) -> bool:
         for url in urls:
-            data = _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo")
+            data = get(url, name)
             if data is None:
                 continue
-            if not keys:
-                return True
+            # Parsed whatever the keys: a mistyped URL, a captive portal or
+            # a CDN's error page answers 200 to anything.
             try:
                 info = NarInfo.parse(data.decode())
             except (ValueError, UnicodeDecodeError):
+                info = None
+            if info is None or info.store_path != f"{STORE_DIR}/{name}":
+                if refused is not None:
+                    refused[name] = f"{url} answers, but not with a narinfo of this path"
                 continue
-            if info.store_path != f"{STORE_DIR}/{name}":
-                continue
-            problem = signature_problem(info, keys)
+            problem = signature_problem(info, keys) if keys else None
             if problem is None:
                 return True
             if refused is not None:
@@ -84,14 +105,22 @@ def served_upstream(
         return {n for n, ok in zip(names, pool.map(served, names), strict=True) if ok}
 
 
-def _http_get(url: str) -> bytes | None:
+class _Unreachable(Exception):
+    """An upstream that does not answer, or not in HTTP."""
+
+
+def _http_get(url: str, timeout: float) -> bytes | None:
+    """The body of a 200 answer; None for any other status (said unless
+    403 or 404); _Unreachable when there is no HTTP answer at all."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             data: bytes = response.read()
             return data
     except urllib.error.HTTPError as e:
         if e.code not in (403, 404):
             log.warning("upstream %s answered %s", url, e.code)
-    except (urllib.error.URLError, OSError) as e:
-        log.warning("upstream %s unreachable: %s", url, e)
-    return None
+        return None
+    except urllib.error.URLError as e:
+        raise _Unreachable(str(e.reason)) from e
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise _Unreachable(f"{type(e).__name__}: {e}") from e
