@@ -197,6 +197,30 @@ def test_path_differing_from_the_database_is_not_signed_nor_its_referrers(
 # Target failures and retries ---------------------------------------------------------
 
 
+def test_the_narinfo_carries_deriver_ca_and_other_keys_signatures_as_registered(
+    tmp_path: Path,
+) -> None:
+    """Deriver and CA as the database registered them; a signature under our
+    key's name (a path substituted from this cache, or signed before a key
+    rotation under the same name) is replaced by the fresh one, and other
+    keys' signatures are kept."""
+    store = FakeStore(tmp_path)
+    path = store.add("fod")
+    drv = "/nix/store/" + "1" * 32 + "-fod.drv"
+    ca = "fixed:r:sha256:" + "1" * 52
+    other = "cache.example.org-1:" + "A" * 86 + "=="
+    stale = f"{KEY.name}:" + "B" * 86 + "=="
+    store.lie(path, deriver=drv, ca=ca, sigs=(stale, other))
+    target = RecordingTarget()
+    assert push(store, target, [path]).ok
+    info = target.narinfo(path)
+    assert info is not None
+    assert (info.deriver, info.ca) == (basename(drv), ca)
+    ours = [sig for sig in info.sigs if sig.startswith(f"{KEY.name}:")]
+    assert len(ours) == 1 and PUBLIC.verify(info.fingerprint(), ours[0])
+    assert other in info.sigs and len(info.sigs) == 2
+
+
 def test_failed_nar_put_holds_back_referrers_and_a_retry_uploads_the_rest(
     tmp_path: Path,
 ) -> None:

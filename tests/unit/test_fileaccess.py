@@ -87,6 +87,32 @@ def test_groups_and_others_with_access_are_refused(
         signing.SecretKey.load(str(credential))
 
 
+@pytest.mark.parametrize("mode", [0o602, 0o601, 0o610, 0o604, 0o620])
+def test_any_bit_for_group_or_others_refuses_the_key(credential: Path, mode: int) -> None:
+    """Write or execute is access too: whoever may write the key may replace it."""
+    os.chmod(credential, mode)
+    with pytest.raises(KeyFileError, match="is accessible by"):
+        signing.SecretKey.load(str(credential))
+
+
+@pytest.mark.parametrize("spec", ["u:nobody:w", "g:nogroup:w", "u:nobody:x"])
+def test_acl_entries_granting_only_write_or_execute_refuse_the_key(
+    credential: Path, spec: str
+) -> None:
+    setfacl(credential, "-m", spec)
+    with pytest.raises(KeyFileError, match="is accessible by"):
+        signing.SecretKey.load(str(credential))
+
+
+def test_the_mask_never_hides_others(credential: Path) -> None:
+    """POSIX: the mask limits named entries and the owning group, not others."""
+    setfacl(credential, "-m", "u:nobody:r,o::r")
+    setfacl(credential, "-n", "-m", "m::---")
+    assert accessors(credential, me=0) == ["others"]
+    with pytest.raises(KeyFileError, match="others"):
+        signing.SecretKey.load(str(credential))
+
+
 def test_an_entry_the_mask_takes_away_grants_nothing(credential: Path) -> None:
     setfacl(credential, "-m", "g:nogroup:r,u:daemon:r")
     setfacl(credential, "-n", "-m", "m::---")

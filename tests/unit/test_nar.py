@@ -153,6 +153,18 @@ def test_chunking_does_not_change_the_archive_and_bounds_chunks(tmp_path: Path) 
     assert max(len(c) for c in chunks) < 2 * 4096 + 256
 
 
+def test_many_small_files_come_in_bounded_chunks(tmp_path: Path) -> None:
+    """The headers and contents of small files are batched, but never held
+    whole: a tree of many small files (node_modules) streams too."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(2000):
+        (root / f"f{i:05}").write_bytes(b"x" * 100)
+    chunks = list(nar.dump(str(root), chunk_size=4096))
+    assert b"".join(chunks) == ours(str(root))
+    assert max(len(c) for c in chunks) < 2 * 4096 + 256
+
+
 def test_write_nar_returns_the_nar_size(tmp_path: Path) -> None:
     (tmp_path / "hello").write_bytes(b"hello\n")
     out = io.BytesIO()

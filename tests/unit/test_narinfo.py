@@ -159,6 +159,8 @@ def test_parse_is_tolerant_of_what_old_or_other_writers_do() -> None:
         (lambda t: t.replace("NarSize: 216\n", ""), "no NarSize"),
         (lambda t: t.replace("NarSize: 216", "NarSize: -1"), "NarSize is not"),
         (lambda t: t.replace("NarSize: 216", "NarSize: 0"), "NarSize is 0"),
+        # Digits Python reads but Nix does not (Arabic-Indic 216).
+        (lambda t: t.replace("NarSize: 216", "NarSize: \u0662\u0661\u0666"), "NarSize is not"),
         (lambda t: t.replace("FileSize: 163", "FileSize: big"), "FileSize is not"),
         (lambda t: t.replace("NarHash: sha256:", "NarHash: md5:"), "NarHash"),
         (lambda t: t.replace("FileHash: sha256:0", "FileHash: sha256:e"), "FileHash"),

@@ -87,3 +87,19 @@ def test_bad_entries_are_refused_with_a_reason(data: bytes, reason: str) -> None
         parse_entry(data, "bad.entry")
     assert str(info.value).startswith("spool entry 'bad.entry': ")
     assert reason in str(info.value)
+
+
+def test_an_entry_of_exactly_the_limit_is_read_and_one_byte_more_is_not() -> None:
+    """An entry filled up to the byte with output lines (56 bytes each)."""
+    lines: list[str] = []
+    while len(entry_bytes(*lines, f"out /nix/store/{HASH}-out{len(lines):04}")) <= MAX_ENTRY_SIZE:
+        lines.append(f"out /nix/store/{HASH}-out{len(lines):04}")
+    pad = MAX_ENTRY_SIZE - len(entry_bytes(*lines))
+    assert 0 <= pad < 150, "the last name takes the padding (a name may have 211 bytes)"
+    lines[-1] += "x" * pad
+    data = entry_bytes(*lines)
+    assert len(data) == MAX_ENTRY_SIZE
+    assert len(parse_entry(data, "a.entry").outputs) == len(lines)
+    lines[-1] += "x"
+    with pytest.raises(SpoolError, match="larger than the limit"):
+        parse_entry(entry_bytes(*lines), "a.entry")
