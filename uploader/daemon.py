@@ -227,7 +227,7 @@ class Daemon:
                 self._arrived.clear()
                 if not names:
                     continue
-                read = await asyncio.to_thread(self._arrival_outputs, names)
+                read = await asyncio.to_thread(self._entry_outputs, names)
                 outputs = {n: outs for n, outs in read.items() if outs and self._waiting(n)}
                 present = self.engine.known_present(
                     sorted({p for outs in outputs.values() for p in outs})
@@ -244,7 +244,7 @@ class Daemon:
             name in self._pending and name not in self._in_flight and name not in self._entry_roots
         )
 
-    def _arrival_outputs(self, names: list[str]) -> dict[str, list[str]]:
+    def _entry_outputs(self, names: list[str]) -> dict[str, list[str]]:
         """(On a thread.) The outputs each entry names, or its .drv lists."""
         found: dict[str, list[str]] = {}
         for name in names:
@@ -820,18 +820,19 @@ class Daemon:
             self._roots_thread.submit(self.roots.remove, unused)
 
     async def _keep_roots_only(self) -> int:
-        """Drop the roots no waiting entry names; how many."""
-        assert self.roots is not None
-        needed = self._rooted_outputs()
-        return await asyncio.wrap_future(self._roots_thread.submit(self.roots.keep_only, needed))
+        """Drop the roots no waiting entry needs (left by a crash, or by
+        entries removed by hand); how many.  The outputs of an entry that
+        names only its .drv, as Nix 2.8's hook writes it, are read from the
+        .drv: they may have been rooted before the restart."""
+        roots = self.roots
+        assert roots is not None
+        names = list(self._pending)
 
-    def _rooted_outputs(self) -> set[str]:
-        """Outputs named by entries waiting at start-up (read from the spool)."""
-        needed: set[str] = set()
-        for name in self._pending:
-            with contextlib.suppress(OSError, SpoolError):
-                needed.update(self.spool.read(name).outputs)
-        return needed
+        def keep() -> int:
+            needed = {p for outs in self._entry_outputs(names).values() for p in outs}
+            return roots.keep_only(needed)
+
+        return await asyncio.wrap_future(self._roots_thread.submit(keep))
 
     def _quarantine(self, name: str, reason: str) -> None:
         log.warning("quarantined spool entry %s: %s", name, reason)

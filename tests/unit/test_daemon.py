@@ -628,6 +628,33 @@ def test_builds_arriving_together_are_rooted_together_and_never_on_the_event_loo
     assert os.listdir(tmp_path / "roots") == [], "unrooted once uploaded"
 
 
+def test_a_restart_keeps_the_roots_of_entries_that_name_only_their_drv(tmp_path: Path) -> None:
+    """The clean-up of stale roots at start read only the outputs entries
+    name: those of Nix 2.8's entries (a .drv only) lost their roots at every
+    restart until their batch came."""
+    s = Setup(tmp_path)
+    removed_while_waiting: list[str] = []
+
+    class RecordingRoots(GcRoots):
+        def remove(self, paths: Iterable[str]) -> None:
+            paths = list(paths)
+            if s.spool.pending():
+                removed_while_waiting.extend(paths)
+            super().remove(paths)
+
+    (tmp_path / "roots").mkdir()
+    s.roots = RecordingRoots(str(tmp_path / "roots"))
+    out, stale = s.store.add("out"), s.store.add("stale")
+    drv = "/nix/store/" + "d" * 32 + "-out.drv"
+    s.store.outputs_of[drv] = [out]
+    s.roots.add([out, stale])  # rooted before the restart; `stale` by an entry gone since
+    s.entry("out", f"drv {drv}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert removed_while_waiting == [stale]
+    assert s.target.narinfo(out) is not None
+    assert os.listdir(tmp_path / "roots") == []
+
+
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     tmp_path: Path,
 ) -> None:
