@@ -10,13 +10,16 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.support.fakes import FakeStore
 from uploader import signing
 from uploader._exceptions import TargetError, UploaderError
+from uploader.cli import main
 from uploader.engine import Engine
 from uploader.lifecycle import (
     GcResult,
@@ -32,15 +35,17 @@ from uploader.lifecycle import (
     remove_pin,
     verify,
 )
-from uploader.lifecycle.gclock import GcLock, held_locks
+from uploader.lifecycle import gc as gc_module
+from uploader.lifecycle.gc import _Deleter
+from uploader.lifecycle.gclock import GcLock, LockInfo, ServerClock, held_locks, wait_for
 from uploader.lifecycle.layout import LAYOUT, LOCKS, ROOTS, RUNS, key_time, time_key, timed_key
 from uploader.lifecycle.marks import Marks
-from uploader.lifecycle.roots import list_roots, read_root
+from uploader.lifecycle.roots import RootWriter, list_roots, read_root
 from uploader.lifecycle.upstream import served_upstream as served
 from uploader.narinfo import NarInfo
 from uploader.state import KnownCache
 from uploader.storepath import hash_part
-from uploader.targets import open_target
+from uploader.targets import Target, open_target
 from uploader.targets.file import FileTarget
 
 KEY = signing.generate("test-cache-1")
@@ -73,6 +78,12 @@ class Cache:
     def clean(self) -> bool:
         report = verify(self.target, VerifyOptions(keys=(KEY.public_key(),)))
         return report.clean
+
+    def nar_url(self, path: str) -> str:
+        return NarInfo.parse((self.dir / f"{hash_part(path)}.narinfo").read_text()).url
+
+    def newest_run(self) -> Path:
+        return sorted((self.dir / RUNS).iterdir())[-1]
 
 
 @pytest.fixture
@@ -453,33 +464,59 @@ def test_a_gc_stopped_after_any_deletion_leaves_every_closure_whole(
         assert copy.clean(), f"stopped after {allowed}: a narinfo lost part of its closure"
 
 
-def test_a_deletion_stopped_from_outside_starts_nothing_more() -> None:
+def test_a_deletion_stopped_from_outside_starts_nothing_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Ctrl-C or SIGTERM in the main thread while deletions are queued:
-    those not begun are not made (and so not left unreported)."""
-    import _thread
-
-    from uploader.lifecycle.gc import _Deleter
-
+    those not begun are not made (and so not left unreported); those under
+    way finish and are reported."""
     keys = [f"k{i:03}" for i in range(60)]
+    started: list[str] = []
     gone: list[str] = []
+    counting = threading.Lock()
+    both_under_way = threading.Barrier(2, timeout=10)
+    cancelled = threading.Event()
 
-    class Slow:
+    class Noticed(ThreadPoolExecutor):
+        """Says when what had not begun can no longer begin."""
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+            cancelled.set()
+            super().shutdown(wait=wait)
+
+    class Stopped:
+        """Ctrl-C while the 5th and 6th deletions (one per worker) are under way."""
+
         def delete(self, key: str) -> None:
-            time.sleep(0.01)
-            gone.append(key)
-            if len(gone) == 5:
-                _thread.interrupt_main()
+            with counting:
+                started.append(key)
+                n = len(started)
+            if n in (5, 6):
+                if both_under_way.wait() == 0:
+                    main_thread = threading.main_thread().ident
+                    assert main_thread is not None
+                    signal.pthread_kill(main_thread, signal.SIGINT)
+                assert cancelled.wait(10), "the stop was not noticed"
+            with counting:
+                gone.append(key)
 
     class Held:
         def check(self) -> None:
             pass
 
+    monkeypatch.setattr(gc_module, "ThreadPoolExecutor", Noticed)
     told: list[str] = []
-    deleter = _Deleter(Slow(), Held(), 2, {}, lambda k, w: told.append(k), {})  # type: ignore[arg-type]
-    with pytest.raises(KeyboardInterrupt):
-        deleter(keys)
-    assert 5 <= len(gone) <= 8, gone
-    assert told == gone
+    deleter = _Deleter(Stopped(), Held(), 2, {}, lambda k, w: told.append(k), {})  # type: ignore[arg-type]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            deleter(keys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(started) == keys[:6], "a deletion started after the stop"
+    assert sorted(gone) == keys[:6], "a deletion under way did not finish"
+    assert sorted(told) == keys[:6]
 
 
 def test_referrers_come_before_what_they_reference() -> None:
@@ -496,10 +533,6 @@ def test_referrers_come_before_what_they_reference() -> None:
 
 
 def test_a_stopped_gc_says_what_it_deleted(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
-    from uploader.cli import main
-
     leaf = cache.store.add("leaf")
     cache.push("a", cache.store.add("top", [leaf]))
     cache.push("a", cache.store.add("keep"))
@@ -544,3 +577,233 @@ def test_an_uploader_whose_clock_is_ahead_still_waits_for_the_running_gc(
     first.release()
     waiter.join(10)
     assert not waiter.is_alive()
+
+
+def _after_the_mark(cache: Cache) -> None:
+    """Wait until what is written now gets an mtime past the newest mark
+    (file times come from the kernel's coarse clock)."""
+    mark = float(json.loads(cache.newest_run().read_text())["time"])
+    probe = cache.dir / "probe"
+    deadline = time.monotonic() + 5
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_mtime > mark:
+            break
+        assert time.monotonic() < deadline, "the file system clock stands still"
+        time.sleep(0.001)
+    probe.unlink()
+
+
+def test_a_rewritten_candidate_stays_after_the_root_relying_on_it_lapsed(cache: Cache) -> None:
+    """An uploader that found a candidate writes its narinfo again; the next
+    run must not delete it even once that uploader's root has lapsed (the
+    narinfo is newer than the mark).  Broken, a path an uploader just relied
+    on is deleted, and everything that references it loses its closure."""
+    base = cache.store.add("base")
+    a = cache.store.add("a", [base])
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()  # a and base: candidates
+    _after_the_mark(cache)
+    cache.push("y", a)  # relies on the candidates: writes them again
+    cache.push("y", cache.store.add("c"))  # y's root for a lapses (keep-last 1, keep-days 0)
+    cache.gc()
+    assert cache.has(a) and cache.has(base)
+    assert cache.clean()
+
+
+def test_a_narinfo_new_since_the_mark_keeps_its_references(cache: Cache) -> None:
+    """What stays is closed under references: a narinfo written after the
+    mark by a tool that follows no protocol (no root, no re-write of what
+    it found) is kept, and so is the candidate it references.  Broken, the
+    cache serves a narinfo whose reference was deleted: substitution fails."""
+    base = cache.store.add("base")
+    top = cache.store.add("top", [base])
+    cache.push("x", base)
+    cache.push("x", cache.store.add("other"))  # base's root lapses
+    cache.gc()  # base: a candidate
+    _after_the_mark(cache)
+    engine = Engine(cache.store, cache.target, KEY, jobs=2)  # no guard: no root, no mark
+    try:
+        assert asyncio.run(engine.push([top])).ok
+    finally:
+        engine.close()
+    cache.gc()
+    assert cache.has(top) and cache.has(base)
+    assert cache.clean()
+
+
+def test_damaged_narinfos_and_their_closure_are_kept(cache: Cache) -> None:
+    """A narinfo whose NAR is missing is reported damaged and kept, with
+    what it references, even unrooted: gc does not make a damaged bucket
+    worse.  Broken, gc deletes the evidence and the references a repair
+    would need."""
+    base = cache.store.add("base")
+    top = cache.store.add("top", [base])
+    cache.push("x", top)
+    cache.push("x", cache.store.add("other"))  # top's root lapses
+    (cache.dir / cache.nar_url(top)).unlink()
+    cache.gc()
+    result = cache.gc()
+    assert result.plan.damaged == {hash_part(top)}
+    assert cache.has(top) and cache.has(base)
+
+
+def test_grace_keeps_young_narinfos(cache: Cache) -> None:
+    """--grace keeps unrooted narinfos written less than that long ago.
+    Broken, the default one-day grace does nothing, and a path uploaded
+    outside any root (another tool, a root not yet written) goes at once."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    grace = Policy(keep_days=0, keep_last=1, grace=86400, nar_delay=0)
+    cache.gc(grace)
+    cache.gc(grace)
+    assert cache.has(a)
+
+
+def test_a_nar_written_again_recently_is_not_deleted(cache: Cache) -> None:
+    """A NAR unreferenced for longer than --nar-delay but written again just
+    now (an uploader following protocol step 4, its narinfo about to come)
+    stays.  Broken, gc deletes the NAR under the upload, and the narinfo
+    that follows names a NAR that is not there."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    nar = cache.nar_url(a)
+    cache.push("x", cache.store.add("b"))
+    late = Policy(keep_days=0, keep_last=1, grace=0, nar_delay=3600)
+    cache.gc(late)
+    cache.gc(late)
+    assert not cache.has(a) and (cache.dir / nar).exists()
+    # The newest record says: unreferenced since two hours ago.
+    newest = cache.newest_run()
+    record = json.loads(newest.read_text())
+    record["unreferenced_nars"][nar] = time.time() - 7200
+    newest.write_text(json.dumps(record))
+    os.utime(cache.dir / nar)  # written again just now
+    cache.gc(late)
+    assert (cache.dir / nar).exists()
+
+
+def test_a_nar_no_narinfo_names_yet_survives_one_run_even_without_delay(cache: Cache) -> None:
+    """A NAR is deleted only if the previous mark, too, said no narinfo
+    names it, whatever --nar-delay.  Broken, with a short --nar-delay the
+    NAR of an upload under way (its narinfo not yet written) is deleted by
+    the first run that sees it."""
+    cache.push("x", cache.store.add("a"))
+    cache.gc()  # a previous mark, from before the NAR
+    nar = cache.dir / "nar" / ("0" * 52 + ".nar")
+    nar.write_bytes(b"an upload under way")
+    os.utime(nar, (1, 1))
+    cache.gc()
+    assert nar.exists()
+    cache.gc()
+    assert not nar.exists()
+
+
+def test_in_progress_roots_are_kept_a_day(cache: Cache) -> None:
+    """A root still in progress keeps its paths for a day whatever
+    --keep-days.  Broken, with --keep-days 0 a slow batch's root lapses as
+    soon as a later one of the same name completes, and gc deletes paths
+    under the upload that relies on them."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))  # a's complete root lapses
+    RootWriter(cache.target, "x").start([a])  # an upload of the same name still running
+    cache.gc()
+    cache.gc()
+    assert cache.has(a)
+
+
+def test_an_unreadable_lock_still_holds(cache: Cache) -> None:
+    """A lock gc cannot read (broken, or from a newer layout version) counts
+    as held until it would expire.  Broken, two gcs delete at once, each
+    with a mark that does not know of the other's."""
+    cache.push("x", cache.store.add("a"))
+    cache.target.put_bytes(timed_key(LOCKS, time.time()), b"garbage", "application/json")
+    with pytest.raises(LockHeld):
+        cache.gc()
+
+
+def test_a_mark_read_while_its_gc_ran_is_read_again_once_complete(cache: Cache) -> None:
+    """An uploader that read the mark of a gc still running reads it again
+    at its next refresh, and so learns what that gc deleted.  Broken, it
+    keeps trusting its memory of the deleted paths for days, skips them,
+    and uploads referrers whose references are gone."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()
+    marks = Marks(cache.target)
+
+    class Peeking(_Wrapped):
+        peeked = False
+
+        def delete(self, key: str) -> None:
+            if not self.peeked:
+                self.peeked = True
+                marks.refresh()  # the uploader reads the mark while this gc deletes
+            self.inner.delete(key)
+
+    collect(Peeking(cache.target), TIGHT, delete=True, jobs=1)  # type: ignore[arg-type]
+    assert marks.mark is not None and not marks.mark.complete
+    assert hash_part(a) in marks.refresh()
+    assert marks.mark.complete
+
+
+def test_a_pin_added_while_gc_deletes_its_path_is_refused(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pin add` beside a running gc asks again, once that gc finished, for
+    the paths the gc's mark names candidates.  Broken, `pin add` says the
+    pin is written while the gc deletes the pinned path: the release is not
+    in the cache, and only verify tells."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()  # a: a candidate
+    outcome: list[object] = []
+    settled = threading.Event()  # the pin finished, or waits for the gc
+
+    def waiting(target: Target, locks: list[LockInfo], clock: ServerClock | None = None) -> None:
+        settled.set()
+        wait_for(target, locks, clock)
+
+    monkeypatch.setattr("uploader.lifecycle.protect.wait_for", waiting)
+
+    def pin() -> None:
+        try:
+            outcome.append(add_pin(cache.target, "release", [a]))
+        except PinRefused as e:
+            outcome.append(e)
+        finally:
+            settled.set()
+
+    pinning = threading.Thread(target=pin)
+
+    class PinDuring(_Wrapped):
+        started = False
+
+        def delete(self, key: str) -> None:
+            if not self.started:
+                self.started = True
+                pinning.start()
+                assert settled.wait(10), "pin add neither finished nor waited for the gc"
+            self.inner.delete(key)
+
+    collect(PinDuring(cache.target), TIGHT, delete=True, jobs=1)  # type: ignore[arg-type]
+    pinning.join(10)
+    assert outcome, "pin add never finished"
+    pinned = [p.name for p in list_pins(cache.target)]
+    assert (isinstance(outcome[0], PinRefused) and pinned == []) or cache.has(a)
+
+
+def test_gc_exits_1_when_it_finds_damaged_narinfos(cache: Cache) -> None:
+    """`gc` exits 1 when it found damaged narinfos (lifecycle.md, --help).
+    Broken, a gc timer succeeds every night and nobody hears of the damage."""
+    a = cache.store.add("a")
+    cache.push("x", a)
+    (cache.dir / cache.nar_url(a)).unlink()
+    result = CliRunner().invoke(main, ["gc", "--to", f"file://{cache.dir}"])
+    assert result.exit_code == 1, result.output
+    assert "damaged" in result.output

@@ -167,6 +167,19 @@ def test_without_drv_path_the_entry_is_named_unknown_and_gets_quarantined(
         Spool(spool).read(entry.name)
 
 
+def test_a_derivation_named_with_a_leading_dot_is_still_queued_as_unknown(
+    shell: str, spool: Path
+) -> None:
+    """The uploader skips names starting with a dot (files in the making).
+    If the hook kept such a derivation name, the entry would sit in the
+    spool forever, neither uploaded nor quarantined: the build would be lost
+    without a word."""
+    run_hook(shell, spool, "/nix/store/.hidden.drv", OUT)
+    [entry] = entries(spool)
+    assert re.fullmatch(r"unknown\.[0-9a-f]{8}-[0-9a-f]{4}\.1\.entry", entry.name)
+    assert entry.name in Spool(spool).pending()
+
+
 @pytest.mark.parametrize(
     ("drv", "outs"),
     [(f"{DRV}\nout {OUT}", ""), (DRV, f"{OUT}\nout {DEV}"), (DRV, f"{OUT}\ndrv {DRV}")],

@@ -1,9 +1,11 @@
+"""The metrics the daemon exports (uploader/metrics.py)."""
+
 from __future__ import annotations
 
 import pytest
 
 from uploader._exceptions import ConfigError
-from uploader.metrics import parse_listen_address
+from uploader.metrics import Metrics, parse_listen_address
 
 
 @pytest.mark.parametrize(
@@ -23,3 +25,14 @@ def test_listen_addresses(value: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_addresses_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="metrics address"):
         parse_listen_address(value)
+
+
+def test_nar_bytes_and_file_bytes_are_counted_apart() -> None:
+    """`_nar_bytes_uploaded_total` counts the NARs' uncompressed bytes,
+    `_bytes_uploaded_total` what was sent.  Broken, dashboards show no
+    compression ratio and a wrong NAR throughput."""
+    metrics = Metrics()
+    metrics.uploaded(0.1, nar_size=1000, file_size=300)
+    value = metrics.registry.get_sample_value
+    assert value("nix_cache_uploader_nar_bytes_uploaded_total") == 1000
+    assert value("nix_cache_uploader_bytes_uploaded_total") == 300

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import re
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ import pytest
 
 from tests.support.fakes import FakeStore, MiB, RecordingTarget
 from tests.unit.test_engine import KEY, assert_signed_as_registered, decompress, push
-from uploader._exceptions import TransientTargetError, VerificationError
+from uploader import narstream
+from uploader._exceptions import TransientTargetError, UploaderError, VerificationError
 from uploader.engine import Engine, narinfo_key
 from uploader.narstream import PART_SIZE, PARTS_IN_FLIGHT, STREAM_ABOVE, NarStreamer
+from uploader.nixbase32 import format_hash
+from uploader.store import PathInfo
 
 
 class DumpRecorded(FakeStore):
@@ -559,3 +563,103 @@ def test_large_nars_compress_with_xz_one_per_core(
     assert push(store, target, paths, compression="xz", jobs=4).ok
     assert counted.most == 2
     _pushed_as_xz(store, target, paths)
+
+
+def test_a_nar_never_needs_more_parts_than_s3_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The part size grows with the NAR, so that it fits in 9,000 parts (of
+    S3's 10,000).  Broken, every NAR over about 58 GiB compressed fails at
+    part 10,001, at every attempt."""
+    monkeypatch.setattr(narstream, "_MAX_PARTS", 2)  # 2 of at most 3
+    target = RecordingTarget()
+    store = FakeStore(tmp_path)
+    path = big(store)  # six parts of PART_SIZE at the default part size
+    assert push(store, target, [path]).ok
+    info = target.narinfo(path)
+    assert info is not None
+    assert 0 < [e for e, k in target.events if k == info.url].count("part") <= 3
+
+
+def _registered(data: Iterable[bytes]) -> PathInfo:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in data:
+        digest.update(chunk)
+        size += len(chunk)
+    return PathInfo("/nix/store/" + "1" * 32 + "-x", format_hash(digest.digest()), size, ())
+
+
+class HeldParts:
+    """A multipart upload whose parts are held by the server until
+    ``release`` is set; ``entered`` counts the parts handed over."""
+
+    key = "nar/x.nar"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.entered = 0
+        self.handed_over = threading.Condition()
+        self.release = threading.Event()
+
+    def put_part(self, number: int, data: bytes | bytearray) -> None:
+        with self.handed_over:
+            self.entered += 1
+            self.handed_over.notify_all()
+        assert self.release.wait(20), "never released"
+        self.events.append("part")
+
+    def complete(self) -> None:
+        self.events.append("complete")
+
+    def abort(self) -> None:
+        self.events.append("abort")
+
+
+def test_a_stop_while_the_last_parts_are_sent_aborts_the_upload() -> None:
+    """A stop that comes once the NAR was read whole, while its parts are
+    still on their way, aborts the upload instead of completing it (no
+    narinfo will name it).  Broken, a daemon stopped past its drain timeout
+    leaves complete NAR objects that nothing names, until gc removes them."""
+    data = os.urandom(3 * PART_SIZE)
+    streamer = NarStreamer("none", None)
+    upload = HeldParts()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            uploading = pool.submit(streamer.upload, _registered([data]), upload, iter([data]))
+            with upload.handed_over:
+                assert upload.handed_over.wait_for(lambda: upload.entered == 3, timeout=20)
+            streamer.stop()
+            upload.release.set()
+            with pytest.raises(UploaderError, match="stopping"):
+                uploading.result(timeout=20)
+    finally:
+        upload.release.set()
+        streamer.close()
+    assert upload.events == ["part"] * 3 + ["abort"]
+
+
+def test_a_stop_while_the_nar_is_read_stops_reading() -> None:
+    """A stop ends the reading and compressing of a NAR at once, not after
+    the whole NAR.  Broken, stopping the daemon during a large NAR waits for
+    all of it to be read, and systemd may kill the daemon meanwhile."""
+    piece = b"x" * MiB
+    streamer = NarStreamer("none", None)
+    upload = HeldParts()
+    upload.release.set()
+    read: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(64):
+            if i == 2:
+                streamer.stop()
+            read.append(i)
+            yield piece
+
+    try:
+        with pytest.raises(UploaderError, match="stopping"):
+            streamer.upload(_registered([piece] * 64), upload, chunks())
+    finally:
+        streamer.close()
+    assert len(read) < 64, "the whole NAR was read after the stop"
+    assert "abort" in upload.events and "complete" not in upload.events

@@ -367,3 +367,35 @@ def test_a_staged_nar_that_cannot_be_read_fails_the_pass_not_the_builder(
     assert p.excluded == {}
     monkeypatch.setattr(bucket, "open_object", real_open)
     assert p.run_pass().published == [PATH]
+
+
+def test_a_publisher_stopped_before_the_nar_leaves_no_narinfo(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NAR is written before the narinfo.  Broken, a publisher killed
+    between the two leaves a signed narinfo without its NAR, and the next
+    pass takes the path for published and never writes the NAR."""
+    stage_agreeing(bucket, tmp_path)
+
+    def killed(*args: object) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(bucket, "put_file", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        publisher(bucket).run_pass()
+    assert bucket.get(f"{PATH[11:43]}.narinfo") is None
+
+
+def test_an_attestation_never_makes_the_publisher_delete_outside_staging(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Once a path is published, the staged NARs of its attestations go,
+    but only those in each builder's own staging area.  Broken, anyone who
+    may write one attestation can have the publisher delete any object of
+    the cache."""
+    stage_agreeing(bucket, tmp_path)
+    bucket.put_bytes("nar/victim.nar.zst", b"someone's NAR", "application/x-nix-nar")
+    stranger = StagedNar("nar/victim.nar.zst", "zstd", "sha256:" + "1" * 52, 13)
+    put(bucket, attestation("ci-x-1", nar=stranger))
+    assert publisher(bucket).run_pass().published == [PATH]
+    assert bucket.get("nar/victim.nar.zst") == b"someone's NAR"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.unit.test_quorum_attestation import PATH, attestation
+from tests.unit.test_quorum_ca import NIX_MADE
 from uploader.quorum.attestation import Attestation
 from uploader.quorum.layout import attestation_key
 from uploader.quorum.tally import CONFLICT, READY, WAITING, judge
@@ -95,3 +96,16 @@ def test_a_false_content_address_needs_the_quorum() -> None:
 
 def test_public_keys_compare_by_value() -> None:
     assert PublicKey.parse(PUBLIC["ci-a-1"].to_text()) == PUBLIC["ci-a-1"]
+
+
+def test_a_recursive_ca_whose_nar_hash_differs_needs_the_quorum() -> None:
+    """The content-address shortcut (one attestation is enough) holds only
+    when a `fixed:r:sha256` CA equals the NarHash attested.  Broken, a
+    single builder gets a CA path published whose contents do not match
+    its CA, without the quorum."""
+    path, ca, refs = NIX_MADE[3]  # fixed:r:sha256
+    a = attestation("ci-a-1", store_path=path, references=refs, ca=ca,
+                    nar_hash="sha256:" + "1" * 52)  # fmt: skip
+    found = [(attestation_key(path, "ci-a-1"), a.signed(KEYS["ci-a-1"]).to_json())]
+    verdict = judge(hash_part(path), found, PUBLIC, quorum=2)
+    assert verdict.state == WAITING and verdict.ca is None

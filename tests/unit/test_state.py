@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,46 @@ def test_an_older_world_readable_database_is_made_private(tmp_path: Path) -> Non
     assert new.known(["a" * 32]) == {"a" * 32}
     old.close()
     new.close()
+
+
+def test_a_group_readable_database_is_made_private(tmp_path: Path) -> None:
+    """Group access is removed too, not only others'.  Broken, a member of
+    the uploader's group can lock the database and stall the daemon's
+    writes, the reason the files are 0600."""
+    db = tmp_path / "state.sqlite"
+    db.touch()
+    db.chmod(0o640)
+    KnownCache(str(db), "t").close()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_the_memory_of_the_cache_expires_after_known_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the cache was seen to have is trusted for known-ttl only.
+    Broken, a narinfo removed by hand or by another tool is never uploaded
+    again by this daemon."""
+    known = KnownCache(str(tmp_path / "state.sqlite"), "t", ttl=10)
+    known.remember(["h" * 32])
+    assert known.known(["h" * 32]) == {"h" * 32}
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 11)
+    assert known.known(["h" * 32]) == set()
+    known.close()
+
+
+def test_upstream_misses_are_asked_again_after_an_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream cache that lacked a path is asked again after an hour,
+    while its hits are trusted for known-ttl.  Broken, a path the upstream
+    gets later is still uploaded here for days."""
+    known = KnownCache(str(tmp_path / "state.sqlite"), "t")
+    known.remember_upstream("https://up", {"h" * 32: False, "i" * 32: True})
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 3601)
+    assert known.upstream_answers("https://up", ["h" * 32, "i" * 32]) == {"i" * 32: True}
+    known.close()
 
 
 def test_a_lock_someone_else_holds_costs_requests_not_uploads(

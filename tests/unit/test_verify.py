@@ -20,7 +20,7 @@ from uploader.engine import Engine
 from uploader.lifecycle import RepairResult, Report, VerifyOptions, repair, verify
 from uploader.narinfo import NarInfo
 from uploader.storepath import hash_part
-from uploader.targets import open_target
+from uploader.targets import ObjectPage, open_target
 from uploader.targets.file import FileTarget
 
 KEY = signing.generate("test-cache-1")
@@ -94,6 +94,15 @@ def test_a_truncated_nar(cache: Cache) -> None:
     assert kinds(cache.verify()) == {"wrong-nar-size": cache.lib}
 
 
+def test_a_nar_longer_than_its_file_size(cache: Cache) -> None:
+    """A NAR with more bytes than FileSize is reported too, not only a
+    truncated one.  Broken, a NAR replaced by a larger one (which clients
+    refuse to substitute) passes verify as clean."""
+    nar = cache.nar_file(cache.lib)
+    nar.write_bytes(nar.read_bytes() + b"x" * 7)
+    assert kinds(cache.verify()) == {"wrong-nar-size": cache.lib}
+
+
 def test_a_changed_nar_byte_takes_deep(cache: Cache) -> None:
     info = cache.narinfo(cache.app)
     nar = cache.nar_file(cache.app)
@@ -125,6 +134,16 @@ def test_signatures_unchecked_without_keys(cache: Cache) -> None:
     assert report.to_json()["signatures"] == "unchecked"
 
 
+def test_an_unsigned_narinfo_is_reported_even_without_keys(cache: Cache) -> None:
+    """A narinfo with no Sig at all is reported even when no key is given
+    to check signatures against (lifecycle.md).  Broken, verify calls clean
+    a cache whose paths every client configured with a key refuses."""
+    unsigned = NarInfo(**{**cache.narinfo(cache.lib).__dict__, "sigs": ()})
+    (cache.dir / f"{hash_part(cache.lib)}.narinfo").write_text(unsigned.render())
+    report = verify(cache.target, VerifyOptions())
+    assert kinds(report) == {"bad-signature": cache.lib}
+
+
 def test_a_missing_reference(cache: Cache) -> None:
     lib_nar = cache.narinfo(cache.lib).url
     (cache.dir / f"{hash_part(cache.lib)}.narinfo").unlink()
@@ -133,6 +152,29 @@ def test_a_missing_reference(cache: Cache) -> None:
     assert cache.app.rsplit("/", 1)[1] in report.problems[0].detail
     # Its NAR is now named by no narinfo.
     assert list(report.orphans) == [lib_nar]
+
+
+def test_a_reference_pushed_after_the_listing_is_not_reported(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push running beside verify: the narinfo of a reference that appears
+    after the listing passed its place is asked for again before it is
+    reported.  Broken, verify beside a running push raises false alarms and
+    exits 1 in monitoring."""
+    lib = cache.dir / f"{hash_part(cache.lib)}.narinfo"
+    text = lib.read_text()
+    lib.unlink()
+    list_objects = cache.target.list_objects
+
+    def push_during(prefix: str, start_after: str) -> ObjectPage:
+        page = list_objects(prefix, start_after)
+        if prefix == "" and not lib.exists():
+            lib.write_text(text)  # the push lands just after the listing
+        return page
+
+    monkeypatch.setattr(cache.target, "list_objects", push_during)
+    report = cache.verify()
+    assert report.clean, report.problems
 
 
 def test_an_orphan_nar_is_waste_not_damage(cache: Cache) -> None:
