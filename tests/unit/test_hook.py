@@ -226,6 +226,25 @@ def test_the_hook_starts_no_process(shell: str, tmp_path: Path, spool_state: str
     assert len(entries(spool) if spool.is_dir() else []) == (spool_state == "ready")
 
 
+def test_the_entry_is_created_exclusively(shell: str, tmp_path: Path) -> None:
+    """The check that nothing sits under the name comes before the entry is
+    opened; only O_EXCL (the shell's noclobber) closes the race between the
+    two, where a symlink planted just then would be written through."""
+    strace = require_binary("strace")
+    spool = make_spool(tmp_path / "spool")
+    log = tmp_path / "strace.log"
+    run_hook(
+        shell,
+        spool,
+        argv0=[strace, "-qq", "-e", "trace=open,openat", "-o", str(log), *shell.split()],
+    )
+    opened = [
+        line for line in log.read_text().splitlines() if str(spool) in line and "O_CREAT" in line
+    ]
+    assert opened and all("O_EXCL" in line for line in opened), opened
+    assert len(entries(spool)) == 1
+
+
 PLANTS = {
     "symlink": 'ln -s "$VICTIM" "$ENTRY"',
     "dangling-symlink": 'ln -s "$VICTIM.new" "$ENTRY"',

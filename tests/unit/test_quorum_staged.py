@@ -4,6 +4,7 @@ attestation be enough (flat and text addresses name the file inside)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -21,7 +22,7 @@ from uploader import nar
 from uploader._exceptions import TargetError, UploaderError
 from uploader.nixbase32 import format_hash
 from uploader.quorum import Bucket, open_bucket
-from uploader.quorum.attestation import StagedNar
+from uploader.quorum.attestation import Attestation, StagedNar
 from uploader.quorum.staged import StagedMismatch, _FlatContent, fetch_verified
 
 
@@ -90,6 +91,18 @@ def test_a_flat_content_address_must_name_the_file_staged(
         fetch_verified(bucket, poisoned, str(tmp_path))  # type: ignore[arg-type]
     honest = stage(bucket, tmp_path, genuine, claim)
     fetch_verified(bucket, honest, str(tmp_path)).file.close()  # type: ignore[arg-type]
+
+
+def test_a_staged_nar_must_have_the_attested_file_hash(bucket: Bucket, tmp_path: Path) -> None:
+    """Of the same size and holding the attested NAR, it still does not count
+    when its bytes are not the attested ones (quorum-format.md): the
+    attestation is what the builder answers for."""
+    honest = stage(bucket, tmp_path, b"the release tarball\n", "")
+    assert isinstance(honest, Attestation)
+    wrong = dataclasses.replace(honest.nar, file_hash=sha(b"other bytes"))
+    with pytest.raises(StagedMismatch, match=r"has FileHash .* not the attested"):
+        fetch_verified(bucket, dataclasses.replace(honest, nar=wrong), str(tmp_path))
+    fetch_verified(bucket, honest, str(tmp_path)).file.close()
 
 
 def test_a_full_disk_or_a_failed_read_is_the_publishers_not_the_builders(

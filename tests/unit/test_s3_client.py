@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.rawserver import tcp_server
 from uploader._exceptions import ConfigError, TargetError
+from uploader.redact import scrub
 from uploader.targets.s3 import S3Target
 from uploader.targets.url import parse_store_url
 
@@ -144,3 +145,53 @@ def test_a_refused_request_names_the_permission_it_needs() -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_credentials_from_a_profile_never_appear_in_what_is_said(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Credentials from the environment are known to the log's scrubber at
+    start; those of a profile (or an instance role) only once they sign a
+    request. A server quoting the access key id in its refusal must not
+    put it in an error, a log line or the status file."""
+    key_id, secret = "AKIAPROFILEONLY7Q3Z", "pr0file/secret+that/never/shows"
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[ci]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+
+    class Quoting(_Forbidding):
+        def _deny(self) -> None:
+            body = (
+                "<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                f"<Message>Access Denied for {key_id} ({secret})</Message></Error>"
+            ).encode()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_DELETE = do_POST = _deny
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quoting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        url = parse_store_url(f"s3://quoting?endpoint=http://127.0.0.1:{port}&profile=ci")
+        target = S3Target(url)
+        with pytest.raises(TargetError) as refused:
+            target.put_bytes("x.narinfo", b"x", "text/plain")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    said = scrub(f"{refused.value} {refused.value!r}")
+    assert "Access Denied" in said
+    assert key_id not in said and secret not in said, said
