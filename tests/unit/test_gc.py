@@ -807,3 +807,31 @@ def test_gc_exits_1_when_it_finds_damaged_narinfos(cache: Cache) -> None:
     result = CliRunner().invoke(main, ["gc", "--to", f"file://{cache.dir}"])
     assert result.exit_code == 1, result.output
     assert "damaged" in result.output
+
+
+def test_a_root_written_while_gc_surveys_the_bucket_keeps_its_closure(cache: Cache) -> None:
+    """Protocol step 6: once its mark is written, gc reads the roots and
+    pins again.  A root written while it surveyed (by an uploader that read
+    an older mark, so did not wait for this run) keeps its paths, though
+    they were candidates.  Broken, that uploader's referrers lose their
+    closure."""
+    base = cache.store.add("base")
+    a = cache.store.add("a", [base])
+    cache.push("x", a)
+    cache.push("x", cache.store.add("b"))
+    cache.gc()  # a and base: candidates
+
+    class RootBeforeTheMark(_Wrapped):
+        rooted = False
+
+        def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+            if key.startswith(RUNS) and not self.rooted:
+                self.rooted = True  # the survey is done; the mark is next
+                RootWriter(cache.target, "late").start([a])
+            self.inner.put_bytes(key, data, content_type)
+
+    wrapped = RootBeforeTheMark(cache.target)
+    collect(wrapped, TIGHT, delete=True, jobs=4)  # type: ignore[arg-type]
+    assert wrapped.rooted
+    assert cache.has(a) and cache.has(base)
+    assert cache.clean()
