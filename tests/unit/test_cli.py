@@ -15,8 +15,10 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from uploader._exceptions import ConfigError
 from uploader.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from uploader.cli._common import make_engine
+from uploader.config import DEFAULT_GC_ROOTS, gc_roots_warning, load_settings
 from uploader.signing import generate
 
 KEY = (
@@ -594,3 +596,79 @@ def test_retry_says_when_no_daemon_will_retry_now(tmp_path: Path) -> None:
     for status_file in state.iterdir():
         os.utime(status_file, (an_hour_ago, an_hour_ago))
     assert "the daemon is not responding" in cli(*args).output
+
+
+# -- settings: the config file and the flags ---------------------------------
+
+
+def test_a_flag_overrides_the_config_file(tmp_path: Path) -> None:
+    """Broken, `run --config F --to X` would upload to the file's `to`, not X."""
+    path = write_config(
+        tmp_path / "c.toml", 'to = "s3://from-file"\njobs = 8\nlow-priority = true\n'
+    )
+    settings = load_settings(path, {"to": "s3://from-flag", "jobs": 2, "low-priority": False})
+    assert (settings.to, settings.jobs, settings.low_priority) == ("s3://from-flag", 2, False)
+    # …and a flag not given leaves the file's value.
+    assert load_settings(path, {"to": None, "jobs": None}).jobs == 8
+
+
+def test_list_flags_not_given_leave_the_config_files_lists(tmp_path: Path) -> None:
+    """Broken, `run --config F` without --upstream (click passes ()) would
+    drop the file's upstreams and upload again all cache.nixos.org serves."""
+    path = write_config(
+        tmp_path / "c.toml",
+        'upstream = ["https://cache.nixos.org"]\nupstream-keys = ["cache.nixos.org-1"]\n',
+    )
+    settings = load_settings(path, {"upstream": (), "upstream-keys": ()})
+    assert settings.upstream == ("https://cache.nixos.org",)
+    assert settings.upstream_keys == ("cache.nixos.org-1",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("jobs = 65\n", "jobs must be between 1 and 64, not 65"),
+        ("jobs = 0\n", "jobs must be between 1 and 64, not 0"),
+        ("retry-min = 10\nretry-max = 9.5\n", "retry-min (10) must be at most retry-max (9.5)"),
+        ("jobs = true\n", "setting 'jobs' must be an integer, not true"),
+        ("low-priority = 1\n", "setting 'low-priority' must be true or false, not 1"),
+        ("upload-logs = 0\n", "setting 'upload-logs' must be true or false, not 0"),
+    ],
+)
+def test_settings_just_out_of_bounds_or_of_the_wrong_type_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Broken, a setting just past its bound, or `jobs = true` and
+    `low-priority = 1`, would be taken instead of named as a mistake."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(write_config(tmp_path / "c.toml", text), {})
+    assert message in str(e.value)
+
+
+def test_settings_at_their_bounds_are_accepted(tmp_path: Path) -> None:
+    """Broken, `jobs = 64` or retry-min equal to retry-max would be refused."""
+    path = write_config(tmp_path / "c.toml", "jobs = 64\nretry-min = 9\nretry-max = 9\n")
+    settings = load_settings(path, {})
+    assert (settings.jobs, settings.retry_min, settings.retry_max) == (64, 9, 9)
+
+
+def test_a_gc_roots_dir_beside_gcroots_is_warned_about() -> None:
+    """Broken, /nix/var/nix/gcroots-old/… would get no warning, although
+    Nix counts no roots there and garbage collection would delete the paths."""
+    assert gc_roots_warning(DEFAULT_GC_ROOTS) is None
+    assert gc_roots_warning("/nix/var/nix/gcroots-old/nix-cache-uploader") is not None
+
+
+def test_wait_gives_up_with_exit_3_when_the_timeout_is_reached(tmp_path: Path, spool: Path) -> None:
+    """Broken, a script's `wait --timeout` would hang past its timeout or
+    exit with a code it cannot tell from a failure."""
+    (spool / "x.drv.1.entry").write_text("nix-cache-uploader-spool 1\n")
+    started = time.monotonic()
+    result = cli("wait", "--spool", str(spool), "--state-dir", str(tmp_path / "state"),
+                 "--timeout", "0.5")  # fmt: skip
+    took = time.monotonic() - started
+    assert result.exit_code == 3, result.output  # as documented for scripts
+    assert "timed out after 0.5s: 1 entry still queued" in result.stderr
+    # In process (no start-up): it gave up at --timeout, not seconds later.
+    # A functional bound, generous for a loaded machine.
+    assert took < 4.5

@@ -282,6 +282,13 @@ def test_unit_quotes_what_systemd_would_expand_or_split() -> None:
     )
 
 
+def test_unit_doubles_dollar_signs_in_the_command_line() -> None:
+    """Broken, systemd would expand a `$` in the --config path and the
+    service would read another file, or none."""
+    unit = render_unit(unit_params(config="/etc/$HOME/config.toml"), Settings())
+    assert "--config /etc/$$HOME/config.toml" in directives(unit)["ExecStart"][0]
+
+
 def test_the_quickstart_shows_the_unit_install_writes() -> None:
     text = (REPO / "docs" / "quickstart.md").read_text()
     (shown,) = re.findall(r"^```ini\n(.*?)^```", text, re.M | re.S)
@@ -520,6 +527,66 @@ def test_install_repairs_what_drifted(tmp_path: Path, layout: Layout, host: Fake
     ]
 
 
+def test_install_repairs_the_mode_of_a_file_whose_bytes_are_right(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, a hook chmod'ed to 0644 (which Nix cannot run) would be
+    reported as "nothing to do" and every build's upload would be lost."""
+    run(plan_install(layout, request(tmp_path), host))
+    Path(layout.hook_path).chmod(0o644)
+    texts = [t for t, _ in plan_install(layout, request(tmp_path), host).actions]
+    assert texts == [f"update {layout.hook_path} (post-build hook)"]
+    run(plan_install(layout, request(tmp_path), host))
+    assert Path(layout.hook_path).stat().st_mode & 0o777 == 0o755
+
+
+def test_install_repairs_the_owner_of_a_directory(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, a state directory that drifted to root:root (mode still
+    right) would stay unwritable to the daemon, and install would not say so."""
+    run(plan_install(layout, request(tmp_path), host))
+    host.chown(str(tmp_path / "state"), "root", "root")
+    texts = [t for t, _ in plan_install(layout, request(tmp_path), host).actions]
+    assert texts == [f"set {tmp_path / 'state'} to ncu:ncu, mode 0755"]
+
+
+def test_install_notes_a_key_the_group_can_read(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, a signing key readable by its group would go unmentioned."""
+    key = tmp_path / "etc" / "secret-key"
+    key.parent.mkdir()
+    write_secret_key(str(key), generate("test-1"))
+    key.chmod(0o640)
+    plan = plan_install(layout, request(tmp_path), host)
+    assert f"{key} is readable by others: run chmod 600 {key}" in plan.notes
+
+
+def test_install_refuses_a_relative_key_file(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, install would succeed and the service would then fail at
+    start, as systemd's LoadCredential= takes only absolute paths."""
+    with pytest.raises(ConfigError, match="must be an absolute path: systemd loads it"):
+        plan_install(layout, request(tmp_path, secret_key_file="keys/secret"), host)
+
+
+def test_a_public_key_without_its_secret_key_stops_install_before_any_change(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, --generate-key would write a secret key, fail on the existing
+    public key, and leave half a key pair and half an installation."""
+    public, secret = tmp_path / "etc" / "public-key", tmp_path / "etc" / "secret-key"
+    public.parent.mkdir()
+    public.write_text("old-1:AAAA\n")
+    plan = plan_install(layout, request(tmp_path, generate_key="test-1"), host)
+    assert plan.conflicts == [f"{public} exists without its secret key {secret}; move it away"]
+    with pytest.raises(ConfigError):
+        run(plan)
+    assert not secret.exists() and not (tmp_path / "spool").exists()
+
+
 def test_uninstall_restores_nix_conf_and_purge_removes_the_rest(
     tmp_path: Path, layout: Layout, host: FakeHost
 ) -> None:
@@ -657,6 +724,20 @@ def test_systemd_enables_starts_and_restarts(tmp_path: Path, layout: Layout) -> 
     ]
 
 
+def test_a_config_change_alone_restarts_the_service(tmp_path: Path, layout: Layout) -> None:
+    """Broken, a new bucket written to the config file would not reach the
+    running daemon, which would go on uploading to the old one."""
+    host = FakeHost(systemd_running=True)
+    (tmp_path / "etc").mkdir()
+    write_secret_key(str(tmp_path / "etc" / "secret-key"), generate("test-1"))
+    run(plan_install(layout, request(tmp_path), host))
+    unit = Path(layout.unit_path).read_bytes()
+    # Another bucket: the config file changes, the unit does not.
+    run(plan_install(layout, request(tmp_path, to="s3://other-cache", force=True), host))
+    assert Path(layout.unit_path).read_bytes() == unit
+    assert host.log[-1] == "systemctl restart nix-cache-uploader.service"
+
+
 def test_the_hook_stays_while_a_nix_daemon_may_run_it(
     tmp_path: Path, layout: Layout, host: FakeHost
 ) -> None:
@@ -777,6 +858,18 @@ def test_check_config_needs_the_file(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
+def test_check_config_refuses_a_builder_that_holds_the_cache_key(tmp_path: Path) -> None:
+    """Broken, check-config would pass a fleet builder's config that also
+    names the cache's secret key, which a builder must never hold."""
+    code, _, err = check_config(
+        tmp_path,
+        'to = "s3://bucket"\nsecret-key-file = "/run/keys/cache"\n'
+        'attest-key-file = "/run/keys/builder"\n',
+    )
+    assert code == 1
+    assert "attest mode holds no cache key" in err
+
+
 def test_purge_for_another_user_removes_nothing_of_this_installation(
     tmp_path: Path, layout: Layout, host: FakeHost
 ) -> None:
@@ -808,3 +901,40 @@ def test_a_fleet_builder_is_installed_with_its_builder_key_and_no_cache_key(
     # A config file that already names the cache key: refused, not merged.
     with pytest.raises(ConfigError, match="holds no cache key"):
         plan_install(layout, request(tmp_path, secret_key_file=builder_key), host)
+
+
+def test_uninstall_keeps_a_hook_nix_conf_still_names(
+    tmp_path: Path, layout: Layout, host: FakeHost
+) -> None:
+    """Broken, uninstall would delete a hook the admin's own nix.conf line
+    still names, and every build would then run a missing hook."""
+    run(plan_install(layout, request(tmp_path), host))
+    with open(layout.nix_conf, "a") as f:  # a line of the admin's own, not install's
+        f.write(f"post-build-hook = {layout.hook_path}\n")
+    lines = run(plan_uninstall(layout, host, purge=False, force=False))
+    assert Path(layout.hook_path).exists()
+    assert any(line.startswith(f"note: kept {layout.hook_path}: ") and "still names it" in line
+               for line in lines)  # fmt: skip
+
+
+@pytest.mark.parametrize("uid", [0, 1000, 1234])
+def test_purge_keeps_a_user_that_is_not_a_system_user(
+    tmp_path: Path, layout: Layout, host: FakeHost, uid: int
+) -> None:
+    """Broken, `uninstall --purge` after `--user alice` by mistake would
+    delete a person's account (or root)."""
+    run(plan_install(layout, request(tmp_path), host))
+    host.uids["ncu"] = uid
+    lines = run(plan_uninstall(layout, host, purge=True, force=False))
+    assert host.account("ncu") is not None
+    assert f"note: user ncu (uid {uid}) is not a system user: kept" in lines
+
+
+def test_purge_keeps_the_nix_socket_group(tmp_path: Path, host: FakeHost, layout: Layout) -> None:
+    """Broken, purging an install made with --group nix-users would delete
+    the group Debian's nix-daemon socket belongs to, cutting users off Nix."""
+    socket_group = dataclasses.replace(layout, group="nix-users")
+    run(plan_install(socket_group, request(tmp_path), host))
+    run(plan_uninstall(socket_group, host, purge=True, force=False))
+    assert host.group_members("nix-users") is not None
+    assert "groupdel nix-users" not in host.log

@@ -36,3 +36,12 @@ def test_nar_bytes_and_file_bytes_are_counted_apart() -> None:
     value = metrics.registry.get_sample_value
     assert value("nix_cache_uploader_nar_bytes_uploaded_total") == 1000
     assert value("nix_cache_uploader_bytes_uploaded_total") == 300
+
+
+@pytest.mark.parametrize("value", ["65536", "127.0.0.1:65536", "[::1]:99999"])
+def test_metrics_ports_beyond_65535_are_refused(value: str) -> None:
+    """Broken, check-config would pass port 65536 and `run` would then die
+    with a traceback; 65535 itself stays accepted."""
+    with pytest.raises(ConfigError, match="expected PORT or HOST:PORT"):
+        parse_listen_address(value)
+    assert parse_listen_address("65535") == ("127.0.0.1", 65535)

@@ -145,3 +145,18 @@ def test_redacted_without_a_secret_key_is_the_url() -> None:
 @pytest.mark.parametrize("bucket", ["abc", "my-cache.example.org", "Old_Bucket", "0cache9"])
 def test_bucket_names_s3_servers_take_are_accepted(bucket: str) -> None:
     assert parse_store_url(f"s3://{bucket}/?region=eu-west-1").bucket == bucket
+
+
+def test_want_mass_query_and_priority_reach_nix_cache_info() -> None:
+    """Broken, want-mass-query=false would be ignored and Nix clients would
+    query the cache in bulk anyway."""
+    url = parse_store_url("file:///srv/cache?want-mass-query=false&priority=30")
+    assert url.cache_info() == "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 30\n"
+
+
+@pytest.mark.parametrize("priority", ["³", "٣"])  # digits to str.isdigit, not to Nix
+def test_a_priority_of_other_digits_is_refused(priority: str) -> None:
+    """Broken, `priority=³` would be accepted and written into nix-cache-info,
+    where Nix cannot read it."""
+    with pytest.raises(ConfigError, match="priority must be a non-negative integer"):
+        parse_store_url(f"file:///srv/cache?priority={priority}")
