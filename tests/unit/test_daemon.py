@@ -547,6 +547,28 @@ def test_format_1_entries_of_an_older_hook_are_uploaded(tmp_path: Path) -> None:
     assert s.spool.quarantined() == []
 
 
+def _roots_while_the_first_batch_is_in_flight(
+    s: Setup, roots: Path, arrive: Callable[[], None]
+) -> set[str]:
+    """Run the daemon until the spool is empty; ``arrive`` writes entries
+    once the batch of ``first.entry`` is in flight.  The names seen in
+    ``roots`` while that batch still was."""
+    seen: set[str] = set()
+    arrived = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived
+        if not arrived and d._in_flight == {"first.entry"}:
+            arrive()
+            arrived = True
+        if arrived and d._in_flight == {"first.entry"}:
+            seen.update(os.listdir(roots))
+        return arrived and not s.spool.pending()
+
+    s.run_until(step, timeout=30)
+    return seen
+
+
 def test_a_build_that_arrives_during_a_slow_batch_is_rooted_at_once(tmp_path: Path) -> None:
     """A garbage collection while a batch is in flight (a slow cache) must
     not take the outputs of the builds waiting for it: they are rooted as
@@ -559,20 +581,12 @@ def test_a_build_that_arrives_during_a_slow_batch_is_rooted_at_once(tmp_path: Pa
     drv = "/nix/store/" + "d" * 32 + "-third.drv"
     s.store.outputs_of[drv] = [third]
     s.entry("first", f"out {first}")
-    rooted_during: set[str] = set()
-    wrote = False
 
-    def step(d: Daemon) -> bool:
-        nonlocal wrote
-        if not wrote and d._in_flight == {"first.entry"}:
-            s.entry("second", f"out {second}")
-            s.entry("third", f"drv {drv}")  # as Nix 2.8's hook writes it
-            wrote = True
-        if wrote and d._in_flight == {"first.entry"}:
-            rooted_during.update(os.listdir(tmp_path / "roots"))
-        return wrote and not s.spool.pending()
+    def arrive() -> None:
+        s.entry("second", f"out {second}")
+        s.entry("third", f"drv {drv}")  # as Nix 2.8's hook writes it
 
-    s.run_until(step, timeout=30)
+    rooted_during = _roots_while_the_first_batch_is_in_flight(s, tmp_path / "roots", arrive)
     assert {basename(second), basename(third)} <= rooted_during
     assert os.listdir(tmp_path / "roots") == [], "unrooted once uploaded"
     assert all(s.target.narinfo(p) is not None for p in (first, second, third))
@@ -607,20 +621,12 @@ def test_builds_arriving_together_are_rooted_together_and_never_on_the_event_loo
     first = s.store.add("first")
     later = [s.store.add(f"later-{i}") for i in range(60)]
     s.entry("first", f"out {first}")
-    rooted_during: set[str] = set()
-    wrote = False
 
-    def step(d: Daemon) -> bool:
-        nonlocal wrote
-        if not wrote and d._in_flight == {"first.entry"}:
-            for i, path in enumerate(later):
-                s.entry(f"later-{i}", f"out {path}")
-            wrote = True
-        if wrote and d._in_flight == {"first.entry"}:
-            rooted_during.update(os.listdir(tmp_path / "roots"))
-        return wrote and not s.spool.pending()
+    def arrive() -> None:
+        for i, path in enumerate(later):
+            s.entry(f"later-{i}", f"out {path}")
 
-    s.run_until(step, timeout=30)
+    rooted_during = _roots_while_the_first_batch_is_in_flight(s, tmp_path / "roots", arrive)
     assert {basename(p) for p in later} <= rooted_during, "rooted while they waited"
     adds = [c for c in calls if c[0] == "add"]
     assert sum(n for _, n, _ in adds) == 61 and len(adds) <= 3, adds
