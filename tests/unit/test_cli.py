@@ -17,9 +17,11 @@ from click.testing import CliRunner, Result
 
 from uploader._exceptions import ConfigError
 from uploader.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from uploader.cli import daemon as daemon_cli
 from uploader.cli._common import make_engine
 from uploader.config import DEFAULT_GC_ROOTS, gc_roots_warning, load_settings
 from uploader.signing import generate
+from uploader.state import write_status
 
 KEY = (
     "test-1:vMCqoKal2x7X6MtoWVCQXuI6TNQDazPxGAbkTl6o"
@@ -672,3 +674,21 @@ def test_wait_gives_up_with_exit_3_when_the_timeout_is_reached(tmp_path: Path, s
     # In process (no start-up): it gave up at --timeout, not seconds later.
     # A functional bound, generous for a loaded machine.
     assert took < 4.5
+
+
+def test_wait_counts_in_flight_entries_once_when_only_the_status_tells(
+    tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI user who cannot list the spool is told the daemon's count: its
+    `pending` includes the entries in flight, which were counted twice."""
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setattr(daemon_cli, "_spool_pending", lambda settings: None)
+    write_status(
+        str(state),
+        {"spool": str(spool), "running": True, "pid": os.getpid(), "updated_at": time.time() + 60,
+         "pending": 3, "in_flight": 2},
+    )  # fmt: skip
+    result = cli("wait", "--spool", str(spool), "--state-dir", str(state), "--timeout", "0.2")
+    assert result.exit_code == 3, result.output
+    assert "timed out after 0.2s: 3 entries still queued" in result.stderr

@@ -488,7 +488,7 @@ def wait(
             # The daemon's count, of a spool that has not changed since.
             left = counted
         elif report and float(report["updated_at"]) > start:
-            left = int(report["pending"]) + int(report["in_flight"])
+            left = int(report["pending"])  # in-flight entries are pending too
         else:
             left = -1  # not known yet
         if left == 0:
