@@ -202,25 +202,9 @@ def test_a_stop_past_the_drain_timeout_aborts_a_large_upload_and_leaves_no_orpha
     config.write_text("drain-timeout = 0.5\n")
     uploader.extra_args = ["--config", str(config)]
     uploader.store_url = faults.store_url(bucket, compression="none")
-    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
-    uploader.start()
-    (path,) = build(random_blob_expr("stopped", 40_000_000), hook=str(uploader.hook))
-    deadline = time.monotonic() + 60
-    while not faults.rules[0].hits:
-        assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"
-        time.sleep(0.05)
+    path = _build_with_its_second_part_stalled(faults, uploader, "stopped")
     assert uploader.stop() == 0
-    time.sleep(4)  # the stalled part ends; nothing may complete after it
-    client = faults.client()
-    listed = client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", [])
-    assert listed == [], f"an orphan NAR: {listed}\n{uploader.log()}"
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert len(list(uploader.spool.glob("*.entry"))) == 1
-
-    uploader.start()
-    uploader.wait_drained(timeout=120)
-    assert assert_bucket_consistent(faults, bucket) == 1
-    assert_substitutes(faults, bucket, [path], keys, tmp_path / "fresh")
+    _nothing_left_and_uploaded_at_restart(faults, uploader, bucket, keys, tmp_path, path)
 
 
 def test_a_forced_stop_aborts_the_uploads_under_way(
@@ -230,23 +214,46 @@ def test_a_forced_stop_aborts_the_uploads_under_way(
     left their multipart uploads in the bucket, invisible and billed until
     a lifecycle rule removes them."""
     uploader.store_url = faults.store_url(bucket, compression="none")
-    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
-    uploader.start()
-    (path,) = build(random_blob_expr("forced", 40_000_000), hook=str(uploader.hook))
-    deadline = time.monotonic() + 60
-    while not faults.rules[0].hits:
-        assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"
-        time.sleep(0.05)
+    path = _build_with_its_second_part_stalled(faults, uploader, "forced")
     assert uploader.process is not None
     uploader.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     uploader.process.send_signal(signal.SIGTERM)
     assert uploader.process.wait(timeout=30) == 1
     assert "aborted 1 multipart upload under way" in uploader.log(), uploader.log()
+    _nothing_left_and_uploaded_at_restart(faults, uploader, bucket, keys, tmp_path, path)
+
+
+def _build_with_its_second_part_stalled(
+    faults: FaultProxy, uploader: UploaderRun, name: str
+) -> str:
+    """Start the daemon and build a 40 MB output through its hook, the
+    proxy holding the NAR's second part for 4 s; the output, once held."""
+    faults.add(Rule("stall", "PUT", r"[?&]partNumber=2(&|$)", seconds=4))
+    uploader.start()
+    (path,) = build(random_blob_expr(name, 40_000_000), hook=str(uploader.hook))
+    deadline = time.monotonic() + 60
+    while not faults.rules[0].hits:
+        assert time.monotonic() < deadline, f"the part never stalled:\n{uploader.log()}"
+        time.sleep(0.05)
+    return path
+
+
+def _nothing_left_and_uploaded_at_restart(
+    faults: FaultProxy,
+    uploader: UploaderRun,
+    bucket: str,
+    keys: KeyPair,
+    tmp_path: Path,
+    path: str,
+) -> None:
+    """Once the held part ends: no NAR, no incomplete upload, the entry
+    still queued; a restart uploads it, and it substitutes."""
     time.sleep(4)  # the stalled part ends; nothing may complete after it
     client = faults.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", [])
+    assert listed == [], f"an orphan NAR: {listed}\n{uploader.log()}"
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert client.list_objects_v2(Bucket=bucket, Prefix="nar/").get("Contents", []) == []
     assert len(list(uploader.spool.glob("*.entry"))) == 1
 
     uploader.start()
