@@ -165,6 +165,14 @@ let
     tmpDir
   ];
 
+  # Where the services' messages on missing or refused S3 credentials send
+  # the operator: the file given, or the option when there is none (the
+  # program would otherwise name the file beside its config, in the store).
+  credentialsHint = {
+    NIX_CACHE_UPLOADER_ENVIRONMENT_FILE =
+      if cfg.environmentFile == null then "" else escapeSpecifiers cfg.environmentFile;
+  };
+
   # `metrics = "[HOST:]PORT"`; the host defaults to 127.0.0.1.
   metrics = if cfg.settings.metrics == null then null else toString cfg.settings.metrics;
   metricsPort = lib.toInt (lib.last (lib.splitString ":" metrics));
@@ -578,7 +586,7 @@ in
       environment = {
         # Nix clients want a writable home for their cache directory.
         HOME = stateDir;
-      };
+      } // credentialsHint;
 
       serviceConfig = {
         ExecStart = lib.concatStringsSep " " (
@@ -642,6 +650,7 @@ in
       description = "Delete what no root or pin of the binary cache keeps";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
+      environment = credentialsHint;
       serviceConfig = {
         Type = "oneshot";
         ExecStart = lib.concatStringsSep " " (

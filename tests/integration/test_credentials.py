@@ -37,20 +37,39 @@ def status(uploader: UploaderRun) -> dict[str, Any]:
     return report
 
 
+# The NixOS module's units name the environment file they read, or none
+# (their config file is in the Nix store: the file beside it is no guide).
+@pytest.mark.parametrize(
+    ("unit_names", "service_hint"),
+    [
+        (None, "for the service put them into /etc/nix-cache-uploader/environment"),
+        ("/run/secrets/ncu.env", "for the service put them into /run/secrets/ncu.env"),
+        ("", "for the service give it an environment file with them "
+             "(services.nix-cache-uploader.environmentFile on NixOS)"),
+    ],
+)  # fmt: skip
 def test_push_without_credentials_says_where_to_put_them(
-    nix_daemon: NixDaemon, s3: S3Server, bucket: str, keys: KeyPair, tmp_path: Path
+    nix_daemon: NixDaemon,
+    s3: S3Server,
+    bucket: str,
+    keys: KeyPair,
+    tmp_path: Path,
+    unit_names: str | None,
+    service_hint: str,
 ) -> None:
     (out,) = build(trivial_expr("no-credentials"))
     env = env_without_credentials(tmp_path)
+    if unit_names is not None:
+        env["NIX_CACHE_UPLOADER_ENVIRONMENT_FILE"] = unit_names
     result = run_cli("push", "--to", s3.store_url(bucket), "--secret-key-file",
                      keys.secret_file, out, check=False, env=env)  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: ") and "no AWS credentials found" in line
-    for where in ("AWS_ACCESS_KEY_ID", str(tmp_path / "aws-credentials"), "instance",
-                  "/etc/nix-cache-uploader/environment"):  # fmt: skip
+    for where in ("AWS_ACCESS_KEY_ID", str(tmp_path / "aws-credentials"), "instance"):
         assert where in line
+    assert line.endswith(service_hint)
     assert s3.get(bucket, "nix-cache-info") is None
 
 

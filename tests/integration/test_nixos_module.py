@@ -467,6 +467,20 @@ def test_build_logs_and_listings_are_settings_the_config_file_carries() -> None:
     assert toml["upload-logs"] is True and toml["write-nar-listing"] is True
 
 
+def test_the_services_name_the_environment_file_they_read() -> None:
+    """For the messages on credentials: the program would name the file
+    beside its config file, which is in the Nix store here."""
+    select = (
+        "{ run = config.systemd.services.nix-cache-uploader.environment; "
+        "gc = config.systemd.services.nix-cache-uploader-gc.environment; }"
+    )
+    config = {**BASE, "gc": {"enable": True}}
+    for given, named in ((None, ""), ("/run/secrets/100%.env", "/run/secrets/100%%.env")):
+        found = evaluate({**config, "environmentFile": given}, select=select).value
+        assert found["run"]["NIX_CACHE_UPLOADER_ENVIRONMENT_FILE"] == named
+        assert found["gc"] == {"NIX_CACHE_UPLOADER_ENVIRONMENT_FILE": named}
+
+
 def test_a_custom_state_dir_is_home_and_systemd_makes_no_other() -> None:
     for state, directory in (("/srv/state", None), ("/var/lib/nix-cache-uploader",
                                                        "nix-cache-uploader")):  # fmt: skip

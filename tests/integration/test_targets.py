@@ -124,6 +124,18 @@ def test_requests_pass_a_server_that_checks_signatures(
     with pytest.raises(TargetError) as refused:
         wrong.put_bytes("other.narinfo", b"x", NARINFO)
     assert "the AWS credentials were refused (SignatureDoesNotMatch)" in str(refused.value)
+    # Where the service's credentials are: as its unit names them (NixOS).
+    monkeypatch.setenv("NIX_CACHE_UPLOADER_ENVIRONMENT_FILE", "/run/secrets/ncu.env")
+    with pytest.raises(TargetError) as refused:
+        wrong.put_bytes("other.narinfo", b"x", NARINFO)
+    assert "(for the service: /run/secrets/ncu.env)" in str(refused.value)
+    monkeypatch.setenv("NIX_CACHE_UPLOADER_ENVIRONMENT_FILE", "")
+    with pytest.raises(TargetError) as refused:
+        wrong.put_bytes("other.narinfo", b"x", NARINFO)
+    assert (
+        "(for the service: its environment file, "
+        "services.nix-cache-uploader.environmentFile on NixOS)"
+    ) in str(refused.value)
 
 
 def test_parts_go_with_an_unsigned_payload_past_a_server_that_checks_signatures(

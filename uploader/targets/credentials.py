@@ -24,22 +24,37 @@ from uploader._exceptions import ConfigError, CredentialsError
 
 __all__ = [
     "ENVIRONMENT_FILE",
+    "UNIT_ENVIRONMENT_FILE",
     "missing_credentials",
     "rejected_credentials",
     "service_reads_credentials_from",
     "session_for",
 ]
 
-# Where `install` and the NixOS module have the service read its credentials.
+# Where `install` has the service read its credentials.
 ENVIRONMENT_FILE = "/etc/nix-cache-uploader/environment"
 _environment_file = ENVIRONMENT_FILE
+# Set by the NixOS module's units: the environment file they read, or empty
+# when they read none.  Their config file is in the Nix store, so the file
+# beside it is no guide there.
+UNIT_ENVIRONMENT_FILE = "NIX_CACHE_UPLOADER_ENVIRONMENT_FILE"
+_NO_FILE = "services.nix-cache-uploader.environmentFile on NixOS"
 
 
 def service_reads_credentials_from(path: str) -> None:
-    """Name ``path`` in the messages on credentials: `install --config`
-    puts the service's environment file beside its config file."""
+    """Name ``path`` in the messages on credentials (unless the unit names
+    its own): `install --config` puts the service's environment file beside
+    its config file."""
     global _environment_file
     _environment_file = path
+
+
+def _service_file() -> str | None:
+    """The environment file the service reads, None when it reads none."""
+    named = os.environ.get(UNIT_ENVIRONMENT_FILE)
+    if named is None:
+        return _environment_file
+    return named or None
 
 
 # S3 error codes that mean "these credentials are not (or no longer) good".
@@ -140,8 +155,15 @@ def missing_credentials(action: str, where: str, profile: str | None) -> Credent
         f"{action} {where}: no AWS credentials found (looked for AWS_ACCESS_KEY_ID and "
         f"AWS_SECRET_ACCESS_KEY in the environment, profile {profile or 'default'!r} in "
         f"{aws_files()}, a web identity token, and instance or container metadata); "
-        f"export them, or for the service put them into {_environment_file}"
+        f"export them, or for the service {_where_for_service()}"
     )
+
+
+def _where_for_service() -> str:
+    file = _service_file()
+    if file is None:
+        return f"give it an environment file with them ({_NO_FILE})"
+    return f"put them into {file}"
 
 
 def rejected_credentials(action: str, where: str, code: str) -> CredentialsError:
@@ -154,5 +176,6 @@ def rejected_credentials(action: str, where: str, code: str) -> CredentialsError
     why = "have expired" if "Expired" in code or "Refresh" in code else "were refused"
     return CredentialsError(
         f"{action} {where}: the AWS credentials {why} ({code}); check or renew them "
-        f"(for the service: {_environment_file}) and the region"
+        f"(for the service: {_service_file() or 'its environment file, ' + _NO_FILE}) "
+        "and the region"
     )
