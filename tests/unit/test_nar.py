@@ -172,6 +172,32 @@ def test_write_nar_returns_the_nar_size(tmp_path: Path) -> None:
     assert out.getvalue() == ours(str(tmp_path / "hello"))
 
 
+def test_a_file_swapped_for_a_symlink_after_its_lstat_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced by a symlink between its lstat and its opening: the
+    archive fails, rather than holding under the file's name the contents
+    of whatever the link points to (a key, say)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not for the cache\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "file").write_bytes(b"x")
+    lstat = nar._lstat
+
+    def lstat_then_swap(path: bytes) -> os.stat_result:
+        found = lstat(path)
+        if path.endswith(b"/file"):
+            os.unlink(path)
+            os.symlink(secret, path)
+        return found
+
+    monkeypatch.setattr(nar, "_lstat", lstat_then_swap)
+    with pytest.raises(NarError, match=r"opening '.*root/file' for the NAR"):
+        ours(str(root))
+    assert (root / "file").is_symlink()
+
+
 def test_a_fifo_is_refused_with_its_path(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     os.mkfifo(tmp_path / "dir" / "queue")

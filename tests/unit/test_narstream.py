@@ -238,6 +238,24 @@ def test_part_buffers_are_reused_and_let_go_when_no_nar_streams(tmp_path: Path) 
         streamer.close()
 
 
+def test_no_more_part_buffers_are_kept_than_one_per_part_in_flight_and_one() -> None:
+    """xz compresses a NAR per core, each filling a buffer of its own, so
+    more buffers can be in use at once than the streamer keeps.  Given back
+    while NARs still stream, those beyond one per part in flight plus the
+    one being filled are let go, not held until the last NAR ends."""
+    streamer = NarStreamer("xz", None)
+    buffers = streamer.buffers
+    buffers.use()  # a NAR is streaming
+    try:
+        lent = [buffers.take(PART_SIZE) for _ in range(PARTS_IN_FLIGHT + 3)]
+        for buffer in lent:
+            buffers.give(buffer)
+        assert len(buffers._free) == PARTS_IN_FLIGHT + 1
+    finally:
+        buffers.done()
+        streamer.close()
+
+
 class GatedParts(KeptParts):
     """Parts wait at a gate: a link slower than compression."""
 

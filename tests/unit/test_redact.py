@@ -29,6 +29,8 @@ PRESIGNED = (
         "Authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20240101/us-east-1/"
         "s3/aws4_request, SignedHeaders=host;x-amz-date, Signature=fe5f80f77d5fa3beca038a24",
         "{'X-Amz-Security-Token': 'FQoGZXIvYXdzEXAMPLETOKEN', 'x-amz-date': '20240101'}",
+        # SigV2 parameters without a URL's '?' (a query string logged on its own).
+        "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1&Signature=fe5f80f77d%2B",
     ],
 )
 def test_signing_material_is_removed(text: str) -> None:
@@ -45,6 +47,22 @@ def test_what_failed_stays_readable() -> None:
     # Unsigned URLs and ordinary words are left alone.
     for text in ("http://h/cache?versionId=3", "lacks a valid signature: see the key"):
         assert scrub(text) == text
+
+
+# Any one signing parameter marks a query as signed, and all of it goes: the
+# rest may name the signer too (a CloudFront signed URL's Key-Pair-Id).
+@pytest.mark.parametrize(
+    "query",
+    [
+        "X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20240101T000000Z",
+        "Expires=1700000000&Signature=fe5f80f77d~5fa3&Key-Pair-Id=APKAEIBAERJR2EXAMPLE",
+        "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1700000000",
+    ],
+)
+def test_a_signed_query_goes_whole(query: str) -> None:
+    url = "https://cache.example.org/nar/abc.nar.zst"
+    assert scrub(f"fetching {url}?{query} timed out") == f"fetching {url}?{REDACTED} timed out"
 
 
 def test_remembered_credentials_are_removed_raw_and_url_encoded() -> None:
