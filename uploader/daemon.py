@@ -823,16 +823,24 @@ class Daemon:
         """Drop the roots no waiting entry needs (left by a crash, or by
         entries removed by hand); how many.  The outputs of an entry that
         names only its .drv, as Nix 2.8's hook writes it, are read from the
-        .drv: they may have been rooted before the restart."""
+        .drv: they may have been rooted before the restart.  The roots kept
+        become the entries' own, removed as each entry is done (also when
+        the cache turns out to hold its outputs already)."""
         roots = self.roots
         assert roots is not None
         names = list(self._pending)
 
-        def keep() -> int:
-            needed = {p for outs in self._entry_outputs(names).values() for p in outs}
-            return roots.keep_only(needed)
+        def keep() -> tuple[int, dict[str, list[str]]]:
+            outputs = self._entry_outputs(names)
+            dropped, kept = roots.keep_only(p for outs in outputs.values() for p in outs)
+            return dropped, {n: [p for p in outs if p in kept] for n, outs in outputs.items()}
 
-        return await asyncio.wrap_future(self._roots_thread.submit(keep))
+        dropped, rooted = await asyncio.wrap_future(self._roots_thread.submit(keep))
+        for name, outs in rooted.items():
+            if outs and name in self._pending and name not in self._entry_roots:
+                self._entry_roots[name] = outs
+                self._root_refs.update(outs)
+        return dropped
 
     def _quarantine(self, name: str, reason: str) -> None:
         log.warning("quarantined spool entry %s: %s", name, reason)

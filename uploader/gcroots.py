@@ -67,9 +67,10 @@ class GcRoots:
                 found.add(os.readlink(os.path.join(self.directory, name)))
         return found
 
-    def keep_only(self, paths: Iterable[str]) -> int:
+    def keep_only(self, paths: Iterable[str]) -> tuple[int, set[str]]:
         """Drop the roots of paths no entry names (left by a crash, or by
-        entries removed from the spool); how many."""
-        unneeded = self.current() - set(paths)
-        self.remove(unneeded)
-        return len(unneeded)
+        entries removed from the spool): how many, and the roots kept."""
+        current = self.current()
+        needed = set(paths)
+        self.remove(current - needed)
+        return len(current - needed), current & needed

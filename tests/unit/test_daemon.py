@@ -661,6 +661,29 @@ def test_a_restart_keeps_the_roots_of_entries_that_name_only_their_drv(tmp_path:
     assert os.listdir(tmp_path / "roots") == []
 
 
+def test_roots_kept_at_a_restart_go_once_their_entry_is_done(tmp_path: Path) -> None:
+    """A crash after the upload and before the entry was removed: at the
+    restart the cache already holds the outputs, so no batch roots them,
+    and the roots kept from before must still go with the entry."""
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    # The daemon's memory of the cache, kept across the restart.
+    s.known = KnownCache(str(tmp_path / "known.sqlite"), "memory")
+    uploaded, waiting = s.store.add("uploaded"), s.store.add("waiting")
+    s.entry("before", f"out {uploaded}")
+    s.run_until(lambda d: not s.spool.pending())
+    assert s.target.narinfo(uploaded) is not None
+    # Left as the crash left them: both entries, both outputs rooted.
+    s.roots.add([uploaded, waiting])
+    s.entry("uploaded", f"out {uploaded}")
+    s.entry("waiting", f"out {waiting}")
+    d = s.run_until(lambda d: not s.spool.pending())
+    assert s.target.narinfo(waiting) is not None
+    assert os.listdir(tmp_path / "roots") == []
+    assert d._entry_roots == {} and not d._root_refs
+
+
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     tmp_path: Path,
 ) -> None:
