@@ -282,6 +282,16 @@ class Daemon:
         stale = self.spool.remove_stale_temp_files()
         if stale:
             log.warning("removed %s from the spool", plural(len(stale), "stale hook temp file"))
+        try:
+            requeued = self.spool.requeue_formats_read_now()
+        except OSError as e:
+            log.warning("cannot look into %s: %s", self.spool.quarantine_path, e)
+        else:
+            if requeued:
+                log.warning(
+                    "requeued %s quarantined by an older uploader for a format this one "
+                    "reads", plural(len(requeued), "entry", "entries"),
+                )  # fmt: skip
 
         def on_entry(name: str) -> None:  # on watchdog's thread
             loop.call_soon_threadsafe(self._discover, name)

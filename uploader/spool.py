@@ -34,7 +34,14 @@ from watchdog.events import (
 )
 
 from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
-from uploader.spoolentry import END_LINE, MAX_ENTRY_SIZE, Entry, parse_entry
+from uploader.spoolentry import (
+    END_LINE,
+    FORMAT_HEADER,
+    FORMAT_V1_HEADER,
+    MAX_ENTRY_SIZE,
+    Entry,
+    parse_entry,
+)
 
 __all__ = [
     "DEFAULT_SPOOL",
@@ -287,6 +294,36 @@ class Spool:
             moved += 1
             _unlink(source + _REASON_SUFFIX)
         return moved
+
+    def requeue_formats_read_now(self) -> list[str]:
+        """Move back the quarantined entries that were quarantined for a
+        format this uploader reads; the names moved.  An older daemon does
+        so with a newer hook's entries when the hook is upgraded first
+        (`install` over an older install, before the service restarts)."""
+        names = []
+        for name, reason in self.quarantined():
+            if "unsupported format" in reason and self._quarantined_header(name) in (
+                FORMAT_HEADER,
+                FORMAT_V1_HEADER,
+            ):
+                names.append(name)
+        self.requeue(names)
+        return names
+
+    def _quarantined_header(self, name: str) -> str | None:
+        """The first line of a quarantined entry (a regular file), if any."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(os.path.join(self.quarantine_path, name), flags)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            head = _read_at_most(fd, len(FORMAT_HEADER) + 1)
+        finally:
+            os.close(fd)
+        return head.decode("utf-8", errors="replace").split("\n", 1)[0]
 
     def stale_temp_files(self, older_than: float) -> list[str]:
         """Hook temp files not touched for ``older_than`` seconds (left by a crash)."""

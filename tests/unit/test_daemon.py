@@ -547,6 +547,27 @@ def test_format_1_entries_of_an_older_hook_are_uploaded(tmp_path: Path) -> None:
     assert s.spool.quarantined() == []
 
 
+def test_entries_an_older_daemon_quarantined_for_their_format_are_uploaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`install` over an older install replaces the hook before the service
+    restarts: the old daemon quarantines the new hook's entries meanwhile.
+    The new daemon takes them back at its start, with a line saying so."""
+    s = Setup(tmp_path)
+    out = s.store.add("built-during-the-upgrade")
+    name = s.entry("upgrade", f"out {out}")
+    s.spool.quarantine(
+        name,
+        f"spool entry {name!r}: unsupported format 'nix-cache-uploader-spool 2' "
+        "(this uploader reads 'nix-cache-uploader-spool 1')",
+    )
+    caplog.set_level("WARNING")
+    s.run_until(lambda d: s.target.narinfo(out) is not None and not s.spool.pending())
+    assert s.spool.quarantined() == []
+    said = [r.getMessage() for r in caplog.records if "requeued" in r.getMessage()]
+    assert said == ["requeued 1 entry quarantined by an older uploader for a format this one reads"]
+
+
 def _roots_while_the_first_batch_is_in_flight(
     s: Setup, roots: Path, arrive: Callable[[], None]
 ) -> set[str]:

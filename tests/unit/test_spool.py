@@ -188,6 +188,42 @@ def test_quarantine_and_requeue_round_trip(spool: Spool) -> None:
     assert sorted(spool.pending()) == ["bad.entry", "good.entry", "worse.entry"]
 
 
+# What uploaders that read format 1 only said of a format 2 entry.
+OLDER_UPLOADERS_REFUSAL = (
+    "spool entry {name!r}: unsupported format 'nix-cache-uploader-spool 2' "
+    "(this uploader reads 'nix-cache-uploader-spool 1')"
+)
+
+
+def test_entries_quarantined_for_a_format_read_now_are_requeued(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """An older daemon quarantines the entries of a newer hook (installed
+    before the daemon restarted); this one reads them, and only them."""
+    entries = {
+        "newer-hook.entry": entry_bytes(f"drv {DRV}"),
+        "older-hook.entry": v1_entry_bytes(f"drv {DRV}"),
+        "future.entry": b"nix-cache-uploader-spool 3\ndrv x\n",
+        "garbage.entry": entry_bytes(f"drv {DRV}"),
+    }
+    for name, data in entries.items():
+        put(spool, name, data)
+        reason = OLDER_UPLOADERS_REFUSAL.format(name=name)
+        spool.quarantine(name, "not UTF-8" if name == "garbage.entry" else reason)
+    # Planted in the quarantine: a link to an entry this uploader reads.
+    secret = tmp_path / "elsewhere.entry"
+    secret.write_bytes(entry_bytes(f"drv {DRV}"))
+    Path(spool.quarantine_path, "planted.entry").symlink_to(secret)
+    spool.record_reason("planted.entry", OLDER_UPLOADERS_REFUSAL.format(name="planted.entry"))
+
+    assert spool.requeue_formats_read_now() == ["newer-hook.entry", "older-hook.entry"]
+    assert sorted(spool.pending()) == ["newer-hook.entry", "older-hook.entry"]
+    assert spool.read("newer-hook.entry").drv == DRV
+    kept = [name for name, _ in spool.quarantined()]
+    assert kept == ["future.entry", "garbage.entry", "planted.entry"]
+    assert spool.requeue_formats_read_now() == []
+
+
 def test_a_reason_is_one_line(spool: Spool) -> None:
     put(spool, "a.entry", b"x")
     spool.quarantine("a.entry", "first line\nsecond line")
