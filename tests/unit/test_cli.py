@@ -195,11 +195,16 @@ def test_a_daemon_killed_before_it_said_so_is_not_shown_running(tmp_path: Path) 
     dead.wait()
     state = tmp_path / "state"
     state.mkdir()
-    for pid, shown in ((os.getpid(), "running"), (dead.pid, "not responding")):
-        status = {"spool": str(tmp_path), "running": True, "updated_at": time.time(), "pid": pid}
+    for pid, shown, in_flight in ((os.getpid(), "running", 7), (dead.pid, "not responding", 0)):
+        status = {"spool": str(tmp_path), "running": True, "updated_at": time.time(),
+                  "pid": pid, "in_flight": 7}  # fmt: skip
         (state / "status.json").write_text(json.dumps(status))
         result = cli("status", "--json", "--state-dir", str(state))
         assert json.loads(result.stdout)["daemon"] == shown, result.output
+        # Nothing is in flight in a process that is gone: its entries wait.
+        assert json.loads(result.stdout)["in_flight"] == in_flight
+        shown_text = cli("status", "--state-dir", str(state)).output
+        assert f" pending, {in_flight} in flight" in shown_text
 
 
 def test_check_config_warns_of_gc_roots_nix_does_not_count(tmp_path: Path) -> None:

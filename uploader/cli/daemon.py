@@ -318,6 +318,9 @@ def status(
     except OSError:
         report.setdefault("quarantined", None)
     report["daemon"] = _daemon_state(report)
+    if report["daemon"] == "not responding" and _gone(report.get("pid")):
+        # Killed: nothing is in flight in a process that no longer exists.
+        report["in_flight"] = 0
     # The documented fields are there even before a daemon ever ran.
     report.setdefault("pending", None)
     for key, empty in (("in_flight", 0), ("retrying", []), ("last_errors", [])):
