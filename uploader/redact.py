@@ -9,7 +9,8 @@ command line's error lines) passes through ``scrub``, which removes:
   parameters, SigV2 ``Signature=``/``AWSAccessKeyId=``): the path stays, so
   the message still says which object failed;
 - signing parameters outside a URL (``Credential=…`` and ``Signature=…`` of an
-  Authorization header, ``X-Amz-Security-Token: …``);
+  Authorization header, SigV2's ``AWS <key id>:<signature>``,
+  ``X-Amz-Security-Token: …``, such keys in the repr of a dict);
 - the credentials this process knows (``remember``): access key id, secret
   access key, session token, wherever and however they appear.
 """
@@ -41,10 +42,14 @@ REDACTED = "<redacted>"
 _SIGNED_QUERY = re.compile(
     r"\?[^\s'\"<>]*?(?:x-amz-|signature=|awsaccesskeyid=)[^\s'\"<>]*", re.IGNORECASE
 )
-# Signing parameters met outside a URL: header values, reprs of dicts.
+# Signing parameters met outside a URL: header values, reprs of dicts (a
+# quoted key only, so that "signature: bad" in prose stays), and SigV2's
+# Authorization header (AWS <access key id>:<signature>).
 _SIGNING_PARAM = re.compile(
     r"\bx-amz-[a-z0-9-]+(?:['\"]?\s*[=:]\s*['\"]?[^\s,&'\"]+)?"
-    r"|\b(?:credential|signature|awsaccesskeyid)=[^\s,&'\"]+",
+    r"|\b(?:credential|signature|awsaccesskeyid)=[^\s,&'\"]+"
+    r"|['\"](?:credential|signature|awsaccesskeyid)['\"]\s*:\s*['\"][^'\"]*['\"]"
+    r"|\bAWS [A-Z0-9]{16,128}:[A-Za-z0-9+/=]+",
     re.IGNORECASE,
 )
 # A password in a URL (https://user:password@host/): the user stays readable.

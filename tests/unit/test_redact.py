@@ -31,6 +31,9 @@ PRESIGNED = (
         "{'X-Amz-Security-Token': 'FQoGZXIvYXdzEXAMPLETOKEN', 'x-amz-date': '20240101'}",
         # SigV2 parameters without a URL's '?' (a query string logged on its own).
         "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1&Signature=fe5f80f77d%2B",
+        # SigV2's Authorization header, and the parameters of a request as a dict.
+        "Authorization: AWS AKIAIOSFODNN7EXAMPLE:fe5f80f77d5fa3beca038a24+/=",
+        "{'AWSAccessKeyId': 'AKIAIOSFODNN7EXAMPLE', \"Signature\": \"fe5f80f77d+\"}",
     ],
 )
 def test_signing_material_is_removed(text: str) -> None:
@@ -45,7 +48,12 @@ def test_what_failed_stays_readable() -> None:
     assert cleaned.startswith("uploading s3://cache/abc.narinfo: ")
     assert "http://127.0.0.1:8333/cache/abc.narinfo?" + REDACTED + " timed out" in cleaned
     # Unsigned URLs and ordinary words are left alone.
-    for text in ("http://h/cache?versionId=3", "lacks a valid signature: see the key"):
+    for text in (
+        "http://h/cache?versionId=3",
+        "lacks a valid signature: see the key",
+        "the signature: 'cache-1' is not trusted",
+        "AWS region: eu-west-1",
+    ):
         assert scrub(text) == text
 
 
