@@ -237,3 +237,72 @@ def test_verify_and_pin_wait_for_an_upstream_that_does_not_answer_once(
         assert 1 <= connections[0] <= 16
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not asking it again" in warnings[0], warnings
+
+
+def test_verify_and_pin_count_what_a_file_upstream_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file:// mirror's missing narinfo is its 404: the first one made the
+    mirror unaskable, and none of the rest counted."""
+    infos = _infos(tmp_path, 10)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for info in infos[1:]:
+        (mirror / f"{hash_part(info.path)}.narinfo").write_bytes(_narinfo_for(info.path))
+    with caplog.at_level(logging.WARNING):
+        got = served_upstream([f"file://{mirror}"], (), _names(infos), jobs=1)
+        assert got == set(_names(infos[1:]))
+        assert caplog.records == []
+        # A mirror that is not there is said once, and nothing is served.
+        gone = f"file://{tmp_path}/no-such-mirror"
+        assert served_upstream([gone], (), _names(infos), jobs=4) == set()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"upstream {gone} cannot be asked (no directory {tmp_path}/no-such-mirror)"]
+
+
+def test_verify_and_pin_ask_again_after_one_dropped_connection(tmp_path: Path) -> None:
+    """One connection dropped (a restart, a load balancer) made the upstream
+    unaskable for the whole run: none of the paths it serves counted."""
+    infos = _infos(tmp_path, 10)
+    by_hash = {hash_part(i.path): i.path for i in infos}
+    requests: list[str] = []
+
+    def answer(request: http.server.BaseHTTPRequestHandler) -> None:
+        requests.append(request.path)
+        if len(requests) == 1:
+            request.close_connection = True  # closed without an answer
+            return
+        body = _narinfo_for(by_hash[request.path.strip("/").removesuffix(".narinfo")])
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    refused: dict[str, str] = {}
+    with http_upstream(answer) as url:
+        assert served_upstream([url], (), _names(infos), jobs=1, refused=refused) == set(
+            _names(infos)
+        )
+    assert len(requests) == 11 and refused == {}
+
+
+def test_what_an_upstream_served_is_not_listed_as_refused_by_another(tmp_path: Path) -> None:
+    infos = _infos(tmp_path, 2)
+    served = tmp_path / "served"
+    served.mkdir()
+    for info in infos:
+        (served / f"{hash_part(info.path)}.narinfo").write_bytes(_narinfo_for(info.path))
+
+    def page(request: http.server.BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Length", "5")
+        request.end_headers()
+        request.wfile.write(b"hello")
+
+    refused: dict[str, str] = {}
+    with http_upstream(page) as url:
+        urls = [url, f"file://{served}"]
+        assert served_upstream(urls, (), _names(infos), jobs=2, refused=refused) == set(
+            _names(infos)
+        )
+    assert refused == {}

@@ -7,8 +7,10 @@ import base64
 import binascii
 import http.client
 import logging
+import os
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,19 +67,34 @@ def served_upstream(
     if not urls or not names:
         return set()
     down: set[str] = set()
+    for url in urls:
+        if (missing := _missing_directory(url)) is not None:
+            down.add(url)
+            log.warning("upstream %s cannot be asked (no directory %s)", url, missing)
+    # Lookups that failed in a row, per upstream: a dropped connection is
+    # tried again; an upstream that keeps failing is let be.
+    failures: dict[str, int] = {}
     lock = threading.Lock()
 
     def get(url: str, name: str) -> bytes | None:
-        if url in down:
-            return None
-        try:
-            return _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo", timeout)
-        except _Unreachable as e:
+        for _ in range(_TRIES):
+            if url in down:
+                return None
+            try:
+                data = _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo", timeout)
+            except _Unreachable as e:
+                with lock:
+                    failures[url] = failures.get(url, 0) + 1
+                    # No answer in time is waited for once: asked again, it
+                    # would cost the same wait for every path.
+                    if (e.timed_out or failures[url] >= _DOWN_AFTER) and url not in down:
+                        down.add(url)
+                        log.warning("upstream %s cannot be asked (%s); not asking it again", url, e)
+                continue
             with lock:
-                if url not in down:
-                    down.add(url)
-                    log.warning("upstream %s cannot be asked (%s); not asking it again", url, e)
-            return None
+                failures[url] = 0
+            return data
+        return None
 
     def served(name: str) -> bool:
         for url in urls:
@@ -96,6 +113,8 @@ def served_upstream(
                 continue
             problem = signature_problem(info, keys) if keys else None
             if problem is None:
+                if refused is not None:
+                    refused.pop(name, None)  # what an upstream before said does not matter
                 return True
             if refused is not None:
                 refused[name] = f"{url} has it, but {problem}"
@@ -105,8 +124,27 @@ def served_upstream(
         return {n for n, ok in zip(names, pool.map(served, names), strict=True) if ok}
 
 
+# Each lookup is tried this often; an upstream whose tries failed this often
+# in a row is not asked again in the call.
+_TRIES = 2
+_DOWN_AFTER = 3
+
+
 class _Unreachable(Exception):
     """An upstream that does not answer, or not in HTTP."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def _missing_directory(url: str) -> str | None:
+    """The directory a file:// upstream names, when it does not exist."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "file":
+        return None
+    directory = urllib.request.url2pathname(parsed.path)
+    return None if os.path.isdir(directory) else directory
 
 
 def _http_get(url: str, timeout: float) -> bytes | None:
@@ -121,6 +159,9 @@ def _http_get(url: str, timeout: float) -> bytes | None:
             log.warning("upstream %s answered %s", url, e.code)
         return None
     except urllib.error.URLError as e:
-        raise _Unreachable(str(e.reason)) from e
+        if isinstance(e.reason, FileNotFoundError) and url.startswith("file:"):
+            return None  # a file:// upstream's 404
+        raise _Unreachable(str(e.reason), timed_out=isinstance(e.reason, TimeoutError)) from e
     except (OSError, http.client.HTTPException, ValueError) as e:
-        raise _Unreachable(f"{type(e).__name__}: {e}") from e
+        timed_out = isinstance(e, TimeoutError)
+        raise _Unreachable(f"{type(e).__name__}: {e}", timed_out=timed_out) from e
