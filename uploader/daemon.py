@@ -206,9 +206,10 @@ class Daemon:
         if name not in self._pending:
             self._pending[name] = _Pending(name)
             self._dirty = True
-            if self._in_flight and self.roots is not None:
+            if self.roots is not None and (self._in_flight or time.monotonic() < self._held_until):
                 # It waits for the batch in flight, which can take minutes
-                # (a slow cache): its outputs are rooted now, not then.
+                # (a slow cache), or for the retry of one that failed as a
+                # whole (an outage): its outputs are rooted now, not then.
                 self._arrived.add(name)
                 if self._arrival_task is None:
                     loop = asyncio.get_running_loop()
@@ -636,8 +637,12 @@ class Daemon:
         return present
 
     async def _rooted(self) -> None:
-        """Wait for the batch's GC roots being made."""
+        """Wait for the batch's GC roots being made, and for those asked for
+        before it (entries that arrived meanwhile): the roots' thread does
+        everything in the order asked."""
         rooting, self._rooting = self._rooting, []
+        if self.roots is not None:
+            rooting.append(asyncio.wrap_future(self._roots_thread.submit(lambda: None)))
         await self._settled_roots(rooting)
 
     @staticmethod
@@ -792,7 +797,7 @@ class Daemon:
         missing = {
             n: outs
             for n, outs in ready.items()
-            if n not in self._entry_roots and not present.issuperset(outs)
+            if not present.union(self._entry_roots.get(n, ())).issuperset(outs)
         }
         if missing and (rooting := self._root(missing, present)) is not None:
             self._rooting.append(rooting)
@@ -806,11 +811,12 @@ class Daemon:
             return None
         new: set[str] = set()
         for name, outs in outputs.items():
-            if name not in self._entry_roots:
-                needed = [p for p in outs if p not in present]
-                self._entry_roots[name] = needed
-                new.update(p for p in needed if not self._root_refs[p])
-                self._root_refs.update(needed)
+            # Those it has (rooted on arrival, or kept at a restart) and more.
+            held = self._entry_roots.setdefault(name, [])
+            needed = [p for p in outs if p not in present and p not in held]
+            held.extend(needed)
+            new.update(p for p in needed if not self._root_refs[p])
+            self._root_refs.update(needed)
         if not new:
             return None
         # A symlink each: a second for thousands on a busy disk.  Paths the

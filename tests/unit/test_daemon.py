@@ -705,6 +705,92 @@ def test_roots_kept_at_a_restart_go_once_their_entry_is_done(tmp_path: Path) -> 
     assert d._entry_roots == {} and not d._root_refs
 
 
+def test_outputs_not_rooted_before_a_restart_are_rooted_by_their_batch(tmp_path: Path) -> None:
+    """Killed while it made an entry's roots: the restart keeps the one made,
+    and its batch must still root the other while it uploads."""
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    s.target.delay = 0.5
+    made, not_yet = s.store.add("made"), s.store.add("not-yet")
+    s.roots.add([made])
+    s.entry("both", f"out {made}", f"out {not_yet}")
+    seen: set[str] = set()
+
+    def step(d: Daemon) -> bool:
+        if d._in_flight:
+            seen.update(os.listdir(tmp_path / "roots"))
+        return not s.spool.pending()
+
+    d = s.run_until(step, timeout=30)
+    assert {basename(made), basename(not_yet)} <= seen
+    assert os.listdir(tmp_path / "roots") == []
+    assert d._entry_roots == {} and not d._root_refs
+
+
+def test_a_batch_waits_for_the_roots_asked_for_before_it(tmp_path: Path) -> None:
+    """An entry that arrived during a batch is rooted on the roots' thread;
+    its own batch must not ask Nix for its closure (nor upload it) before
+    that root is there, however far behind the thread is."""
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+
+    class SlowRoots(GcRoots):
+        def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
+            paths = list(paths)
+            if later in paths:
+                time.sleep(1.5)  # a busy disk, thousands of symlinks queued
+            super().add(paths, skip)
+
+    s.roots = SlowRoots(str(tmp_path / "roots"))
+    s.target.delay = 0.4
+    first, later = s.store.add("first"), s.store.add("later")
+    rooted_when_asked: list[bool] = []
+    original = s.store.path_infos
+
+    def path_infos(paths: list[str], **kw: bool) -> dict[str, object]:
+        if later in paths:
+            rooted_when_asked.append(basename(later) in os.listdir(tmp_path / "roots"))
+        return original(paths, **kw)  # type: ignore[return-value]
+
+    s.store.path_infos = path_infos  # type: ignore[method-assign,assignment]
+    s.entry("first", f"out {first}")
+    arrived = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived
+        if not arrived and d._in_flight == {"first.entry"}:
+            s.entry("later", f"out {later}")
+            arrived = True
+        return arrived and not s.spool.pending()
+
+    s.run_until(step, timeout=30)
+    assert rooted_when_asked and all(rooted_when_asked)
+    assert s.target.narinfo(later) is not None
+
+
+def test_a_build_that_arrives_during_an_outage_is_rooted_at_once(tmp_path: Path) -> None:
+    """A batch failed as a whole waits for its retry (up to retry-max, 15
+    minutes by default); a build that finishes meanwhile must not wait
+    that long for its root."""
+    s = Setup(tmp_path, retry_min=30, retry_max=30)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    first, later = s.store.add("first"), s.store.add("later")
+    s.target.refuse = TransientTargetError("connection refused (the cache is down)")
+    s.entry("first", f"out {first}")
+    arrived = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived
+        if not arrived and d._held_until > 0 and not d._in_flight:
+            s.entry("later", f"out {later}")
+            arrived = True
+        return arrived and basename(later) in os.listdir(tmp_path / "roots")
+
+    s.run_until(step, timeout=10)
+
+
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
     tmp_path: Path,
 ) -> None:
