@@ -49,7 +49,7 @@ _SIGNING_PARAM = re.compile(
     r"\bx-amz-[a-z0-9-]+(?:['\"]?\s*[=:]\s*['\"]?[^\s,&'\"]+)?"
     r"|\b(?:credential|signature|awsaccesskeyid)=[^\s,&'\"]+"
     r"|['\"](?:credential|signature|awsaccesskeyid)['\"]\s*:\s*['\"][^'\"]*['\"]"
-    r"|\bAWS [A-Z0-9]{16,128}:[A-Za-z0-9+/=]+",
+    r"|\bAWS [^\s:'\"]{3,128}:[A-Za-z0-9+/]{20,}={0,2}",
     re.IGNORECASE,
 )
 # A password in a URL (https://user:password@host/): the user stays readable.

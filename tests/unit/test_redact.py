@@ -33,6 +33,7 @@ PRESIGNED = (
         "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1&Signature=fe5f80f77d%2B",
         # SigV2's Authorization header, and the parameters of a request as a dict.
         "Authorization: AWS AKIAIOSFODNN7EXAMPLE:fe5f80f77d5fa3beca038a24+/=",
+        "Authorization: AWS minio_0123abcd:fe5f80f77d5fa3beca038a24AB+/EXAMPLETOKEN=",
         "{'AWSAccessKeyId': 'AKIAIOSFODNN7EXAMPLE', \"Signature\": \"fe5f80f77d+\"}",
     ],
 )
@@ -53,6 +54,7 @@ def test_what_failed_stays_readable() -> None:
         "lacks a valid signature: see the key",
         "the signature: 'cache-1' is not trusted",
         "AWS region: eu-west-1",
+        "AWS AccessDeniedException:User arn:aws:iam::123:user/ci is not authorized",
     ):
         assert scrub(text) == text
 
