@@ -21,6 +21,7 @@ import errno
 import grp
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -60,6 +61,12 @@ ENTRY_SUFFIX = ".entry"
 # heavy load, and short enough that a person sees the quarantine reason soon.
 INCOMPLETE_GRACE = 600.0
 
+# The reason an uploader gives an entry in a format it does not read (this
+# one too, for formats newer than it reads).
+_FORMAT_REFUSED = re.compile(
+    r"spool entry '[^']*': unsupported format 'nix-cache-uploader-spool [^']*' "
+    r"\(this uploader reads 'nix-cache-uploader-spool "
+)
 _TEMP_PREFIX = ".tmp-"
 _REASON_SUFFIX = ".reason"
 _QUARANTINE = "quarantine"
@@ -302,7 +309,7 @@ class Spool:
         (`install` over an older install, before the service restarts)."""
         names = []
         for name, reason in self.quarantined():
-            if "unsupported format" in reason and self._quarantined_header(name) in (
+            if _FORMAT_REFUSED.match(reason) and self._quarantined_header(name) in (
                 FORMAT_HEADER,
                 FORMAT_V1_HEADER,
             ):

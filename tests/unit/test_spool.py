@@ -205,11 +205,17 @@ def test_entries_quarantined_for_a_format_read_now_are_requeued(
         "older-hook.entry": v1_entry_bytes(f"drv {DRV}"),
         "future.entry": b"nix-cache-uploader-spool 3\ndrv x\n",
         "garbage.entry": entry_bytes(f"drv {DRV}"),
+        # Quarantined for something else, with the words in its own text.
+        "quoting.entry": entry_bytes(f"drv {DRV}"),
+    }
+    others = {
+        "garbage.entry": "not UTF-8",
+        "quoting.entry": "spool entry 'quoting.entry': line 2: unknown line "
+        "'unsupported format (this uploader reads' (expected 'drv' or 'out')",
     }
     for name, data in entries.items():
         put(spool, name, data)
-        reason = OLDER_UPLOADERS_REFUSAL.format(name=name)
-        spool.quarantine(name, "not UTF-8" if name == "garbage.entry" else reason)
+        spool.quarantine(name, others.get(name, OLDER_UPLOADERS_REFUSAL.format(name=name)))
     # Planted in the quarantine: a link to an entry this uploader reads.
     secret = tmp_path / "elsewhere.entry"
     secret.write_bytes(entry_bytes(f"drv {DRV}"))
@@ -220,7 +226,7 @@ def test_entries_quarantined_for_a_format_read_now_are_requeued(
     assert sorted(spool.pending()) == ["newer-hook.entry", "older-hook.entry"]
     assert spool.read("newer-hook.entry").drv == DRV
     kept = [name for name, _ in spool.quarantined()]
-    assert kept == ["future.entry", "garbage.entry", "planted.entry"]
+    assert kept == ["future.entry", "garbage.entry", "planted.entry", "quoting.entry"]
     assert spool.requeue_formats_read_now() == []
 
 
