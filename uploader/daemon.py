@@ -271,6 +271,7 @@ class Daemon:
         # Entries removed behind our back (e.g. by hand) are forgotten.
         for gone in set(self._pending) - set(names) - self._in_flight:
             del self._pending[gone]
+            self._unroot(gone)
 
     # -- phases --------------------------------------------------------
 
@@ -508,8 +509,9 @@ class Daemon:
         for name in names:
             try:
                 entries.append(self.spool.read(name))
-            except FileNotFoundError:
+            except FileNotFoundError:  # removed by hand
                 self._pending.pop(name, None)
+                self._unroot(name)
             except IncompleteEntryError:
                 # Its hook is still writing it: the watch reports it again
                 # when the hook closes it, a rescan if that event is lost.

@@ -769,6 +769,30 @@ def test_a_batch_waits_for_the_roots_asked_for_before_it(tmp_path: Path) -> None
     assert s.target.narinfo(later) is not None
 
 
+def test_the_roots_of_an_entry_removed_by_hand_go_with_it(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    s.target.delay = 0.5
+    first, later = s.store.add("first"), s.store.add("later")
+    s.entry("first", f"out {first}")
+    arrived = removed = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived, removed
+        if not arrived and d._in_flight == {"first.entry"}:
+            s.entry("later", f"out {later}")
+            arrived = True
+        if arrived and not removed and basename(later) in os.listdir(tmp_path / "roots"):
+            os.unlink(Path(s.spool.path, "later.entry"))  # rooted on arrival, then removed
+            removed = True
+        return removed and not d._in_flight and not os.listdir(tmp_path / "roots")
+
+    d = s.run_until(step, timeout=10)
+    assert s.target.narinfo(later) is None
+    assert d._entry_roots == {} and not d._root_refs
+
+
 def test_a_build_that_arrives_during_an_outage_is_rooted_at_once(tmp_path: Path) -> None:
     """A batch failed as a whole waits for its retry (up to retry-max, 15
     minutes by default); a build that finishes meanwhile must not wait
