@@ -4,10 +4,16 @@ certain is left to `nix show-derivation`."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from uploader import store as store_module
 from uploader.derivation import parse_outputs
+from uploader.store import _read_drv
 
 OUT = "/nix/store/n5z2nmayighn0l4j25f0sdqxg6gwq7ic-hello-2.12"
 DEV = "/nix/store/0c2a5yn0gk8v8cmcd5r6brdjw2zb3nb1-hello-2.12-dev"
@@ -56,3 +62,20 @@ def test_a_valid_prefix_followed_by_anything_is_read_exactly_or_refused(tail: by
     assert result in (None, {"out": OUT})
     if tail.startswith(b"]"):
         assert result == {"out": OUT}
+
+
+def test_a_drv_is_read_only_as_the_regular_file_it_should_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read at the daemon's start and for every arrival, on the roots' one
+    thread: a link or a fifo there would be followed, or block that thread
+    and every root change after it."""
+    real = tmp_path / "real.drv"
+    real.write_bytes(drv(f'("out","{OUT}","","")'))
+    assert _read_drv(str(real)) == real.read_bytes()
+    (tmp_path / "link.drv").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.drv")
+    for name in ("link.drv", "fifo.drv", "missing.drv"):
+        assert _read_drv(str(tmp_path / name)) is None
+    monkeypatch.setattr(store_module, "_MAX_DRV", len(real.read_bytes()) - 1)
+    assert _read_drv(str(real)) is None  # larger than any .drv: Nix is asked instead
