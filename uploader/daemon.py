@@ -236,6 +236,8 @@ class Daemon:
                 missing = {n: outs for n, outs in outputs.items() if not present.issuperset(outs)}
                 if (rooting := self._root(missing, present)) is not None:
                     await self._settled_roots([rooting])
+        except Exception as e:  # their batches root them
+            log.warning("rooting the builds that arrived: %r", e)
         finally:
             self._arrival_task = None
 

@@ -793,6 +793,39 @@ def test_the_roots_of_an_entry_removed_by_hand_go_with_it(tmp_path: Path) -> Non
     assert d._entry_roots == {} and not d._root_refs
 
 
+def test_a_failure_rooting_arrivals_is_said_and_left_to_their_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    s.target.delay = 0.5
+    first, later = s.store.add("first"), s.store.add("later")
+    s.entry("first", f"out {first}")
+    original = Daemon._entry_outputs
+
+    def failing(d: Daemon, names: list[str]) -> dict[str, list[str]]:
+        if d._in_flight:
+            raise RuntimeError("disk on fire")
+        return original(d, names)
+
+    monkeypatch.setattr(Daemon, "_entry_outputs", failing)
+    arrived = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived
+        if not arrived and d._in_flight == {"first.entry"}:
+            s.entry("later", f"out {later}")
+            arrived = True
+        return arrived and not s.spool.pending()
+
+    caplog.set_level("WARNING")
+    s.run_until(step, timeout=30)
+    assert s.target.narinfo(later) is not None
+    said = [r.getMessage() for r in caplog.records if "arrived" in r.getMessage()]
+    assert said == ["rooting the builds that arrived: RuntimeError('disk on fire')"]
+
+
 def test_a_build_that_arrives_during_an_outage_is_rooted_at_once(tmp_path: Path) -> None:
     """A batch failed as a whole waits for its retry (up to retry-max, 15
     minutes by default); a build that finishes meanwhile must not wait
