@@ -132,10 +132,11 @@ def test_requests_pass_a_server_that_checks_signatures(
     monkeypatch.setenv("NIX_CACHE_UPLOADER_ENVIRONMENT_FILE", "")
     with pytest.raises(TargetError) as refused:
         wrong.put_bytes("other.narinfo", b"x", NARINFO)
-    assert (
-        "(for the service: its environment file, "
-        "services.nix-cache-uploader.environmentFile on NixOS)"
-    ) in str(refused.value)
+    assert str(refused.value).endswith(
+        "check or renew them and the region (the service reads no environment file: they "
+        "come from its AWS profile or the instance role; "
+        "services.nix-cache-uploader.environmentFile on NixOS gives it one)"
+    )
 
 
 def test_parts_go_with_an_unsigned_payload_past_a_server_that_checks_signatures(

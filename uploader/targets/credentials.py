@@ -166,6 +166,16 @@ def _where_for_service() -> str:
     return f"put them into {file}"
 
 
+def _refused_where() -> str:
+    file = _service_file()
+    if file is None:
+        return (
+            "the service reads no environment file: they come from its AWS profile or "
+            f"the instance role; {_NO_FILE} gives it one"
+        )
+    return f"for the service: {file}"
+
+
 def rejected_credentials(action: str, where: str, code: str) -> CredentialsError:
     if code == "RequestTimeTooSkewed":
         return CredentialsError(
@@ -176,6 +186,5 @@ def rejected_credentials(action: str, where: str, code: str) -> CredentialsError
     why = "have expired" if "Expired" in code or "Refresh" in code else "were refused"
     return CredentialsError(
         f"{action} {where}: the AWS credentials {why} ({code}); check or renew them "
-        f"(for the service: {_service_file() or 'its environment file, ' + _NO_FILE}) "
-        "and the region"
+        f"and the region ({_refused_where()})"
     )
