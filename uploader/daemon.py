@@ -566,6 +566,9 @@ class Daemon:
         infos: dict[str, PathInfo] = {}
         result = PushResult(present=sorted(present))
         if todo:
+            # Nothing is read before its root is there (a batch that only
+            # finds its outputs in the cache does not wait).
+            await self._roots_asked_made()
             try:
                 infos = await asyncio.to_thread(
                     self.store.path_infos, todo, closure=True, checked=True
@@ -641,13 +644,15 @@ class Daemon:
         return present
 
     async def _rooted(self) -> None:
-        """Wait for the batch's GC roots being made, and for those asked for
-        before it (entries that arrived meanwhile): the roots' thread does
-        everything in the order asked."""
+        """Wait for the batch's GC roots being made."""
         rooting, self._rooting = self._rooting, []
-        if self.roots is not None:
-            rooting.append(asyncio.wrap_future(self._roots_thread.submit(lambda: None)))
         await self._settled_roots(rooting)
+
+    async def _roots_asked_made(self) -> None:
+        """Wait for every root asked for so far (those of entries that arrived
+        during the batch before too): the roots' thread does them in order."""
+        if self.roots is not None:
+            await asyncio.wrap_future(self._roots_thread.submit(lambda: None))
 
     @staticmethod
     async def _settled_roots(rooting: list[asyncio.Future[None]]) -> None:
