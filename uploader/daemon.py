@@ -803,10 +803,11 @@ class Daemon:
 
     def _root_missing(self, ready: dict[str, list[str]], present: set[str]) -> None:
         """Root the entries not rooted yet that have outputs not in ``present``."""
+        held = self._entry_roots
         missing = {
             n: outs
             for n, outs in ready.items()
-            if not present.union(self._entry_roots.get(n, ())).issuperset(outs)
+            if any(p not in present and p not in held.get(n, ()) for p in outs)
         }
         if missing and (rooting := self._root(missing, present)) is not None:
             self._rooting.append(rooting)

@@ -68,9 +68,15 @@ def _read_drv(path: str) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_DRV:
             return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(_MAX_DRV + 1)
-        return data if len(data) <= _MAX_DRV else None
+        # Read as large as the file is (a read of the limit's size would
+        # allocate 16 MiB for each of thousands of small files).
+        chunks, size = [], 0
+        while chunk := os.read(fd, max(st.st_size - size, 0) + 4096):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_DRV:
+                return None
+        return b"".join(chunks)
     except OSError:
         return None
     finally:
