@@ -728,12 +728,39 @@ def test_outputs_not_rooted_before_a_restart_are_rooted_by_their_batch(tmp_path:
     assert d._entry_roots == {} and not d._root_refs
 
 
+def _slow_first_batch(tmp_path: Path, roots: type[GcRoots] = GcRoots) -> tuple[Setup, str]:
+    """Set up a daemon with GC roots and ``first.entry``, whose batch takes a
+    while; and the output of a later build."""
+    s = Setup(tmp_path)
+    (tmp_path / "roots").mkdir()
+    s.roots = roots(str(tmp_path / "roots"))
+    s.target.delay = 0.5
+    first, later = s.store.add("first"), s.store.add("later")
+    s.entry("first", f"out {first}")
+    return s, later
+
+
+def _later_arrives_during_the_first_batch(
+    s: Setup, later: str, done: Callable[[Daemon], bool]
+) -> Daemon:
+    """Run the daemon on ``first.entry`` until ``done``; ``later.entry`` (for
+    the output ``later``) arrives once that batch is in flight."""
+    arrived = False
+
+    def step(d: Daemon) -> bool:
+        nonlocal arrived
+        if not arrived and d._in_flight == {"first.entry"}:
+            s.entry("later", f"out {later}")
+            arrived = True
+        return arrived and done(d)
+
+    return s.run_until(step, timeout=30)
+
+
 def test_a_batch_waits_for_the_roots_asked_for_before_it(tmp_path: Path) -> None:
     """An entry that arrived during a batch is rooted on the roots' thread;
     its own batch must not ask Nix for its closure (nor upload it) before
     that root is there, however far behind the thread is."""
-    s = Setup(tmp_path)
-    (tmp_path / "roots").mkdir()
 
     class SlowRoots(GcRoots):
         def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
@@ -742,9 +769,7 @@ def test_a_batch_waits_for_the_roots_asked_for_before_it(tmp_path: Path) -> None
                 time.sleep(1.5)  # a busy disk, thousands of symlinks queued
             super().add(paths, skip)
 
-    s.roots = SlowRoots(str(tmp_path / "roots"))
-    s.target.delay = 0.4
-    first, later = s.store.add("first"), s.store.add("later")
+    s, later = _slow_first_batch(tmp_path, SlowRoots)
     rooted_when_asked: list[bool] = []
     original = s.store.path_infos
 
@@ -754,41 +779,23 @@ def test_a_batch_waits_for_the_roots_asked_for_before_it(tmp_path: Path) -> None
         return original(paths, **kw)  # type: ignore[return-value]
 
     s.store.path_infos = path_infos  # type: ignore[method-assign,assignment]
-    s.entry("first", f"out {first}")
-    arrived = False
-
-    def step(d: Daemon) -> bool:
-        nonlocal arrived
-        if not arrived and d._in_flight == {"first.entry"}:
-            s.entry("later", f"out {later}")
-            arrived = True
-        return arrived and not s.spool.pending()
-
-    s.run_until(step, timeout=30)
+    _later_arrives_during_the_first_batch(s, later, lambda d: not s.spool.pending())
     assert rooted_when_asked and all(rooted_when_asked)
     assert s.target.narinfo(later) is not None
 
 
 def test_the_roots_of_an_entry_removed_by_hand_go_with_it(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
-    (tmp_path / "roots").mkdir()
-    s.roots = GcRoots(str(tmp_path / "roots"))
-    s.target.delay = 0.5
-    first, later = s.store.add("first"), s.store.add("later")
-    s.entry("first", f"out {first}")
-    arrived = removed = False
+    s, later = _slow_first_batch(tmp_path)
+    removed = False
 
-    def step(d: Daemon) -> bool:
-        nonlocal arrived, removed
-        if not arrived and d._in_flight == {"first.entry"}:
-            s.entry("later", f"out {later}")
-            arrived = True
-        if arrived and not removed and basename(later) in os.listdir(tmp_path / "roots"):
+    def remove_once_rooted(d: Daemon) -> bool:
+        nonlocal removed
+        if not removed and basename(later) in os.listdir(tmp_path / "roots"):
             os.unlink(Path(s.spool.path, "later.entry"))  # rooted on arrival, then removed
             removed = True
         return removed and not d._in_flight and not os.listdir(tmp_path / "roots")
 
-    d = s.run_until(step, timeout=10)
+    d = _later_arrives_during_the_first_batch(s, later, remove_once_rooted)
     assert s.target.narinfo(later) is None
     assert d._entry_roots == {} and not d._root_refs
 
@@ -796,12 +803,7 @@ def test_the_roots_of_an_entry_removed_by_hand_go_with_it(tmp_path: Path) -> Non
 def test_a_failure_rooting_arrivals_is_said_and_left_to_their_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = Setup(tmp_path)
-    (tmp_path / "roots").mkdir()
-    s.roots = GcRoots(str(tmp_path / "roots"))
-    s.target.delay = 0.5
-    first, later = s.store.add("first"), s.store.add("later")
-    s.entry("first", f"out {first}")
+    s, later = _slow_first_batch(tmp_path)
     original = Daemon._entry_outputs
 
     def failing(d: Daemon, names: list[str]) -> dict[str, list[str]]:
@@ -810,17 +812,8 @@ def test_a_failure_rooting_arrivals_is_said_and_left_to_their_batch(
         return original(d, names)
 
     monkeypatch.setattr(Daemon, "_entry_outputs", failing)
-    arrived = False
-
-    def step(d: Daemon) -> bool:
-        nonlocal arrived
-        if not arrived and d._in_flight == {"first.entry"}:
-            s.entry("later", f"out {later}")
-            arrived = True
-        return arrived and not s.spool.pending()
-
     caplog.set_level("WARNING")
-    s.run_until(step, timeout=30)
+    _later_arrives_during_the_first_batch(s, later, lambda d: not s.spool.pending())
     assert s.target.narinfo(later) is not None
     said = [r.getMessage() for r in caplog.records if "arrived" in r.getMessage()]
     assert said == ["rooting the builds that arrived: RuntimeError('disk on fire')"]

@@ -47,6 +47,14 @@ def http_upstream(answer: Handler) -> Iterator[str]:
         thread.join()
 
 
+def _send(request: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
+    """Answer 200 with ``body``."""
+    request.send_response(200)
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
 @contextlib.contextmanager
 def raw_upstream(on_connect: Callable[[socket.socket], None]) -> Iterator[tuple[str, list[int]]]:
     """A TCP server on 127.0.0.1 that hands each connection to ``on_connect``;
@@ -100,10 +108,7 @@ def test_an_upstream_serving_the_narinfo_serves_the_path(tmp_path: Path) -> None
             request.send_error(404)
             return
         body = _narinfo_for(path)
-        request.send_response(200)
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        request.wfile.write(body)
+        _send(request, body)
 
     with http_upstream(answer) as url:
         upstreams = Upstreams([url])
@@ -129,10 +134,7 @@ def test_an_upstream_answering_200_to_anything_serves_nothing(
 
     def answer(request: http.server.BaseHTTPRequestHandler) -> None:
         data = body if body is not None else other
-        request.send_response(200)
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
+        _send(request, data)
 
     with http_upstream(answer) as url:
         warning = _serves_nothing(url, infos, caplog)
@@ -198,10 +200,7 @@ def test_verify_and_pin_count_an_upstream_only_for_the_narinfo_of_the_path(
     def answer(request: http.server.BaseHTTPRequestHandler) -> None:
         wanted = request.path.strip("/").removesuffix(".narinfo")
         data = served.get(wanted, other if wanted == hash_part(infos[2].path) else page)
-        request.send_response(200)
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
+        _send(request, data)
 
     refused: dict[str, str] = {}
     with http_upstream(answer) as url:
@@ -273,10 +272,7 @@ def test_verify_and_pin_ask_again_after_one_dropped_connection(tmp_path: Path) -
             request.close_connection = True  # closed without an answer
             return
         body = _narinfo_for(by_hash[request.path.strip("/").removesuffix(".narinfo")])
-        request.send_response(200)
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        request.wfile.write(body)
+        _send(request, body)
 
     refused: dict[str, str] = {}
     with http_upstream(answer) as url:
@@ -294,10 +290,7 @@ def test_what_an_upstream_served_is_not_listed_as_refused_by_another(tmp_path: P
         (served / f"{hash_part(info.path)}.narinfo").write_bytes(_narinfo_for(info.path))
 
     def page(request: http.server.BaseHTTPRequestHandler) -> None:
-        request.send_response(200)
-        request.send_header("Content-Length", "5")
-        request.end_headers()
-        request.wfile.write(b"hello")
+        _send(request, b"hello")
 
     refused: dict[str, str] = {}
     with http_upstream(page) as url:
