@@ -9,6 +9,7 @@ import http.server
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from tests.support.fakes import FakeStore
 from tests.support.rawserver import tcp_server
+from uploader.lifecycle import upstream
 from uploader.lifecycle.upstream import served_upstream
 from uploader.narinfo import NarInfo
 from uploader.store import PathInfo
@@ -280,6 +282,35 @@ def test_verify_and_pin_ask_again_after_one_dropped_connection(tmp_path: Path) -
             _names(infos)
         )
     assert len(requests) == 11 and refused == {}
+
+
+def test_a_blip_during_parallel_lookups_leaves_the_upstream_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify and pin add ask 16 at a time: a blip drops every connection
+    open at that moment, which is not three failures of the upstream."""
+    monkeypatch.setattr(upstream, "_RETRY_PAUSE", 0.3)
+    infos = _infos(tmp_path, 40)
+    by_hash = {hash_part(i.path): i.path for i in infos}
+    lock = threading.Lock()
+    blip_ends: list[float] = []
+    dropped: list[str] = []
+
+    def answer(request: http.server.BaseHTTPRequestHandler) -> None:
+        with lock:
+            if not blip_ends:
+                blip_ends.append(time.monotonic() + 0.1)  # from the first request on
+            in_blip = time.monotonic() < blip_ends[0]
+            if in_blip:
+                dropped.append(request.path)
+        if in_blip:
+            request.close_connection = True  # closed without an answer
+            return
+        _send(request, _narinfo_for(by_hash[request.path.strip("/").removesuffix(".narinfo")]))
+
+    with http_upstream(answer) as url:
+        assert served_upstream([url], (), _names(infos), jobs=16) == set(_names(infos))
+    assert len(dropped) >= 3  # more than the failures in a row that give up on it
 
 
 def test_what_an_upstream_served_is_not_listed_as_refused_by_another(tmp_path: Path) -> None:

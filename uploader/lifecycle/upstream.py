@@ -9,6 +9,7 @@ import http.client
 import logging
 import os
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -77,19 +78,27 @@ def served_upstream(
     lock = threading.Lock()
 
     def get(url: str, name: str) -> bytes | None:
-        for _ in range(_TRIES):
+        for attempt in range(_TRIES):
             if url in down:
                 return None
+            if attempt:
+                time.sleep(_RETRY_PAUSE)  # past the blip that failed the first try
             try:
                 data = _http_get(f"{url}/{name[:HASH_LENGTH]}.narinfo", timeout)
             except _Unreachable as e:
-                with lock:
-                    failures[url] = failures.get(url, 0) + 1
-                    # No answer in time is waited for once: asked again, it
-                    # would cost the same wait for every path.
-                    if (e.timed_out or failures[url] >= _DOWN_AFTER) and url not in down:
-                        down.add(url)
-                        log.warning("upstream %s cannot be asked (%s); not asking it again", url, e)
+                # No answer in time is waited for once: asked again, it
+                # would cost the same wait for every path.
+                if e.timed_out or attempt + 1 == _TRIES:
+                    with lock:
+                        # Lookups that failed every try, in a row (parallel
+                        # lookups failing in one blip count once each try).
+                        failures[url] = failures.get(url, 0) + 1
+                        if (e.timed_out or failures[url] >= _DOWN_AFTER) and url not in down:
+                            down.add(url)
+                            log.warning(
+                                "upstream %s cannot be asked (%s); not asking it again", url, e
+                            )
+                    return None
                 continue
             with lock:
                 failures[url] = 0
@@ -128,6 +137,7 @@ def served_upstream(
 # in a row is not asked again in the call.
 _TRIES = 2
 _DOWN_AFTER = 3
+_RETRY_PAUSE = 1.0
 
 
 class _Unreachable(Exception):
