@@ -119,6 +119,9 @@ class Daemon:
         # GC roots held for entries: name -> outputs, and a count per output.
         self._entry_roots: dict[str, list[str]] = {}
         self._root_refs: collections.Counter[str] = collections.Counter()
+        # Roots the thread skipped, the cache having been found to hold their
+        # paths, that entries still count: made if a batch reads them after all.
+        self._skipped: set[str] = set()
         # Roots being made for the batch, and what the batch found in the cache.
         self._rooting: list[asyncio.Future[None]] = []
         self._answered: set[str] = set()
@@ -206,15 +209,21 @@ class Daemon:
         if name not in self._pending:
             self._pending[name] = _Pending(name)
             self._dirty = True
-            if self.roots is not None and (self._in_flight or time.monotonic() < self._held_until):
+            if self._in_flight or time.monotonic() < self._held_until:
                 # It waits for the batch in flight, which can take minutes
                 # (a slow cache), or for the retry of one that failed as a
                 # whole (an outage): its outputs are rooted now, not then.
-                self._arrived.add(name)
-                if self._arrival_task is None:
-                    loop = asyncio.get_running_loop()
-                    self._arrival_task = loop.create_task(self._root_arrivals())
+                self._root_ahead([name])
         self._wakeup.set()
+
+    def _root_ahead(self, names: Iterable[str]) -> None:
+        """Root these waiting entries' outputs ahead of their batch."""
+        if self.roots is None:
+            return
+        self._arrived.update(names)
+        if self._arrived and self._arrival_task is None:
+            loop = asyncio.get_running_loop()
+            self._arrival_task = loop.create_task(self._root_arrivals())
 
     async def _root_arrivals(self) -> None:
         """Root the outputs of the entries that arrived during a batch and
@@ -455,6 +464,10 @@ class Daemon:
         delay = max(delay * random.uniform(0.5, 1.0), retry_after)
         self._held_until = time.monotonic() + delay
         self._retry_later(names, error, delay=delay)
+        # The whole queue waits now: those not rooted yet (this batch's when
+        # it failed before rooting, the rest of a queue larger than a batch)
+        # are rooted as the entries that arrive during the hold are.
+        self._root_ahead(n for n in self._pending if n not in self._entry_roots)
 
     def _next_try(self, p: _Pending) -> float:
         return max(p.next_try, self._held_until)
@@ -568,7 +581,7 @@ class Daemon:
         if todo:
             # Nothing is read before its root is there (a batch that only
             # finds its outputs in the cache does not wait).
-            await self._roots_asked_made()
+            await self._roots_asked_made(todo)
             try:
                 infos = await asyncio.to_thread(
                     self.store.path_infos, todo, closure=True, checked=True
@@ -648,11 +661,22 @@ class Daemon:
         rooting, self._rooting = self._rooting, []
         await self._settled_roots(rooting)
 
-    async def _roots_asked_made(self) -> None:
+    async def _roots_asked_made(self, reading: list[str]) -> None:
         """Wait for every root asked for so far (those of entries that arrived
-        during the batch before too): the roots' thread does them in order."""
-        if self.roots is not None:
-            await asyncio.wrap_future(self._roots_thread.submit(lambda: None))
+        during the batch before too): the roots' thread does them in order.
+        The outputs about to be read get the roots skipped because the cache
+        was found to hold them: their entries still count them, so nothing
+        else would make them."""
+        roots = self.roots
+        if roots is None:
+            return
+
+        def made() -> None:
+            if lacking := sorted(self._skipped.intersection(reading)):
+                self._skipped.difference_update(lacking)
+                roots.add(lacking)
+
+        await asyncio.wrap_future(self._roots_thread.submit(made))
 
     @staticmethod
     async def _settled_roots(rooting: list[asyncio.Future[None]]) -> None:
@@ -832,7 +856,15 @@ class Daemon:
         # A symlink each: a second for thousands on a busy disk.  Paths the
         # cache is found to hold meanwhile are skipped (nothing else may
         # happen to the batch before it is done).
-        add = functools.partial(self.roots.add, sorted(new), skip=self._answered.__contains__)
+        answered = self._answered
+
+        def skip(path: str) -> bool:  # on the roots' thread
+            if path in answered:
+                self._skipped.add(path)
+                return True
+            return False
+
+        add = functools.partial(self.roots.add, sorted(new), skip=skip)
         return asyncio.wrap_future(self._roots_thread.submit(add))
 
     def _unroot(self, name: str) -> None:
@@ -842,6 +874,7 @@ class Daemon:
         unused = [p for p in outs if self._root_refs[p] <= 0]
         for p in unused:
             del self._root_refs[p]
+        self._skipped.difference_update(unused)
         if self.roots is not None and unused:
             self._roots_thread.submit(self.roots.remove, unused)
 

@@ -5,6 +5,7 @@ what SIGTERM leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -839,6 +840,80 @@ def test_a_build_that_arrives_during_an_outage_is_rooted_at_once(tmp_path: Path)
         return arrived and basename(later) in os.listdir(tmp_path / "roots")
 
     s.run_until(step, timeout=10)
+
+
+@pytest.mark.parametrize("failure", ["cache", "nix"])
+def test_every_entry_waiting_out_an_outage_is_rooted(tmp_path: Path, failure: str) -> None:
+    """Not only the builds that arrive during the hold: those of the failed
+    batch (a Nix query failed before they were rooted) and the rest of a
+    queue larger than a batch wait as long."""
+    s = Setup(tmp_path, retry_min=30, retry_max=30)
+    s.settings = dataclasses.replace(s.settings, batch_size=2)
+    (tmp_path / "roots").mkdir()
+    s.roots = GcRoots(str(tmp_path / "roots"))
+    outs = [s.store.add(f"q{i}") for i in range(4)]
+    if failure == "cache":
+        s.target.refuse = TransientTargetError("connection refused (the cache is down)")
+    else:
+
+        def nix_down(paths: Iterable[str]) -> set[str]:
+            raise StoreError("cannot connect to the Nix daemon")
+
+        s.store.invalid_paths = nix_down  # type: ignore[method-assign]
+    for i, out in enumerate(outs):
+        s.entry(f"q{i}", f"out {out}")
+
+    def step(d: Daemon) -> bool:
+        rooted = set(os.listdir(tmp_path / "roots"))
+        return d._held_until > 0 and {basename(p) for p in outs} <= rooted
+
+    s.run_until(step, timeout=10)
+
+
+def test_an_output_the_cache_lost_is_rooted_before_it_is_read(tmp_path: Path) -> None:
+    """A root skipped because the cache was found to hold the path still
+    counts for its entry; when the path must be uploaded after all (the
+    cache lost it), the root is made before Nix is asked for its closure."""
+    s = Setup(tmp_path, retry_min=0.3, retry_max=0.3)
+    (tmp_path / "roots").mkdir()
+
+    class SlowRoots(GcRoots):  # a busy disk: the cache answers first
+        def add(self, paths: Iterable[str], skip: Callable[[str], bool] | None = None) -> None:
+            time.sleep(0.2)
+            super().add(paths, skip)
+
+    s.roots = SlowRoots(str(tmp_path / "roots"))
+    kept, failing = s.store.add("kept"), s.store.add("failing")
+    s.entry("before", f"out {kept}")  # the cache holds `kept`
+    s.run_until(lambda d: not s.spool.pending())
+    s.target.fail.add(narinfo_key(failing))  # and the entry stays for `failing`
+    s.entry("both", f"out {kept}", f"out {failing}")
+    state: dict[str, object] = {}
+    unrooted: list[str] = []
+    original = s.store.path_infos
+
+    def recording(paths: list[str], **kw: bool) -> dict[str, object]:
+        rooted = set(os.listdir(tmp_path / "roots"))
+        unrooted.extend(p for p in paths if p in (kept, failing) and basename(p) not in rooted)
+        return original(paths, **kw)  # type: ignore[return-value]
+
+    s.store.path_infos = recording  # type: ignore[method-assign,assignment]
+
+    def step(d: Daemon) -> bool:
+        if (
+            "lost" not in state
+            and d._pending.get("both.entry")
+            and d._pending["both.entry"].attempts
+        ):
+            with s.target._lock:  # the cache loses `kept` (a gc of the bucket)
+                for key in [k for k in s.target.objects if hash_part(kept) in k]:
+                    del s.target.objects[key]
+            s.target.fail.clear()
+            state["lost"] = True
+        return "lost" in state and not s.spool.pending()
+
+    s.run_until(step, timeout=10)
+    assert unrooted == []
 
 
 def test_a_reenqueued_build_the_cache_holds_needs_no_closure_query_nor_root(
