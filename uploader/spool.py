@@ -21,7 +21,6 @@ import errno
 import grp
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +37,7 @@ from uploader._exceptions import ConfigError, IncompleteEntryError, SpoolError
 from uploader.spoolentry import (
     END_LINE,
     FORMAT_HEADER,
+    FORMAT_REFUSED,
     FORMAT_V1_HEADER,
     MAX_ENTRY_SIZE,
     Entry,
@@ -61,12 +61,6 @@ ENTRY_SUFFIX = ".entry"
 # heavy load, and short enough that a person sees the quarantine reason soon.
 INCOMPLETE_GRACE = 600.0
 
-# The reason an uploader gives an entry in a format it does not read (this
-# one too, for formats newer than it reads).
-_FORMAT_REFUSED = re.compile(
-    r"spool entry '[^']*': unsupported format 'nix-cache-uploader-spool [^']*' "
-    r"\(this uploader reads 'nix-cache-uploader-spool "
-)
 _TEMP_PREFIX = ".tmp-"
 _REASON_SUFFIX = ".reason"
 _QUARANTINE = "quarantine"
@@ -309,7 +303,7 @@ class Spool:
         (`install` over an older install, before the service restarts)."""
         names = []
         for name, reason in self.quarantined():
-            if _FORMAT_REFUSED.match(reason) and self._quarantined_header(name) in (
+            if FORMAT_REFUSED.match(reason) and self._quarantined_header(name) in (
                 FORMAT_HEADER,
                 FORMAT_V1_HEADER,
             ):

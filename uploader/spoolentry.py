@@ -19,6 +19,7 @@ hooks renamed each entry into place once it was whole.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from uploader._exceptions import IncompleteEntryError, InvalidPathError, SpoolError
@@ -27,6 +28,7 @@ from uploader.storepath import parse_store_path
 __all__ = [
     "END_LINE",
     "FORMAT_HEADER",
+    "FORMAT_REFUSED",
     "FORMAT_V1_HEADER",
     "MAX_ENTRY_SIZE",
     "Entry",
@@ -41,6 +43,12 @@ END_LINE = "end"
 FORMAT_V1_HEADER = "nix-cache-uploader-spool 1"
 
 _HEADER_PREFIX = "nix-cache-uploader-spool "
+# The start of the reason ``parse_entry`` gives (and older uploaders gave) an
+# entry in a format it does not read: the spool requeues those it reads now.
+FORMAT_REFUSED = re.compile(
+    rf"spool entry '[^']*': unsupported format '{re.escape(_HEADER_PREFIX)}[^']*' "
+    rf"\(this uploader reads '{re.escape(_HEADER_PREFIX)}"
+)
 _V2_START = f"{FORMAT_HEADER}\n".encode()
 _V2_END = f"\n{END_LINE}\n".encode()
 
